@@ -1,0 +1,166 @@
+/* cmd_inspect.c - `kvcodec inspect FILE.gguf`: prints the metadata and the tensor table;
+ * `kvcodec tokenize`: prints a text's token ids. */
+#include "cli.h"
+
+#include "kvc/gguf.h"
+#include "kvc/quant.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Prints a string with control characters escaped, at most max bytes. */
+static void print_escaped(gguf_str s, size_t max) {
+    size_t n = s.len < max ? s.len : max;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s.ptr[i];
+        if (c == '\n') fputs("\\n", stdout);
+        else if (c == '\t') fputs("\\t", stdout);
+        else if (c < 0x20 || c == 0x7F) printf("\\x%02x", c);
+        else putchar(c);
+    }
+    if (n < s.len) printf("... (%llu bytes)", (unsigned long long)s.len);
+}
+
+/* Prints element i of a numeric array or a scalar value stored at p. */
+static void print_number(gguf_vtype t, const uint8_t *p) {
+    gguf_kv tmp = {.type = t};
+    switch (t) {
+    case GGUF_VT_FLOAT32: { float v; memcpy(&v, p, 4); printf("%g", v); return; }
+    case GGUF_VT_FLOAT64: { double v; memcpy(&v, p, 8); printf("%g", v); return; }
+    case GGUF_VT_BOOL: printf("%s", p[0] ? "true" : "false"); return;
+    case GGUF_VT_UINT8: printf("%u", p[0]); return;
+    case GGUF_VT_INT8: printf("%d", (int8_t)p[0]); return;
+    case GGUF_VT_UINT16: { uint16_t v; memcpy(&v, p, 2); printf("%u", v); return; }
+    case GGUF_VT_INT16: { int16_t v; memcpy(&v, p, 2); printf("%d", v); return; }
+    case GGUF_VT_UINT32: { uint32_t v; memcpy(&v, p, 4); printf("%u", v); return; }
+    case GGUF_VT_INT32: { int32_t v; memcpy(&v, p, 4); printf("%d", v); return; }
+    case GGUF_VT_UINT64: { uint64_t v; memcpy(&v, p, 8); printf("%llu", (unsigned long long)v); return; }
+    case GGUF_VT_INT64: { int64_t v; memcpy(&v, p, 8); printf("%lld", (long long)v); return; }
+    default: (void)tmp; printf("?"); return;
+    }
+}
+
+static size_t scalar_size(gguf_vtype t) {
+    switch (t) {
+    case GGUF_VT_UINT8: case GGUF_VT_INT8: case GGUF_VT_BOOL: return 1;
+    case GGUF_VT_UINT16: case GGUF_VT_INT16: return 2;
+    case GGUF_VT_UINT32: case GGUF_VT_INT32: case GGUF_VT_FLOAT32: return 4;
+    default: return 8;
+    }
+}
+
+static int inspect_gguf(const char *path, int all) {
+    kvc_err err = {{0}};
+    gguf_file *f = gguf_open(path, &err);
+    if (!f) return cli_error("inspect", "%s", err.msg);
+    printf("file: %s\nformat: GGUF v%u, %llu metadata keys, %llu tensors, alignment %llu, data at offset %llu\n\n",
+           path, f->version, (unsigned long long)f->n_kv, (unsigned long long)f->n_tensors,
+           (unsigned long long)f->alignment, (unsigned long long)f->data_offset);
+    printf("metadata:\n");
+    const size_t shown = all ? SIZE_MAX : 8;
+    for (uint64_t i = 0; i < f->n_kv; i++) {
+        const gguf_kv *kv = &f->kv[i];
+        printf("  %-44.*s ", (int)kv->key.len, kv->key.ptr);
+        if (kv->type == GGUF_VT_STRING) {
+            printf("str  \"");
+            print_escaped(kv->strs[0], all ? SIZE_MAX : 120);
+            printf("\"\n");
+        } else if (kv->type == GGUF_VT_ARRAY) {
+            printf("arr[%s; %llu] [", gguf_vtype_name(kv->arr_type), (unsigned long long)kv->n);
+            size_t n = kv->n < shown ? (size_t)kv->n : shown;
+            for (size_t j = 0; j < n; j++) {
+                if (j) printf(", ");
+                if (kv->arr_type == GGUF_VT_STRING) {
+                    putchar('"');
+                    print_escaped(kv->strs[j], 40);
+                    putchar('"');
+                } else if (kv->arr_type == GGUF_VT_ARRAY) printf("[...]");
+                else print_number(kv->arr_type, kv->data + j * scalar_size(kv->arr_type));
+            }
+            printf("%s]\n", n < kv->n ? ", ..." : "");
+        } else {
+            printf("%-4s ", gguf_vtype_name(kv->type));
+            print_number(kv->type, kv->data);
+            putchar('\n');
+        }
+    }
+    printf("\ntensors:\n  %-32s %-6s %-24s %12s %12s\n", "name", "type", "shape (ne0, ne1, ...)", "bytes", "offset");
+    uint64_t total = 0;
+    for (uint64_t i = 0; i < f->n_tensors; i++) {
+        const gguf_tensor *t = &f->tensors[i];
+        char shape[64];
+        int o = snprintf(shape, sizeof shape, "[");
+        for (uint32_t d = 0; d < t->n_dims; d++)
+            o += snprintf(shape + o, sizeof shape - (size_t)o, "%s%llu", d ? ", " : "", (unsigned long long)t->ne[d]);
+        snprintf(shape + o, sizeof shape - (size_t)o, "]");
+        printf("  %-32.*s %-6s %-24s %12llu %12llu\n", (int)t->name.len, t->name.ptr, ggml_type_name(t->type), shape,
+               (unsigned long long)t->nbytes, (unsigned long long)t->offset);
+        total += t->n_elements;
+    }
+    printf("\n%llu parameters, %.1f MiB of tensor data\n", (unsigned long long)total,
+           (double)(f->size - f->data_offset) / (1 << 20));
+    gguf_close(f);
+    return 0;
+}
+
+int cmd_inspect(int argc, char **argv) {
+    int all = 0;
+    const arg_spec specs[] = {
+        {"all", ARG_FLAG, &all, NULL, "print every array element and whole strings", 0},
+        {0},
+    };
+    const char *pos[1];
+    int np = 0;
+    int rc = args_parse("inspect", "[--all] FILE.gguf", "Prints the metadata and the tensor table of a GGUF file.",
+                        specs, argc, argv, pos, 1, &np);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (np != 1) return cli_error("inspect", "expected one file (see kvcodec inspect --help)"), 2;
+    return inspect_gguf(pos[0], all);
+}
+
+int cmd_tokenize(int argc, char **argv) {
+    const char *model = cli_default_model(), *text = NULL, *file = NULL;
+    int special = 0, pieces = 0;
+    const arg_spec specs[] = {
+        {"model", ARG_STR, &model, "FILE", "GGUF model (default: $KVC_MODEL or the default model)", 0},
+        {"prompt", ARG_STR, &text, "TEXT", "text to tokenize", 0},
+        {"text", ARG_STR, &file, "FILE", "UTF-8 file to tokenize", 0},
+        {"special", ARG_FLAG, &special, NULL, "parse control tokens such as <|im_start|>", 0},
+        {"pieces", ARG_FLAG, &pieces, NULL, "print each token's text beside its id", 0},
+        {0},
+    };
+    int rc = args_parse("tokenize", "[--model M] (--prompt TEXT | --text FILE)", "Prints the token ids of a text, one"
+                        " line, space-separated.", specs, argc, argv, NULL, 0, NULL);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!text == !file) return cli_error("tokenize", "give exactly one of --prompt or --text"), 2;
+    kvc_model *m = cli_load_model(model, 1);
+    if (!m) return 1;
+    char *buf = NULL;
+    size_t len;
+    if (file) {
+        if (cli_read_text(file, &buf, &len)) { model_free(m); return 1; }
+    } else {
+        len = strlen(text);
+        size_t bad;
+        if (!kvc_utf8_valid(text, len, &bad)) { model_free(m); return cli_error("tokenize", "prompt is not valid UTF-8"); }
+    }
+    int32_t *ids;
+    int64_t n;
+    if (cli_tokenize(m, file ? buf : text, len, special, &ids, &n)) { free(buf); model_free(m); return 1; }
+    for (int64_t i = 0; i < n; i++) {
+        if (pieces) {
+            size_t pl;
+            const char *p = tokenizer_piece(m->tok, ids[i], &pl);
+            printf("%d\t", ids[i]);
+            print_escaped((gguf_str){pl, p}, 64);
+            putchar('\n');
+        } else printf(i ? " %d" : "%d", ids[i]);
+    }
+    if (!pieces) putchar('\n');
+    fprintf(stderr, "%lld tokens\n", (long long)n);
+    free(ids);
+    free(buf);
+    model_free(m);
+    return 0;
+}

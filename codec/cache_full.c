@@ -1,0 +1,157 @@
+/* cache_full.c - the full-precision cache: every token's K and V in f32, nothing evicted.
+ * Keys arrive before RoPE; this representation rotates them once on append (with the
+ * token's stored position) so attention reads them directly. The reference every
+ * compressed cache is measured against. Letters: T tokens held, K kv heads, D head_dim. */
+#include "kvc/cache.h"
+#include "kvc/ops.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    float *k;      /* (L, T_max, K, D) post-RoPE keys */
+    float *v;      /* (L, T_max, K, D) */
+    int32_t *pos;  /* (L, T_max) */
+    int64_t *n;    /* (L) tokens held per layer */
+} full_impl;
+
+static size_t row_floats(const kvc_cache *c) { return (size_t)c->shape.n_head_kv * c->shape.head_dim; }
+
+static int full_append(kvc_cache *c, int layer, const float *k, const float *v, const int32_t *pos, int n,
+                       kvc_err *err) {
+    full_impl *im = c->impl;
+    const size_t rf = row_floats(c), tmax = (size_t)c->shape.max_tokens;
+    if (im->n[layer] + n > (int64_t)tmax)
+        return kvc_fail(err, "KV cache full: layer %d holds %lld tokens, %d more exceed the capacity %zu", layer,
+                        (long long)im->n[layer], n, tmax);
+    size_t at = (size_t)layer * tmax + (size_t)im->n[layer];
+    memcpy(im->k + at * rf, k, (size_t)n * rf * sizeof(float));
+    memcpy(im->v + at * rf, v, (size_t)n * rf * sizeof(float));
+    memcpy(im->pos + at, pos, (size_t)n * sizeof(int32_t));
+    rope_cpu(im->k + at * rf, pos, n, c->shape.n_head_kv, c->shape.head_dim, c->shape.rope_base);
+    im->n[layer] += n;
+    return 0;
+}
+
+/* Causal GQA attention: query head h reads kv head h / (H / K); token j is visible to a
+ * query at position p when pos[j] <= p. */
+static int full_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpos, int n_q, float *out,
+                       kvc_err *err) {
+    (void)err;
+    full_impl *im = c->impl;
+    const int H = c->shape.n_head, K = c->shape.n_head_kv, D = c->shape.head_dim, G = H / K;
+    const size_t rf = row_floats(c), tmax = (size_t)c->shape.max_tokens;
+    const int64_t T = im->n[layer];
+    const float *kl = im->k + (size_t)layer * tmax * rf, *vl = im->v + (size_t)layer * tmax * rf;
+    const int32_t *pl = im->pos + (size_t)layer * tmax;
+    const float scale = 1.0f / sqrtf((float)D);
+#pragma omp parallel
+    {
+        float *sc = malloc((size_t)(T > 0 ? T : 1) * sizeof(float));
+#pragma omp for collapse(2) schedule(dynamic, 4)
+        for (int t = 0; t < n_q; t++) {
+            for (int h = 0; h < H; h++) {
+                const float *qh = q + ((size_t)t * H + h) * D;
+                float *o = out + ((size_t)t * H + h) * D;
+                const int g = h / G;
+                float mx = -INFINITY;
+                for (int64_t j = 0; j < T; j++) {
+                    if (pl[j] > qpos[t]) { sc[j] = -INFINITY; continue; }
+                    const float *kj = kl + (size_t)j * rf + (size_t)g * D;
+                    float s = 0.0f;
+                    for (int d = 0; d < D; d++) s += qh[d] * kj[d];
+                    s *= scale;
+                    sc[j] = s;
+                    mx = s > mx ? s : mx;
+                }
+                memset(o, 0, (size_t)D * sizeof(float));
+                if (mx == -INFINITY) continue; /* nothing visible */
+                float sum = 0.0f;
+                for (int64_t j = 0; j < T; j++) {
+                    float e = sc[j] == -INFINITY ? 0.0f : expf(sc[j] - mx);
+                    sc[j] = e;
+                    sum += e;
+                }
+                const float inv = 1.0f / sum;
+                for (int64_t j = 0; j < T; j++) {
+                    if (sc[j] == 0.0f) continue;
+                    const float a = sc[j] * inv;
+                    const float *vj = vl + (size_t)j * rf + (size_t)g * D;
+                    for (int d = 0; d < D; d++) o[d] += a * vj[d];
+                }
+            }
+        }
+        free(sc);
+    }
+    return 0;
+}
+
+static size_t full_bytes(const kvc_cache *c) {
+    const full_impl *im = c->impl;
+    size_t total = 0;
+    for (int l = 0; l < c->shape.n_layer; l++)
+        total += (size_t)im->n[l] * (2 * row_floats(c) * sizeof(float) + sizeof(int32_t));
+    return total;
+}
+
+static int64_t full_n_tokens(const kvc_cache *c, int layer) { return ((const full_impl *)c->impl)->n[layer]; }
+
+static void full_reset(kvc_cache *c) {
+    full_impl *im = c->impl;
+    memset(im->n, 0, (size_t)c->shape.n_layer * sizeof(int64_t));
+}
+
+static void full_free(kvc_cache *c) {
+    full_impl *im = c->impl;
+    if (im) {
+        free(im->k);
+        free(im->v);
+        free(im->pos);
+        free(im->n);
+        free(im);
+    }
+    free(c);
+}
+
+static const kvc_cache_ops FULL_OPS = {
+    .name = "full-f32",
+    .append = full_append,
+    .attend = full_attend,
+    .end_step = NULL,
+    .bytes = full_bytes,
+    .n_tokens = full_n_tokens,
+    .reset = full_reset,
+    .free = full_free,
+};
+
+kvc_cache *cache_full_new(const kvc_cache_shape *shape, kvc_err *err) {
+    const kvc_cache_shape *s = shape;
+    if (s->n_layer < 1 || s->n_head < 1 || s->n_head_kv < 1 || s->head_dim < 2 || s->head_dim % 2 ||
+        s->n_head % s->n_head_kv || s->max_tokens < 1) {
+        kvc_fail(err, "cache: invalid shape (layers %d, heads %d/%d, head_dim %d, capacity %d)", s->n_layer,
+                 s->n_head, s->n_head_kv, s->head_dim, s->max_tokens);
+        return NULL;
+    }
+    kvc_cache *c = calloc(1, sizeof *c);
+    full_impl *im = calloc(1, sizeof *im);
+    if (!c || !im) goto oom;
+    c->ops = &FULL_OPS;
+    c->shape = *s;
+    c->impl = im;
+    size_t cells = (size_t)s->n_layer * (size_t)s->max_tokens;
+    size_t rf = (size_t)s->n_head_kv * (size_t)s->head_dim;
+    im->k = kvc_malloc_array(cells, rf * sizeof(float));
+    im->v = kvc_malloc_array(cells, rf * sizeof(float));
+    im->pos = kvc_malloc_array(cells, sizeof(int32_t));
+    im->n = kvc_calloc_array((size_t)s->n_layer, sizeof(int64_t));
+    if (!im->k || !im->v || !im->pos || !im->n) goto oom;
+    return c;
+oom:
+    kvc_fail(err, "out of memory for a KV cache of %d tokens", s->max_tokens);
+    if (c) {
+        c->impl = im;
+        if (im) full_free(c); else free(c);
+    } else free(im);
+    return NULL;
+}

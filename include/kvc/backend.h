@@ -1,0 +1,19 @@
+/* backend.h - compute backends: the CPU reference always, CUDA when built with nvcc. */
+#ifndef KVC_BACKEND_H
+#define KVC_BACKEND_H
+
+#include "kvc/common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* 1 if this build includes the CUDA backend. */
+int backend_cuda_compiled(void);
+/* 1 if a CUDA device can be used now; desc receives its name or why not. */
+int backend_cuda_available(char *desc, size_t cap);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

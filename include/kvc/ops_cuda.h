@@ -1,0 +1,26 @@
+/* ops_cuda.h - CUDA twins of the CPU primitives in kvc/ops.h. These entry points take host
+ * pointers (copying in and out) so tests can compare them with the CPU reference; each
+ * returns 0, or -1 with err (no device, launch failure). Present only when KVC_HAVE_CUDA. */
+#ifndef KVC_OPS_CUDA_H
+#define KVC_OPS_CUDA_H
+
+#include "kvc/common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* 1 if a device is usable; desc receives its name or the reason it is not. */
+int cuda_device_info(char *desc, size_t cap);
+int rmsnorm_cuda(float *out, const float *x, const float *g, int64_t n, int64_t e, float eps, kvc_err *err);
+int rope_cuda(float *x, const int32_t *pos, int64_t n, int h, int d, float base, kvc_err *err);
+int swiglu_cuda(float *a, const float *b, int64_t n, kvc_err *err);
+/* Q4_1 and Q8_0 blocks to f32. */
+int dequantize_cuda(uint32_t type, const void *src, float *dst, int64_t n, kvc_err *err);
+/* y (N, O) = x (N, I) . W^T with W (O, I) row-major, through cuBLAS. */
+int matmul_cuda(float *y, const float *x, const float *w, int64_t n, int64_t o, int64_t i, kvc_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
