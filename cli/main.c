@@ -2,8 +2,12 @@
  * (inspect, tokenize, ppl, generate, bench; capture/train/eval/sweep come with later work). */
 #include "cli.h"
 
+#include "kvc/ops.h"
+
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct {
     const char *name;
@@ -25,7 +29,20 @@ static void usage(FILE *to) {
         fprintf(to, "  %-10s %s\n", COMMANDS[i].name, COMMANDS[i].help);
 }
 
+/* OpenBLAS reads OPENBLAS_CORETYPE only when it loads, before main. If it fell back to its
+ * generic kernels on a CPU that can do better, restart once with the right core named.
+ * A user's own OPENBLAS_CORETYPE is always respected. */
+static void retune_blas(char **argv) {
+    const char *core = ops_blas_better_core();
+    if (!core || getenv("OPENBLAS_CORETYPE") || getenv("KVC_BLAS_RETUNED")) return;
+    setenv("OPENBLAS_CORETYPE", core, 1);
+    setenv("KVC_BLAS_RETUNED", "1", 1);
+    execv("/proc/self/exe", argv); /* returns only on failure: carry on as we are */
+    unsetenv("OPENBLAS_CORETYPE");
+}
+
 int main(int argc, char **argv) {
+    retune_blas(argv);
     if (argc < 2) {
         usage(stderr);
         return 2;

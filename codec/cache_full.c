@@ -60,6 +60,7 @@ static int full_attend(kvc_cache *c, int layer, const float *q, const int32_t *q
                     if (pl[j] > qpos[t]) { sc[j] = -INFINITY; continue; }
                     const float *kj = kl + (size_t)j * rf + (size_t)g * D;
                     float s = 0.0f;
+#pragma omp simd reduction(+ : s)
                     for (int d = 0; d < D; d++) s += qh[d] * kj[d];
                     s *= scale;
                     sc[j] = s;
@@ -78,6 +79,7 @@ static int full_attend(kvc_cache *c, int layer, const float *q, const int32_t *q
                     if (sc[j] == 0.0f) continue;
                     const float a = sc[j] * inv;
                     const float *vj = vl + (size_t)j * rf + (size_t)g * D;
+#pragma omp simd
                     for (int d = 0; d < D; d++) o[d] += a * vj[d];
                 }
             }

@@ -8,8 +8,11 @@
 #include <math.h>
 #include <omp.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
+#include <strings.h>
+#if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
 #define KVC_AVX2 1
 #endif
 
@@ -24,13 +27,29 @@ void ops_set_threads(int n) {
 
 int ops_get_threads(void) { return g_threads; }
 
-static float f16_at(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return kvc_f16_to_f32(h);
+const char *ops_blas_core(void) { return openblas_get_corename(); }
+
+const char *ops_blas_better_core(void) {
+    const char *core = openblas_get_corename();
+    if (!core || strcasecmp(core, "Prescott") != 0) return NULL;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "Haswell";
+#endif
+    return NULL;
 }
 
-#ifdef KVC_AVX2
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    return kvc_f16_to_f32(h);
+#endif
+}
+
+#if defined(KVC_AVX2) && !defined(__AVX512F__)
 static float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -42,7 +61,22 @@ static float hsum256(__m256 v) {
 /* Dot of one Q4_1 row (nb blocks) with x; xsum[b] = sum of x over block b.
  * sum_j (q_j d + m) x_j = d sum_j q_j x_j + m xsum. */
 static float dot_q4_1(const uint8_t *b, const float *x, const float *xsum, int64_t nb) {
-#ifdef KVC_AVX2
+#if defined(__AVX512F__)
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    float accm = 0.0f;
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    for (int64_t i = 0; i < nb; i++, b += 20, x += 32) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(b + 4));
+        __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        __m512 d = _mm512_set1_ps(f16_at(b));
+        __m512 p0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), _mm512_loadu_ps(x));
+        __m512 p1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), _mm512_loadu_ps(x + 16));
+        acc0 = _mm512_fmadd_ps(d, p0, acc0);
+        acc1 = _mm512_fmadd_ps(d, p1, acc1);
+        accm += f16_at(b + 2) * xsum[i];
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + accm;
+#elif defined(KVC_AVX2)
     __m256 acc = _mm256_setzero_ps();
     float accm = 0.0f;
     const __m128i mask = _mm_set1_epi8(0x0F);
@@ -70,7 +104,18 @@ static float dot_q4_1(const uint8_t *b, const float *x, const float *xsum, int64
 
 /* Dot of one Q8_0 row (nb blocks) with x. */
 static float dot_q8_0(const uint8_t *b, const float *x, int64_t nb) {
-#ifdef KVC_AVX2
+#if defined(__AVX512F__)
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, b += 34, x += 32) {
+        const __m128i *q = (const __m128i *)(b + 2);
+        __m512 d = _mm512_set1_ps(f16_at(b));
+        __m512 p0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), _mm512_loadu_ps(x));
+        __m512 p1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), _mm512_loadu_ps(x + 16));
+        acc0 = _mm512_fmadd_ps(d, p0, acc0);
+        acc1 = _mm512_fmadd_ps(d, p1, acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#elif defined(KVC_AVX2)
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++, b += 34, x += 32) {
         const __m128i *q = (const __m128i *)(b + 2);

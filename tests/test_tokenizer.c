@@ -369,7 +369,7 @@ static void kv_i32s(gbuf *b, const char *k, const int32_t *v, size_t n) {
 }
 
 /* Toy token ids: 0..255 are the bytes (GPT-2 mapped, in byte order), then these. */
-enum { T_AB = 256, T_BC, T_ABC, T_AA, T_SP_A, T_12, T_CTL, T_CTL_LONG, N_TOY };
+enum { T_AB = 256, T_BC, T_ABC, T_AA, T_SP_A, T_12, T_CTL, T_CTL_LONG, T_USER, N_TOY };
 static char g_byte_text[256][3];
 
 /* Writes a toy BPE tokenizer; `merges` and `model` may be overridden to make it bad. */
@@ -385,10 +385,10 @@ static void toy_build(gbuf *b, const char *model, const char *const *merges, siz
         tokens[c] = g_byte_text[c];
         types[c] = 1;
     }
-    const char *extra[] = {"ab", "bc", "abc", "aa", "\xc4\xa0" "a", "12", "<s>", "<s>>"};
+    const char *extra[] = {"ab", "bc", "abc", "aa", "\xc4\xa0" "a", "12", "<s>", "<s>>", "<u>"};
     for (int i = T_AB; i < N_TOY; i++) {
         tokens[i] = extra[i - T_AB];
-        types[i] = i >= T_CTL ? 3 : 1;
+        types[i] = i == T_USER ? 4 : i >= T_CTL ? 3 : 1; /* 4: user-defined, 3: control */
     }
     if (!merges) {
         merges = good_merges;
@@ -452,7 +452,7 @@ Test(tokenizer_toy, merges_apply_by_rank_then_leftmost) {
     free(b.p);
 }
 
-Test(tokenizer_toy, special_tokens_only_with_parse_special) {
+Test(tokenizer_toy, special_token_splitting) {
     gbuf b;
     gguf_file *f;
     kvc_err err = {{0}};
@@ -463,6 +463,9 @@ Test(tokenizer_toy, special_tokens_only_with_parse_special) {
     toy_expect(t, "x<s>>y", 1, (int32_t[]){'x', T_CTL_LONG, 'y'}, 3);
     toy_expect(t, "<s><s>", 1, (int32_t[]){T_CTL, T_CTL}, 2);
     toy_expect(t, "x<s>>y", 0, (int32_t[]){'x', '<', 's', '>', '>', 'y'}, 6);
+    /* user-defined tokens are split out even without parse_special, as llama.cpp does */
+    toy_expect(t, "a<u>b", 0, (int32_t[]){'a', T_USER, 'b'}, 3);
+    toy_expect(t, "a<u>b", 1, (int32_t[]){'a', T_USER, 'b'}, 3);
     size_t len;
     cr_expect_str_eq(tokenizer_piece(t, T_CTL_LONG, &len), "<s>>");
     cr_expect_str_eq(tokenizer_piece(t, ' ', &len), " "); /* stored as "\xc4\xa0" */

@@ -24,6 +24,13 @@ typedef struct {
 /* Sets the thread count used by ops (OpenMP and OpenBLAS). */
 void ops_set_threads(int n);
 int ops_get_threads(void);
+/* The kernel family OpenBLAS chose for this CPU (e.g. "Haswell"). */
+const char *ops_blas_core(void);
+/* OpenBLAS picks kernels from the CPU model when it loads and falls back to its SSE3
+ * "Prescott" kernels on models it does not know (common in virtual machines), which makes
+ * GEMMs 2-3x slower. Returns the core to ask for instead (via OPENBLAS_CORETYPE) when that
+ * happened and the CPU supports it, else NULL. */
+const char *ops_blas_better_core(void);
 
 /* y (N, O) = x (N, I) . W^T. Uses an OpenBLAS GEMM on the f32 copy for N > 1 (or when no
  * fused kernel exists for W's type) and the fused dequantize-and-dot kernel for N == 1. */
