@@ -101,6 +101,7 @@ int cmd_generate(int argc, char **argv) {
         if (model_forward(m, r, c, &tok, &p, 1, logits, 0, &err)) { rc = cli_error("generate", "%s", err.msg); goto done; }
     }
     putchar('\n');
+    fflush(stdout);
     double t2 = kvc_now();
     if (show_stats)
         fprintf(stderr, "prompt %lld tokens in %.3f s (%.1f tok/s); generated %d tokens in %.3f s (%.1f tok/s)\n",

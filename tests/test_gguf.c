@@ -276,3 +276,56 @@ Test(gguf, files_missing_empty_and_not_gguf) {
     cr_expect(strstr(err.msg, "magic") != NULL, "%s", err.msg);
     unlink(path);
 }
+
+/* A GGUF holding one 256-element tensor of every type kvcodec dequantizes: the reader
+ * must size and place each correctly and dequantization through it must equal
+ * dequantization of the original bytes. */
+Test(gguf, tensors_of_every_supported_quant_type) {
+    const uint32_t types[] = {GGML_T_F32, GGML_T_F16, GGML_T_BF16, GGML_T_Q8_0,
+                              GGML_T_Q4_0, GGML_T_Q4_1, GGML_T_Q4_K, GGML_T_Q6_K};
+    enum { NT = 8, NE = 256 };
+    uint8_t *blobs[NT];
+    size_t sizes[NT], offs[NT], off = 0;
+    uint32_t s = 77;
+    for (int i = 0; i < NT; i++) {
+        uint32_t be, bb;
+        cr_assert_eq(ggml_type_block(types[i], &be, &bb), 0);
+        sizes[i] = NE / be * bb;
+        blobs[i] = malloc(sizes[i]);
+        for (size_t j = 0; j < sizes[i]; j++) { s = s * 1103515245u + 12345u; blobs[i][j] = (uint8_t)(s >> 16); }
+        if (types[i] == GGML_T_F32) for (int j = 0; j < NE; j++) ((float *)blobs[i])[j] = (float)j - 100.0f;
+        if (types[i] == GGML_T_F16 || types[i] == GGML_T_BF16)
+            for (int j = 0; j < NE; j++) ((uint16_t *)blobs[i])[j] &= 0x3FFF; /* finite values */
+        offs[i] = off;
+        off += (sizes[i] + 31) / 32 * 32;
+    }
+    gbuf b = {0};
+    gb_header(&b, 3, NT, 0);
+    char name[16];
+    for (int i = 0; i < NT; i++) {
+        snprintf(name, sizeof name, "t%d", i);
+        gb_tensor(&b, name, NE, 1, types[i], offs[i]);
+    }
+    gb_pad(&b, 32);
+    for (int i = 0; i < NT; i++) {
+        gb_put(&b, blobs[i], sizes[i]);
+        gb_pad(&b, 32);
+    }
+    kvc_err err = {{0}};
+    gguf_file *f = open_buf(&b, &err);
+    cr_assert_not_null(f, "%s", err.msg);
+    float got[NE], want[NE];
+    for (int i = 0; i < NT; i++) {
+        snprintf(name, sizeof name, "t%d", i);
+        const gguf_tensor *t = gguf_find_tensor(f, name);
+        cr_assert_not_null(t);
+        cr_expect_eq(t->nbytes, sizes[i], "%s size", ggml_type_name(types[i]));
+        cr_expect_eq(memcmp(t->data, blobs[i], sizes[i]), 0, "%s data misplaced", ggml_type_name(types[i]));
+        cr_assert_eq(dequantize_row(t->type, t->data, got, NE), 0, "%s", ggml_type_name(types[i]));
+        cr_assert_eq(dequantize_row(types[i], blobs[i], want, NE), 0);
+        cr_expect_eq(memcmp(got, want, sizeof got), 0);
+        free(blobs[i]);
+    }
+    gguf_close(f);
+    free(b.p);
+}
