@@ -22,6 +22,14 @@ typedef struct {
 int args_parse(const char *cmd, const char *usage, const char *summary, const arg_spec *specs, int argc,
                char **argv, const char **pos, int max_pos, int *n_pos);
 
+/* Options several subcommands share, spelled once. */
+#define ARG_MODEL(dest) \
+    {"model", ARG_STR, dest, "FILE", "GGUF model (default: $KVC_MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf)", 0}
+#define ARG_THREADS(dest, dflt_text) {"threads", ARG_INT, dest, "N", "CPU threads (default: " dflt_text ")", 0}
+#define ARG_JSON(dest) {"json", ARG_FLAG, dest, NULL, "print the result as JSON", 0}
+
+/* The cores this process may use (at least 1). */
+int cli_default_threads(void);
 /* The default model path: $KVC_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf. */
 const char *cli_default_model(void);
 /* Loads a model, printing "kvcodec: <reason>" on failure (returns NULL). */

@@ -17,13 +17,13 @@ int cmd_bench(int argc, char **argv) {
     const char *model = cli_default_model(), *text = "data/corpora/eval-debian-handbook.txt";
     int prompt_tokens = 128, gen_tokens = 64, threads = 2, reps = 3, json = 0;
     const arg_spec specs[] = {
-        {"model", ARG_STR, &model, "FILE", "GGUF model (default: $KVC_MODEL or the default model)", 0},
+        ARG_MODEL(&model),
         {"text", ARG_STR, &text, "FILE", "where the prompt comes from (its first tokens)", 0},
         {"prompt-tokens", ARG_INT, &prompt_tokens, "N", "prompt length for prefill (default 128)", 0},
         {"gen-tokens", ARG_INT, &gen_tokens, "N", "tokens decoded one at a time (default 64)", 0},
-        {"threads", ARG_INT, &threads, "N", "CPU threads (default 2)", 0},
+        ARG_THREADS(&threads, "2"),
         {"reps", ARG_INT, &reps, "N", "repetitions; the median is reported (default 3)", 0},
-        {"json", ARG_FLAG, &json, NULL, "print JSON", 0},
+        ARG_JSON(&json),
         {0},
     };
     int rc = args_parse("bench", "[--prompt-tokens N] [--gen-tokens N] [--threads N] [--reps N] [--json]",

@@ -11,12 +11,12 @@
 
 int cmd_generate(int argc, char **argv) {
     const char *model = cli_default_model(), *prompt = NULL;
-    int max_tokens = 64, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), ctx = 0, chat = 0, show_stats = 0;
+    int max_tokens = 64, threads = cli_default_threads(), ctx = 0, chat = 0, show_stats = 0;
     int ignore_eos = 0;
     float temp = 0.0f, top_p = 1.0f;
     uint64_t seed = 42;
     const arg_spec specs[] = {
-        {"model", ARG_STR, &model, "FILE", "GGUF model (default: $KVC_MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf)", 0},
+        ARG_MODEL(&model),
         {"prompt", ARG_STR, &prompt, "TEXT", "prompt text", 1},
         {"max-tokens", ARG_INT, &max_tokens, "N", "tokens to generate (default 64)", 0},
         {"temp", ARG_FLOAT, &temp, "T", "sampling temperature; 0 = greedy (default 0)", 0},
@@ -25,7 +25,7 @@ int cmd_generate(int argc, char **argv) {
         {"ctx", ARG_INT, &ctx, "N", "context length (default: the model's training context)", 0},
         {"chat", ARG_FLAG, &chat, NULL, "wrap the prompt in the ChatML template (<|im_start|>user ...)", 0},
         {"ignore-eos", ARG_FLAG, &ignore_eos, NULL, "keep generating past the end-of-sequence token", 0},
-        {"threads", ARG_INT, &threads, "N", "CPU threads (default: all cores)", 0},
+        ARG_THREADS(&threads, "all cores"),
         {"stats", ARG_FLAG, &show_stats, NULL, "print prefill/decode speed on stderr", 0},
         {0},
     };

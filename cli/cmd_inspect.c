@@ -123,7 +123,7 @@ int cmd_tokenize(int argc, char **argv) {
     const char *model = cli_default_model(), *text = NULL, *file = NULL;
     int special = 0, pieces = 0;
     const arg_spec specs[] = {
-        {"model", ARG_STR, &model, "FILE", "GGUF model (default: $KVC_MODEL or the default model)", 0},
+        ARG_MODEL(&model),
         {"prompt", ARG_STR, &text, "TEXT", "text to tokenize", 0},
         {"text", ARG_STR, &file, "FILE", "UTF-8 file to tokenize", 0},
         {"special", ARG_FLAG, &special, NULL, "parse control tokens such as <|im_start|>", 0},

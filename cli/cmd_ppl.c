@@ -8,24 +8,18 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-/* Default thread count: the cores this process may use. */
-static int default_threads(void) {
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n > 0 ? (int)n : 1;
-}
-
 int cmd_ppl(int argc, char **argv) {
     const char *model = cli_default_model(), *text = "data/corpora/eval-debian-handbook.txt";
-    int ctx = 512, threads = default_threads(), batch = 512, json = 0;
+    int ctx = 512, threads = cli_default_threads(), batch = 512, json = 0;
     uint64_t max_tokens = 0;
     const arg_spec specs[] = {
-        {"model", ARG_STR, &model, "FILE", "GGUF model (default: $KVC_MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf)", 0},
+        ARG_MODEL(&model),
         {"text", ARG_STR, &text, "FILE", "UTF-8 text (default: data/corpora/eval-debian-handbook.txt)", 0},
         {"ctx", ARG_INT, &ctx, "N", "window length in tokens (default 512)", 0},
         {"tokens", ARG_U64, &max_tokens, "N", "use only the first N tokens of the text (default: all)", 0},
-        {"threads", ARG_INT, &threads, "N", "CPU threads (default: all cores)", 0},
+        ARG_THREADS(&threads, "all cores"),
         {"batch", ARG_INT, &batch, "N", "tokens per forward call (default 512)", 0},
-        {"json", ARG_FLAG, &json, NULL, "print the result as JSON", 0},
+        ARG_JSON(&json),
         {0},
     };
     int rc = args_parse("ppl", "[--model M] [--text T] [--ctx N] [--tokens N] [--threads N] [--json]",
