@@ -1,0 +1,135 @@
+/* ae.h - autoencoders along head_dim for one (layer, K|V[, head]) and their training step:
+ * forward, loss, backward, AdamW with clipping, a warmup+cosine schedule, inference and
+ * export with BatchNorm folded into the weights. The CPU code (train/ae.c) is the reference;
+ * train/ae_cuda.cu is its twin. Letters: N rows in a batch, D input (head_dim), H hidden,
+ * R latent, M queries for the attention-aware value loss. Row-major throughout. */
+#ifndef KVC_AE_H
+#define KVC_AE_H
+
+#include "kvc/common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { AE_ACT_NONE = 0, AE_ACT_RELU, AE_ACT_LEAKY_RELU, AE_ACT_GELU, AE_ACT_SILU, AE_ACT_COUNT } ae_act;
+typedef enum { AE_NORM_NONE = 0, AE_NORM_BATCH } ae_norm;
+
+/* Architecture. hidden == 0: encoder Linear(D,R), decoder Linear(R,D) (both linear; act and
+ * norm unused). hidden > 0: encoder Linear(D,H) -> [BatchNorm(H)] -> act -> Linear(H,R);
+ * decoder Linear(R,H) -> [BatchNorm(H)] -> act -> Linear(H,D) (KV-CAR: norm=batch,
+ * act=leaky_relu). */
+typedef struct {
+    int in_dim;        /* D */
+    int hidden;        /* H, or 0 */
+    int latent;        /* R, 1 <= R < D */
+    ae_act act;
+    ae_norm norm;
+    float leaky_slope; /* LeakyReLU negative slope (default 0.01) */
+    float bn_eps;      /* default 1e-5 */
+    float bn_momentum; /* running-stat update weight, PyTorch convention (default 0.1) */
+} ae_config;
+
+/* Fills defaults: leaky_slope 0.01, bn_eps 1e-5, bn_momentum 0.1. */
+void ae_config_defaults(ae_config *c);
+/* Checks a config; -1 with err naming the problem (e.g. latent not smaller than in_dim). */
+int ae_config_check(const ae_config *c, kvc_err *err);
+const char *ae_act_name(ae_act a);
+/* Parses "relu", "leaky_relu", "gelu" (tanh form), "silu", "none"; -1 if unknown. */
+int ae_act_parse(const char *s, ae_act *out);
+
+typedef struct ae_model ae_model;
+
+/* A model with weights initialised from seed (Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
+ * weights and biases, as PyTorch does; BatchNorm gamma 1, beta 0, running mean 0, var 1). */
+ae_model *ae_new(const ae_config *c, uint64_t seed, kvc_err *err);
+void ae_free(ae_model *m);
+const ae_config *ae_get_config(const ae_model *m);
+
+/* Every tensor of a model, in a fixed order, with a stable name: parameters
+ * ("enc.0.weight" (out, in), "enc.0.bias", "enc.1.weight" (BatchNorm gamma), "enc.1.bias",
+ * "dec.*" likewise, indexed as in the PyTorch nn.Sequential of tools/ae_reference.py),
+ * then non-trainable state ("*.running_mean", "*.running_var"). */
+typedef struct {
+    const char *name;
+    float *data;
+    int rows, cols;    /* cols == 1 for vectors */
+    int trainable;
+} ae_tensor;
+int ae_n_tensors(const ae_model *m);
+ae_tensor ae_tensor_at(ae_model *m, int i);
+/* Gradient of trainable tensor i (same shape), valid after ae_forward_backward; and the two
+ * Adam moments (for checkpoints that resume). NULL data for non-trainable tensors. */
+ae_tensor ae_grad_at(ae_model *m, int i);
+ae_tensor ae_adam_m_at(ae_model *m, int i);
+ae_tensor ae_adam_v_at(ae_model *m, int i);
+int64_t ae_adam_steps(const ae_model *m);
+void ae_set_adam_steps(ae_model *m, int64_t t);
+
+typedef enum { AE_LOSS_MSE = 0, AE_LOSS_KEY_ATTN, AE_LOSS_VALUE_ATTN } ae_loss_kind;
+
+/* Loss of a batch x (N, D) with reconstruction y and error e = y - x:
+ *   MSE:        sum_i |e_i|^2 / (N D)
+ *   KEY_ATTN:   sum_i e_i^T W e_i / (N D), W (D, D) symmetric PSD, e.g. Q^T Q / |Q| from the
+ *               captured queries, so it is the mean squared error of q.k-hat against q.k;
+ *   VALUE_ATTN: sum_m |sum_i A[m,i] e_i|^2 / (M D), A (M, N) attention weights of M queries
+ *               over the batch rows: the error of the attention-weighted value sum;
+ * plus mse_mix * MSE for the attention-aware kinds (keeps directions no query sees). */
+typedef struct {
+    ae_loss_kind kind;
+    const float *w;    /* KEY_ATTN: (D, D) */
+    const float *a;    /* VALUE_ATTN: (M, N) */
+    int m;             /* M */
+    float mse_mix;
+} ae_loss;
+
+/* Training-mode forward (BatchNorm uses batch statistics and updates running stats), loss
+ * and backward; gradients are overwritten, not accumulated. Returns the loss (NaN if the
+ * input holds a NaN). n >= 2 when the model has BatchNorm. */
+float ae_forward_backward(ae_model *m, const float *x, int n, const ae_loss *loss);
+/* Global gradient norm of the last backward. */
+float ae_grad_norm(const ae_model *m);
+
+typedef struct {
+    float lr, beta1, beta2, eps, weight_decay; /* AdamW: decoupled decay lr*wd*param */
+    float clip;                                /* clip gradients to this global norm; 0: off */
+} ae_adam;
+void ae_adam_defaults(ae_adam *o); /* lr 1e-3, 0.9, 0.999, 1e-8, wd 1e-4, clip 1.0 */
+/* One AdamW step with bias correction, on the gradients of the last backward. Weight decay
+ * applies to Linear weights only (not biases, not BatchNorm). */
+void ae_adam_step(ae_model *m, const ae_adam *o);
+
+/* Learning rate at step t of total: linear warmup from 0 over `warmup` steps, then cosine
+ * from base down to min_lr at `total`. */
+float ae_lr_schedule(int64_t t, int64_t total, int64_t warmup, float base, float min_lr);
+
+/* Inference (BatchNorm with running statistics): latent z (N, R) and reconstruction y (N, D);
+ * either output may be NULL. */
+void ae_encode(const ae_model *m, const float *x, int n, float *z);
+void ae_decode(const ae_model *m, const float *z, int n, float *y);
+/* Relative reconstruction error sqrt(sum |y - x|^2 / sum |x|^2) over x (N, D) in inference mode. */
+double ae_rel_error(const ae_model *m, const float *x, int n);
+
+/* Export: the inference network as Linear layers with BatchNorm folded into the Linear before
+ * it (W' = diag(g/sqrt(var+eps)) W, b' = (b - mean) g/sqrt(var+eps) + beta), each followed by
+ * the activation except the last of each half. enc/dec receive up to 2 layers each. */
+typedef struct {
+    int in, out;
+    float *w;  /* (out, in), malloc'd */
+    float *b;  /* (out), malloc'd */
+    int act;   /* ae_act applied after this layer */
+} ae_dense;
+typedef struct {
+    int n_enc, n_dec;
+    ae_dense enc[2], dec[2];
+    float leaky_slope;
+} ae_export;
+int ae_export_folded(const ae_model *m, ae_export *out, kvc_err *err);
+void ae_export_free(ae_export *e);
+/* Runs an exported network (the form inference uses) on x (N, in) into y. */
+void ae_export_run(const ae_dense *layers, int n_layers, float leaky_slope, const float *x, int n, float *y);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
