@@ -1,10 +1,12 @@
-/* cmd_inspect.c - `kvcodec inspect FILE.gguf`: prints the metadata and the tensor table;
+/* cmd_inspect.c - `kvcodec inspect FILE`: a GGUF's metadata and tensor table, or an HDF5
+ * file's attributes and datasets;
  * `kvcodec tokenize`: prints a text's token ids. */
 #include "cli.h"
 
 #include "kvc/gguf.h"
 #include "kvc/quant.h"
 
+#include <hdf5.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -104,6 +106,117 @@ static int inspect_gguf(const char *path, int all) {
     return 0;
 }
 
+/* ---- HDF5 files (KV datasets, codec checkpoints) ------------------------------------ */
+
+/* Prints one attribute's value: strings, and numeric scalars or arrays (first 16 values). */
+static herr_t print_attr(hid_t loc, const char *name, const H5A_info_t *ai, void *indent) {
+    (void)ai;
+    hid_t a = H5Aopen(loc, name, H5P_DEFAULT);
+    if (a < 0) return 0;
+    hid_t t = H5Aget_type(a), sp = H5Aget_space(a);
+    hssize_t n = H5Sget_simple_extent_npoints(sp);
+    printf("%s  @%-22s ", (const char *)indent, name);
+    H5T_class_t cls = H5Tget_class(t);
+    if (cls == H5T_STRING && !H5Tis_variable_str(t)) {
+        size_t sz = H5Tget_size(t);
+        char *buf = calloc(1, sz + 1);
+        hid_t mt = H5Tcopy(H5T_C_S1);
+        H5Tset_size(mt, sz);
+        H5Tset_cset(mt, H5Tget_cset(t));
+        if (buf && H5Aread(a, mt, buf) >= 0) printf("\"%s\"", buf);
+        H5Tclose(mt);
+        free(buf);
+    } else if ((cls == H5T_INTEGER || cls == H5T_FLOAT) && n > 0) {
+        double *v = malloc((size_t)n * sizeof *v);
+        if (v && H5Aread(a, H5T_NATIVE_DOUBLE, v) >= 0) {
+            if (n > 1) putchar('[');
+            for (hssize_t i = 0; i < n && i < 16; i++) printf(i ? ", %.8g" : "%.8g", v[i]);
+            if (n > 16) printf(", ... (%lld values)", (long long)n);
+            if (n > 1) putchar(']');
+        }
+        free(v);
+    } else printf("(%s)", cls == H5T_STRING ? "variable-length string" : "other type");
+    putchar('\n');
+    H5Sclose(sp);
+    H5Tclose(t);
+    H5Aclose(a);
+    return 0;
+}
+
+/* Prints each object below the root: datasets with shape, type, chunking and compression. */
+static herr_t print_object(hid_t root, const char *name, const H5O_info_t *oi, void *unused) {
+    (void)unused;
+    if (!strcmp(name, ".")) return 0;
+    if (oi->type == H5O_TYPE_GROUP) {
+        printf("  %s/\n", name);
+        hid_t g = H5Gopen2(root, name, H5P_DEFAULT);
+        if (g >= 0) {
+            H5Aiterate2(g, H5_INDEX_NAME, H5_ITER_INC, NULL, print_attr, "  ");
+            H5Gclose(g);
+        }
+        return 0;
+    }
+    if (oi->type != H5O_TYPE_DATASET) return 0;
+    hid_t d = H5Dopen2(root, name, H5P_DEFAULT);
+    if (d < 0) return 0;
+    hid_t sp = H5Dget_space(d), t = H5Dget_type(d), pl = H5Dget_create_plist(d);
+    hsize_t dims[8] = {0}, cd[8] = {0};
+    int rank = H5Sget_simple_extent_ndims(sp);
+    H5Sget_simple_extent_dims(sp, dims, NULL);
+    char shape[128] = "[", tname[16];
+    for (int i = 0; i < rank && i < 8; i++)
+        snprintf(shape + strlen(shape), sizeof shape - strlen(shape), "%s%llu", i ? ", " : "", (unsigned long long)dims[i]);
+    strcat(shape, "]");
+    H5T_class_t cls = H5Tget_class(t);
+    snprintf(tname, sizeof tname, "%s%zu", cls == H5T_FLOAT ? "f" : cls == H5T_INTEGER ? "i" : "?", H5Tget_size(t) * 8);
+    printf("  %-28s %-6s %-18s", name, tname, shape);
+    if (H5Pget_layout(pl) == H5D_CHUNKED) {
+        int cr = H5Pget_chunk(pl, 8, cd);
+        printf(" chunk [");
+        for (int i = 0; i < cr; i++) printf(i ? ", %llu" : "%llu", (unsigned long long)cd[i]);
+        printf("]");
+    }
+    for (int i = 0; i < H5Pget_nfilters(pl); i++) {
+        unsigned flags;
+        size_t nel = 0;
+        char fname[32];
+        H5Z_filter_t f = H5Pget_filter2(pl, (unsigned)i, &flags, &nel, NULL, sizeof fname, fname, NULL);
+        printf(" %s", f == H5Z_FILTER_DEFLATE ? "gzip" : f == H5Z_FILTER_SHUFFLE ? "shuffle" : fname);
+    }
+    printf("  %.1f MiB on disk\n", (double)H5Dget_storage_size(d) / (1 << 20));
+    H5Aiterate2(d, H5_INDEX_NAME, H5_ITER_INC, NULL, print_attr, "  ");
+    H5Pclose(pl);
+    H5Tclose(t);
+    H5Sclose(sp);
+    H5Dclose(d);
+    return 0;
+}
+
+static int inspect_h5(const char *path) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) return cli_error("inspect", "cannot open '%s' as HDF5 (corrupt or truncated?)", path);
+    printf("file: %s (HDF5)\n\nattributes:\n", path);
+    H5Aiterate2(f, H5_INDEX_NAME, H5_ITER_INC, NULL, print_attr, "");
+    printf("\nobjects:\n");
+#if H5_VERSION_GE(1, 12, 0)
+    H5Ovisit3(f, H5_INDEX_NAME, H5_ITER_INC, print_object, NULL, H5O_INFO_BASIC);
+#else
+    H5Ovisit2(f, H5_INDEX_NAME, H5_ITER_INC, print_object, NULL, H5O_INFO_BASIC);
+#endif
+    H5Fclose(f);
+    return 0;
+}
+
+/* 1 if the file starts with the HDF5 signature. */
+static int is_hdf5(const char *path) {
+    FILE *fp = fopen(path, "rb");
+    unsigned char sig[8] = {0};
+    size_t n = fp ? fread(sig, 1, 8, fp) : 0;
+    if (fp) fclose(fp);
+    return n == 8 && !memcmp(sig, "\x89HDF\r\n\x1a\n", 8);
+}
+
 int cmd_inspect(int argc, char **argv) {
     int all = 0;
     const arg_spec specs[] = {
@@ -112,11 +225,13 @@ int cmd_inspect(int argc, char **argv) {
     };
     const char *pos[1];
     int np = 0;
-    int rc = args_parse("inspect", "[--all] FILE.gguf", "Prints the metadata and the tensor table of a GGUF file.",
+    int rc = args_parse("inspect", "[--all] FILE.gguf|FILE.h5",
+                        "Prints the metadata and the tensor table of a GGUF model, or the attributes and\n"
+                        "datasets of a kvcodec HDF5 file (KV dataset or codec checkpoint).",
                         specs, argc, argv, pos, 1, &np);
     if (rc) return rc == 1 ? 0 : 2;
     if (np != 1) return cli_error("inspect", "expected one file (see kvcodec inspect --help)"), 2;
-    return inspect_gguf(pos[0], all);
+    return is_hdf5(pos[0]) ? inspect_h5(pos[0]) : inspect_gguf(pos[0], all);
 }
 
 int cmd_tokenize(int argc, char **argv) {

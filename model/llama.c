@@ -239,7 +239,14 @@ struct kvc_run {
     float *att;  /* (N, H*D) */
     float *hb;   /* (N, F) */
     float *hb2;  /* (N, F) */
+    kvc_tap_fn tap;
+    void *tap_ctx;
 };
+
+void run_set_tap(kvc_run *r, kvc_tap_fn fn, void *ctx) {
+    r->tap = fn;
+    r->tap_ctx = ctx;
+}
 
 kvc_run *run_new(const kvc_model *m, int max_batch, kvc_err *err) {
     const kvc_hparams *hp = &m->hp;
@@ -277,7 +284,6 @@ static int forward_batch(const kvc_model *m, kvc_run *r, kvc_cache *c, const int
                          int n, float *logits, int logits_all, kvc_err *err) {
     const kvc_hparams *hp = &m->hp;
     const int E = hp->n_embd, V = hp->n_vocab;
-    const int HD = hp->n_head * hp->head_dim;
 
     /* embeddings: dequantize the rows of the tokens we need */
     for (int t = 0; t < n; t++) {
@@ -292,6 +298,7 @@ static int forward_batch(const kvc_model *m, kvc_run *r, kvc_cache *c, const int
         matmul_cpu(r->q, r->xb, &L->wq, n);
         matmul_cpu(r->k, r->xb, &L->wk, n);
         matmul_cpu(r->v, r->xb, &L->wv, n);
+        if (r->tap && r->tap(r->tap_ctx, l, r->q, r->k, r->v, pos, n, err)) return -1;
         rope_cpu(r->q, pos, n, hp->n_head, hp->head_dim, hp->rope_base);
         if (cache_append(c, l, r->k, r->v, pos, n, err)) return -1; /* keys before RoPE */
         if (cache_attend(c, l, r->q, pos, n, r->att, err)) return -1;
@@ -305,7 +312,6 @@ static int forward_batch(const kvc_model *m, kvc_run *r, kvc_cache *c, const int
         matmul_cpu(r->xb, r->hb, &L->w_down, n);
         for (size_t i = 0; i < (size_t)n * E; i++) r->x[i] += r->xb[i];
     }
-    (void)HD;
     if (cache_end_step(c, err)) return -1;
 
     /* final norm and output projection */

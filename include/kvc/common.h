@@ -37,6 +37,9 @@ int kvc_read_file(const char *path, char **out, size_t *len, kvc_err *err);
  * failure *bad_offset receives the offset of the first invalid byte. */
 int kvc_utf8_valid(const char *buf, size_t len, size_t *bad_offset);
 
+/* SHA-256 of len bytes as 64 lowercase hex digits plus NUL (data/sha256.c). */
+void kvc_sha256_hex(const void *data, size_t len, char out[65]);
+
 /* f16 / bf16 <-> f32 conversions (round-to-nearest-even on the way down). */
 float kvc_f16_to_f32(uint16_t h);
 uint16_t kvc_f32_to_f16(float f);

@@ -54,6 +54,13 @@ typedef struct kvc_run kvc_run;
 kvc_run *run_new(const kvc_model *m, int max_batch, kvc_err *err);
 void run_free(kvc_run *r);
 
+/* An observer of every layer's projections during a forward pass (used by capture):
+ * q (N, H*D) and k, v (N, K*D), all before RoPE, for the n tokens at pos. Returns 0 to go
+ * on, or -1 (with err filled) to abort the forward pass. */
+typedef int (*kvc_tap_fn)(void *ctx, int layer, const float *q, const float *k, const float *v,
+                          const int32_t *pos, int n, kvc_err *err);
+void run_set_tap(kvc_run *r, kvc_tap_fn fn, void *ctx);
+
 /* Runs n tokens (any n >= 1; split internally into batches) at positions pos through the
  * model, appending their K/V to the cache. Logits: if logits_all, out receives (n, V);
  * otherwise (V) for the last token only; out may be NULL. Returns 0 or -1 with err. */
