@@ -121,7 +121,8 @@ static herr_t print_attr(hid_t loc, const char *name, const H5A_info_t *ai, void
         size_t sz = H5Tget_size(t);
         char *buf = calloc(1, sz + 1);
         hid_t mt = H5Tcopy(H5T_C_S1);
-        H5Tset_size(mt, sz);
+        H5Tset_size(mt, sz + 1); /* room for the terminator */
+        H5Tset_strpad(mt, H5T_STR_NULLTERM);
         H5Tset_cset(mt, H5Tget_cset(t));
         if (buf && H5Aread(a, mt, buf) >= 0) printf("\"%s\"", buf);
         H5Tclose(mt);

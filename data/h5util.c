@@ -68,9 +68,10 @@ int h5_get_str(hid_t loc, const char *name, char *buf, size_t cap) {
     if (H5Tget_class(ft) == H5T_STRING && !H5Tis_variable_str(ft)) {
         size_t n = H5Tget_size(ft);
         char tmp[4096];
-        if (n < sizeof tmp) {
+        if (n + 1 < sizeof tmp) {
             hid_t mt = H5Tcopy(H5T_C_S1);
-            H5Tset_size(mt, n);
+            H5Tset_size(mt, n + 1); /* room for the terminator */
+            H5Tset_strpad(mt, H5T_STR_NULLTERM);
             H5Tset_cset(mt, H5Tget_cset(ft));
             if (H5Aread(a, mt, tmp) >= 0) {
                 tmp[n] = '\0';
