@@ -51,5 +51,6 @@ int cmd_ppl(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_capture(int argc, char **argv);
+int cmd_train(int argc, char **argv);
 
 #endif

@@ -19,6 +19,7 @@ static const command COMMANDS[] = {
     {"inspect", cmd_inspect, "print what a GGUF file holds (metadata and tensor table)"},
     {"tokenize", cmd_tokenize, "print the token ids (and pieces) of a text"},
     {"capture", cmd_capture, "write a model's pre-RoPE K, V and Q over a text to an HDF5 dataset"},
+    {"train", cmd_train, "train K/V autoencoders and reuse maps on a KV dataset into a codec checkpoint"},
     {"ppl", cmd_ppl, "perplexity of a model on a text file"},
     {"generate", cmd_generate, "stream a completion of a prompt"},
     {"bench", cmd_bench, "prefill and decode speed (tokens/s)"},

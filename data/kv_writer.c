@@ -35,7 +35,11 @@ static hid_t make_ds(hid_t loc, const char *name, hid_t type, int heads, int d, 
         H5Pset_shuffle(pl);
         H5Pset_deflate(pl, (unsigned)gzip);
     }
-    hid_t ds = H5Dcreate2(loc, name, type, sp, H5P_DEFAULT, pl, H5P_DEFAULT);
+    /* appends write whole windows of chunks, so no chunk cache is needed: memory stays flat */
+    hid_t dapl = H5Pcreate(H5P_DATASET_ACCESS);
+    H5Pset_chunk_cache(dapl, 0, 0, 1.0);
+    hid_t ds = H5Dcreate2(loc, name, type, sp, H5P_DEFAULT, pl, dapl);
+    H5Pclose(dapl);
     H5Pclose(pl);
     H5Sclose(sp);
     return ds;
@@ -55,17 +59,19 @@ static int append_rows(hid_t ds, int64_t at, int n, int rank, hsize_t heads, hsi
     return rc;
 }
 
-static void writer_release(kvc_kv_writer *w) {
+/* Closes everything; returns -1 if closing the file failed (its last writes did not land). */
+static int writer_release(kvc_kv_writer *w) {
     if (w->ds)
         for (int i = 0; i < 3 * w->info.n_layers_stored; i++)
             if (w->ds[i] > 0) H5Dclose(w->ds[i]);
     if (w->ds_tokens > 0) H5Dclose(w->ds_tokens);
     if (w->ds_pos > 0) H5Dclose(w->ds_pos);
     if (w->f16 > 0) H5Tclose(w->f16);
-    if (w->file > 0) H5Fclose(w->file);
+    int rc = w->file > 0 && H5Fclose(w->file) < 0 ? -1 : 0;
     free(w->ds);
     free(w->half);
     free(w);
+    return rc;
 }
 
 kvc_kv_writer *kv_writer_open(const char *path, const kvc_kv_info *info, int chunk_tokens, int gzip, kvc_err *err) {
@@ -200,7 +206,8 @@ int kv_writer_close(kvc_kv_writer *w, int ok, kvc_err *err) {
     char tmp[sizeof w->tmp], path[sizeof w->path];
     memcpy(tmp, w->tmp, sizeof tmp);
     memcpy(path, w->path, sizeof path);
-    writer_release(w); /* closes the file: HDF5 writes its last metadata here */
+    if (writer_release(w) && ok && rc == 0) /* closing writes HDF5's last metadata */
+        rc = kvc_fail(err, "cannot finish '%s' (disk full?)", tmp);
     if (ok && rc == 0) rc = h5_commit_file(tmp, path, err);
     if (!ok || rc) unlink(tmp);
     return rc;

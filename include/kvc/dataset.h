@@ -57,7 +57,8 @@ typedef struct kvc_dataset kvc_dataset;
  * otherwise NULL with err naming the file and the mismatch. */
 kvc_dataset *dataset_open(const char *const *paths, int n_paths, kvc_err *err);
 void dataset_close(kvc_dataset *d);
-const kvc_kv_info *dataset_info(const kvc_dataset *d); /* n_tokens: the total */
+const kvc_kv_info *dataset_info(const kvc_dataset *d); /* n_tokens: the total; dtype "mixed"
+                                                          when the files differ in it */
 
 enum { KV_K = 0, KV_V = 1, KV_Q = 2 };
 
@@ -95,11 +96,18 @@ kvc_batcher *batcher_new(kvc_dataset *d, const kvc_batch_opts *o, kvc_err *err);
 /* Next batch of the current epoch: 1 and *b filled, 0 at the end of the epoch (the next call
  * starts a new epoch with a new order), -1 with err on a read error. */
 int batcher_next(kvc_batcher *bt, kvc_batch *b, kvc_err *err);
+/* Epochs completed so far (0 during the first; it advances when batcher_next returns 0). */
 int64_t batcher_epoch(const kvc_batcher *bt);
+/* Bytes the batcher allocated (buffer, batch arrays, block tables), all at batcher_new: the
+ * bound on its memory whatever the file size. The dataset's own read staging (about 4 MiB)
+ * is not included. */
+size_t batcher_memory_bytes(const kvc_batcher *bt);
 void batcher_free(kvc_batcher *bt);
 
 /* Train/validation split by token ranges: the last val_frac of the tokens (rounded to whole
- * capture windows of info.ctx) are validation. */
+ * capture windows of info.ctx) are validation. Windows restart at each file, so the cut lies
+ * on a window start or a file end; a val_frac > 0 gets at least one window and a val_frac < 1
+ * leaves training at least one. *train_end == *val_begin. */
 void dataset_split(const kvc_dataset *d, double val_frac, int64_t *train_end, int64_t *val_begin);
 
 #ifdef __cplusplus

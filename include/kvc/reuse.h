@@ -5,6 +5,8 @@
 #ifndef KVC_REUSE_H
 #define KVC_REUSE_H
 
+#include <stdio.h>
+
 #include "kvc/common.h"
 #include "kvc/dataset.h" /* KV_K, KV_V */
 
@@ -24,13 +26,14 @@ extern "C" {
  * depend on how the rows were split into batches (up to rounding). */
 typedef struct reuse_fit reuse_fit;
 
+/* An empty accumulator for D-dimensional rows (with its own scratch, ~16 KiB x D). */
 reuse_fit *reuse_fit_new(int d, kvc_err *err);
 void reuse_fit_free(reuse_fit *f);
 /* Adds n row pairs: row i of src at src + i*ld_src, of dst at dst + i*ld_dst, D floats
  * each (ld = D for (N, D) arrays; ld = Hk*D with src + h*D for head h of (N, Hk, D)). */
 void reuse_fit_add(reuse_fit *f, const float *src, int64_t ld_src, const float *dst, int64_t ld_dst,
                    int64_t n);
-int64_t reuse_fit_rows(const reuse_fit *f);
+int64_t reuse_fit_rows(const reuse_fit *f); /* rows added so far */
 /* Solves (Cxx + lambda I) W^T = Cxy (lambda from ridge as above; Cholesky in double) and
  * b = mean(dst) - W mean(src), writing w (D, D) (out, in) and b (D). When src does not vary at
  * all, W = 0 and b = mean(dst). -1 with err when no rows were added, ridge < 0, or the
@@ -57,7 +60,7 @@ void reuse_eval_result(const reuse_eval *e, double *cos_identity, double *err_id
 
 /* x_l_hat = W x_{l-1} + b for n rows: dst row i (at dst + i*ld_dst) from src row i (at
  * src + i*ld_src); w (D, D) (out, in), b (D). src and dst must not overlap. The CPU reference
- * for inference (float accumulation over the D inputs, in order). */
+ * for inference (float accumulation, vectorised over the D inputs). */
 void reuse_apply(int d, const float *w, const float *b, const float *src, int64_t ld_src, float *dst,
                  int64_t ld_dst, int64_t n);
 
@@ -98,7 +101,8 @@ typedef struct {
 /* Parses "threshold=X" (X finite, > 0) or "heads=N" (integer N >= 0); -1 with err otherwise.
  * Whether N items exist is checked by reuse_plan_choose. */
 int reuse_option_parse(const char *s, reuse_option *o, kvc_err *err);
-/* Writes the canonical text of o ("threshold=0.2", "heads=12") into buf. */
+/* Writes the canonical text of o ("threshold=0.2", "heads=12") into buf (size >= 40); it
+ * parses back to the same option. */
 void reuse_option_format(const reuse_option *o, char *buf, size_t size);
 
 typedef struct {
@@ -115,10 +119,11 @@ typedef struct {
 /* An empty plan: no item analysed, all chosen NONE, maps zero, stored unknown. L >= 2,
  * Hk >= 1, D >= 1. A checkpoint reader fills items and maps directly. */
 reuse_plan *reuse_plan_new(int n_layer, int n_head_kv, int head_dim, kvc_err *err);
-void reuse_plan_free(reuse_plan *p);
+void reuse_plan_free(reuse_plan *p); /* NULL is fine */
 /* The item for (layer, head, kind), or NULL if out of range (layer 0 has none). */
 reuse_item *reuse_plan_item(reuse_plan *p, int layer, int head, int kind);
-/* Items analysed, and items chosen as identity / linear (either pointer may be NULL). */
+/* Returns the number of items analysed; also stores it and the numbers chosen as identity /
+ * linear through the pointers (any may be NULL). */
 int reuse_plan_count(const reuse_plan *p, int *n_analysed, int *n_identity, int *n_linear);
 /* Sets every item's `chosen` by the option; clears earlier choices. -1 with err when
  * heads=N asks for more items than were analysed. */
@@ -141,10 +146,11 @@ int reuse_item_predict(const reuse_plan *p, const reuse_item *it, const float *s
  * finish. */
 typedef struct reuse_analysis reuse_analysis;
 
-/* Marks p->stored from layers and prepares accumulators. -1/NULL with err on layers out of
- * range or not ascending, or a plan that does not match (L). The plan must outlive it. */
+/* Marks p->stored from layers, clears the plan's results and choices, and prepares the
+ * accumulators. NULL with err when layers are out of the plan's range, not ascending, or hold
+ * no consecutive pair. The plan must outlive the analysis. */
 reuse_analysis *reuse_analysis_new(reuse_plan *p, const int *layers, int n_stored, kvc_err *err);
-void reuse_analysis_free(reuse_analysis *a);
+void reuse_analysis_free(reuse_analysis *a); /* NULL is fine */
 /* Number of layer pairs (l-1, l) analysed. */
 int reuse_analysis_pairs(const reuse_analysis *a);
 /* Sets want[j*3 + kind] (n_stored*3 entries) to 1 for the K and V of every stored layer

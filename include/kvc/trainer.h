@@ -1,0 +1,46 @@
+/* trainer.h - `kvcodec train`: fits every stored layer's K and V autoencoders on a KV
+ * dataset (minibatches streamed from HDF5), validates every epoch, stops early, analyses
+ * cross-layer reuse, and writes a codec checkpoint that can resume an interrupted run. */
+#ifndef KVC_TRAINER_H
+#define KVC_TRAINER_H
+
+#include "kvc/ae.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    const char *const *data;  /* KV dataset files, read as one */
+    int n_data;
+    const char *out;          /* codec checkpoint to write */
+    ae_config ae;
+    int per_head;             /* 0: one model per (layer, K|V) shared by the KV heads */
+    int loss_attn;            /* 0: MSE; 1: attention-aware (keys: q.k error; values: attention-weighted sum) */
+    float mse_mix;            /* weight of plain MSE added to the attention-aware loss */
+    int epochs;
+    int batch_tokens;
+    int warmup_steps;
+    int patience;             /* early stopping: epochs without a better validation error */
+    ae_adam adam;
+    float min_lr;
+    uint64_t seed;
+    double val_frac;
+    const char *device;       /* "cpu" or "cuda" */
+    const char *reuse;        /* "threshold=X" / "heads=N", or NULL for no reuse analysis */
+    const char *curve_csv;    /* loss curve, or NULL */
+    int resume;               /* continue from the trainer state in `out` */
+    int progress;             /* progress bar on stderr */
+    int stop_after_epoch;     /* testing: behave as if interrupted after this epoch (0: off) */
+    int quiet;                /* no per-layer table on stdout */
+} kvc_train_opts;
+
+void train_opts_defaults(kvc_train_opts *o);
+/* Runs training; 0 on success, 1 when stopped by stop_after_epoch (checkpoint written),
+ * -1 with err on failure (the previous checkpoint at `out`, if any, is left intact). */
+int train_codec(const kvc_train_opts *o, kvc_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,686 @@
+/* reuse.c - cross-layer KV reuse analysis (KV-CAR): streaming least-squares maps from layer
+ * l-1 to layer l per KV head and K/V, their validation errors next to plain identity reuse,
+ * the choice of what to reuse, the layer x head report and the CPU apply of a map.
+ * Letters: L model layers, Hk KV heads, D head_dim, N rows; row-major throughout. */
+#include "kvc/reuse.h"
+
+#include <cblas.h>
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Rows per block the fit centres and multiplies at once (bounds the scratch memory). */
+#define FIT_CHUNK 1024
+
+/* ---- one map -------------------------------------------------------------------------- */
+
+struct reuse_fit {
+    int d;          /* D */
+    int64_t n;      /* rows added */
+    double *mx;     /* (D) running mean of src */
+    double *my;     /* (D) running mean of dst */
+    double *cxx;    /* (D, D) sum (x - mx)(x - mx)^T, upper triangle only */
+    double *cxy;    /* (D, D) [j][i] = sum (x_j - mx_j)(y_i - my_i) */
+    double *own;    /* scratch of a standalone fit (see fit_scratch_len), else NULL */
+};
+
+/* Doubles of scratch one accumulation needs: centred src and dst blocks (FIT_CHUNK, D) and
+ * their means (D) each. */
+static size_t fit_scratch_len(int d) { return 2 * (size_t)FIT_CHUNK * d + 2 * (size_t)d; }
+
+/* Allocates a zeroed fit; with_scratch gives it its own scratch (standalone use). */
+static reuse_fit *fit_alloc(int d, int with_scratch) {
+    reuse_fit *f = calloc(1, sizeof *f);
+    if (!f) return NULL;
+    f->d = d;
+    f->mx = kvc_calloc_array((size_t)d, sizeof(double));
+    f->my = kvc_calloc_array((size_t)d, sizeof(double));
+    f->cxx = kvc_calloc_array((size_t)d * d, sizeof(double));
+    f->cxy = kvc_calloc_array((size_t)d * d, sizeof(double));
+    if (with_scratch) f->own = kvc_malloc_array(fit_scratch_len(d), sizeof(double));
+    if (!f->mx || !f->my || !f->cxx || !f->cxy || (with_scratch && !f->own)) {
+        reuse_fit_free(f);
+        return NULL;
+    }
+    return f;
+}
+
+reuse_fit *reuse_fit_new(int d, kvc_err *err) {
+    if (d < 1) { kvc_fail(err, "reuse fit: dimension %d must be >= 1", d); return NULL; }
+    reuse_fit *f = fit_alloc(d, 1);
+    if (!f) kvc_fail(err, "reuse fit: out of memory (D=%d)", d);
+    return f;
+}
+
+void reuse_fit_free(reuse_fit *f) {
+    if (!f) return;
+    free(f->mx);
+    free(f->my);
+    free(f->cxx);
+    free(f->cxy);
+    free(f->own);
+    free(f);
+}
+
+int64_t reuse_fit_rows(const reuse_fit *f) { return f->n; }
+
+/* Adds n row pairs to f using scratch (fit_scratch_len doubles): per block of FIT_CHUNK rows,
+ * centre on the block means, add the block's centred products (dsyrk/dgemm) and merge the
+ * means with the pairwise update of Chan, Golub and LeVeque. */
+static void fit_accumulate(reuse_fit *f, const float *src, int64_t ld_src, const float *dst, int64_t ld_dst,
+                           int64_t n, double *scratch) {
+    const int d = f->d;
+    double *xs = scratch, *ys = xs + (size_t)FIT_CHUNK * d; /* (FIT_CHUNK, D) each */
+    double *bx = ys + (size_t)FIT_CHUNK * d, *by = bx + d;  /* (D) block means */
+    for (int64_t r0 = 0; r0 < n; r0 += FIT_CHUNK) {
+        int nb = (int)(n - r0 < FIT_CHUNK ? n - r0 : FIT_CHUNK);
+        for (int k = 0; k < d; k++) bx[k] = by[k] = 0;
+        for (int i = 0; i < nb; i++) {
+            const float *x = src + (r0 + i) * ld_src, *y = dst + (r0 + i) * ld_dst;
+            for (int k = 0; k < d; k++) {
+                bx[k] += x[k];
+                by[k] += y[k];
+            }
+        }
+        for (int k = 0; k < d; k++) {
+            bx[k] /= nb;
+            by[k] /= nb;
+        }
+        for (int i = 0; i < nb; i++) {
+            const float *x = src + (r0 + i) * ld_src, *y = dst + (r0 + i) * ld_dst;
+            for (int k = 0; k < d; k++) {
+                xs[(size_t)i * d + k] = x[k] - bx[k];
+                ys[(size_t)i * d + k] = y[k] - by[k];
+            }
+        }
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, d, nb, 1.0, xs, d, 1.0, f->cxx, d);
+        cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, d, nb, 1.0, xs, d, ys, d, 1.0, f->cxy, d);
+        if (f->n == 0) {
+            memcpy(f->mx, bx, (size_t)d * sizeof(double));
+            memcpy(f->my, by, (size_t)d * sizeof(double));
+        } else {
+            double na = (double)f->n, tot = na + nb, c = na * nb / tot;
+            for (int k = 0; k < d; k++) { /* block mean minus running mean, kept in bx/by */
+                bx[k] -= f->mx[k];
+                by[k] -= f->my[k];
+            }
+            for (int j = 0; j < d; j++) {
+                for (int k = j; k < d; k++) f->cxx[(size_t)j * d + k] += c * bx[j] * bx[k];
+                for (int i = 0; i < d; i++) f->cxy[(size_t)j * d + i] += c * bx[j] * by[i];
+            }
+            for (int k = 0; k < d; k++) {
+                f->mx[k] += bx[k] * nb / tot;
+                f->my[k] += by[k] * nb / tot;
+            }
+        }
+        f->n += nb;
+    }
+}
+
+void reuse_fit_add(reuse_fit *f, const float *src, int64_t ld_src, const float *dst, int64_t ld_dst,
+                   int64_t n) {
+    fit_accumulate(f, src, ld_src, dst, ld_dst, n, f->own);
+}
+
+/* In-place Cholesky a = U^T U of the symmetric (D, D) a (upper triangle read, U written
+ * there). -1 when a pivot is not clearly positive (relative to the largest diagonal). */
+static int cholesky_upper(double *a, int d) {
+    double dmax = 0;
+    for (int j = 0; j < d; j++) dmax = fmax(dmax, a[(size_t)j * d + j]);
+    for (int j = 0; j < d; j++) {
+        double s = a[(size_t)j * d + j];
+        for (int k = 0; k < j; k++) s -= a[(size_t)k * d + j] * a[(size_t)k * d + j];
+        if (!(s > 1e-12 * dmax)) return -1;
+        double u = sqrt(s);
+        a[(size_t)j * d + j] = u;
+        for (int i = j + 1; i < d; i++) {
+            double t = a[(size_t)j * d + i];
+            for (int k = 0; k < j; k++) t -= a[(size_t)k * d + j] * a[(size_t)k * d + i];
+            a[(size_t)j * d + i] = t / u;
+        }
+    }
+    return 0;
+}
+
+/* Solves U^T U z = c in place (c: (D)) for the factor U from cholesky_upper. */
+static void cholesky_solve(const double *u, int d, double *c) {
+    for (int j = 0; j < d; j++) { /* U^T t = c */
+        double s = c[j];
+        for (int k = 0; k < j; k++) s -= u[(size_t)k * d + j] * c[k];
+        c[j] = s / u[(size_t)j * d + j];
+    }
+    for (int j = d - 1; j >= 0; j--) { /* U z = t */
+        double s = c[j];
+        for (int k = j + 1; k < d; k++) s -= u[(size_t)j * d + k] * c[k];
+        c[j] = s / u[(size_t)j * d + j];
+    }
+}
+
+int reuse_fit_solve(const reuse_fit *f, double ridge, float *w, float *b, kvc_err *err) {
+    const int d = f->d;
+    if (f->n == 0) return kvc_fail(err, "reuse fit: no training rows were added");
+    if (!(ridge >= 0) || !isfinite(ridge)) return kvc_fail(err, "reuse fit: ridge %g must be finite and >= 0", ridge);
+    double tr = 0;
+    for (int j = 0; j < d; j++) tr += f->cxx[(size_t)j * d + j];
+    if (!isfinite(tr)) return kvc_fail(err, "reuse fit: non-finite source covariance (NaN or Inf in the rows?)");
+    if (tr <= 0) { /* src never varies: nothing to regress on, predict the mean */
+        memset(w, 0, (size_t)d * d * sizeof(float));
+        for (int i = 0; i < d; i++) b[i] = (float)f->my[i];
+        return 0;
+    }
+    double *a = kvc_malloc_array((size_t)d * d + d, sizeof(double));
+    if (!a) return kvc_fail(err, "reuse fit: out of memory");
+    double *col = a + (size_t)d * d; /* (D) */
+    memcpy(a, f->cxx, (size_t)d * d * sizeof(double));
+    double lambda = ridge * tr / d;
+    for (int j = 0; j < d; j++) a[(size_t)j * d + j] += lambda;
+    if (cholesky_upper(a, d) != 0) {
+        free(a);
+        return kvc_fail(err, "reuse fit: source covariance is singular (rows span fewer than %d dimensions); "
+                             "use a ridge > 0", d);
+    }
+    for (int i = 0; i < d; i++) { /* row i of W solves A w_i = Cxy[:, i] */
+        for (int j = 0; j < d; j++) col[j] = f->cxy[(size_t)j * d + i];
+        cholesky_solve(a, d, col);
+        for (int j = 0; j < d; j++) w[(size_t)i * d + j] = (float)col[j];
+    }
+    for (int i = 0; i < d; i++) { /* with the rounded W, so the map is unbiased on the means */
+        double s = f->my[i];
+        for (int j = 0; j < d; j++) s -= (double)w[(size_t)i * d + j] * f->mx[j];
+        b[i] = (float)s;
+    }
+    free(a);
+    return 0;
+}
+
+/* ---- evaluation and apply ----------------------------------------------------------- */
+
+/* Outputs i0 .. i0+m-1 of W x + b for one row x (D) into y (m); float accumulation. */
+static inline void predict_part(int d, const float *w, const float *b, const float *x, int i0, int m, float *y) {
+    for (int i = 0; i < m; i++) {
+        const float *wi = w + (size_t)(i0 + i) * d;
+        float s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int j = 0; j < d; j++) s += wi[j] * x[j];
+        y[i] = s + b[i0 + i];
+    }
+}
+
+void reuse_eval_add(reuse_eval *e, int d, const float *src, int64_t ld_src, const float *dst, int64_t ld_dst,
+                    int64_t n, const float *w, const float *b) {
+    enum { SLICE = 256 };
+    float pred[SLICE]; /* the prediction of one row, SLICE outputs at a time */
+    for (int64_t r = 0; r < n; r++) {
+        const float *x = src + r * ld_src, *y = dst + r * ld_dst;
+        double xy = 0, xx = 0, yy = 0, sid = 0, slin = 0;
+        for (int k = 0; k < d; k++) {
+            double xk = x[k], yk = y[k];
+            xy += xk * yk;
+            xx += xk * xk;
+            yy += yk * yk;
+            sid += (yk - xk) * (yk - xk);
+        }
+        for (int i0 = 0; w && i0 < d; i0 += SLICE) {
+            int m = d - i0 < SLICE ? d - i0 : SLICE;
+            predict_part(d, w, b, x, i0, m, pred);
+            for (int i = 0; i < m; i++) {
+                double t = (double)y[i0 + i] - pred[i];
+                slin += t * t;
+            }
+        }
+        double nn = sqrt(xx) * sqrt(yy);
+        e->sum_cos += nn > 0 ? xy / nn : (xx == 0 && yy == 0 ? 1.0 : 0.0);
+        e->sq_dst += yy;
+        e->sq_identity += sid;
+        e->sq_linear += slin;
+        e->n++;
+    }
+}
+
+/* num/den as a relative error: 0/0 = 0, x/0 = inf. */
+static double rel_err(double num, double den) {
+    if (den > 0) return sqrt(num / den);
+    return num > 0 ? INFINITY : 0.0;
+}
+
+void reuse_eval_result(const reuse_eval *e, double *cos_identity, double *err_identity, double *err_linear) {
+    if (cos_identity) *cos_identity = e->n > 0 ? e->sum_cos / (double)e->n : NAN;
+    if (err_identity) *err_identity = rel_err(e->sq_identity, e->sq_dst);
+    if (err_linear) *err_linear = rel_err(e->sq_linear, e->sq_dst);
+}
+
+void reuse_apply(int d, const float *w, const float *b, const float *src, int64_t ld_src, float *dst,
+                 int64_t ld_dst, int64_t n) {
+    for (int64_t r = 0; r < n; r++) predict_part(d, w, b, src + r * ld_src, 0, d, dst + r * ld_dst);
+}
+
+/* ---- choices and options ------------------------------------------------------------ */
+
+static const char *const CHOICE_NAMES[] = {"none", "identity", "linear"};
+
+const char *reuse_choice_name(reuse_choice c) {
+    return (unsigned)c < sizeof CHOICE_NAMES / sizeof *CHOICE_NAMES ? CHOICE_NAMES[c] : "?";
+}
+
+int reuse_choice_parse(const char *s, reuse_choice *out) {
+    for (int c = 0; c < (int)(sizeof CHOICE_NAMES / sizeof *CHOICE_NAMES); c++)
+        if (strcmp(s, CHOICE_NAMES[c]) == 0) {
+            *out = (reuse_choice)c;
+            return 0;
+        }
+    return -1;
+}
+
+int reuse_option_parse(const char *s, reuse_option *o, kvc_err *err) {
+    static const char usage[] = "expected threshold=X (relative error, X > 0) or heads=N (N >= 0 items to reuse)";
+    if (!s) return kvc_fail(err, "reuse option missing: %s", usage);
+    const char *v;
+    char *end;
+    if (strncmp(s, "threshold=", 10) == 0) {
+        v = s + 10;
+        if (*v == '\0' || isspace((unsigned char)*v)) return kvc_fail(err, "reuse option '%s': %s", s, usage);
+        errno = 0;
+        double t = strtod(v, &end);
+        if (*end != '\0' || errno == ERANGE) return kvc_fail(err, "reuse option '%s': '%s' is not a number", s, v);
+        if (!isfinite(t) || t <= 0)
+            return kvc_fail(err, "reuse option '%s': the threshold must be a finite number > 0", s);
+        *o = (reuse_option){.mode = REUSE_BY_THRESHOLD, .threshold = t, .heads = 0};
+        return 0;
+    }
+    if (strncmp(s, "heads=", 6) == 0) {
+        v = s + 6;
+        if (*v == '\0' || isspace((unsigned char)*v)) return kvc_fail(err, "reuse option '%s': %s", s, usage);
+        errno = 0;
+        long h = strtol(v, &end, 10);
+        if (*end != '\0') return kvc_fail(err, "reuse option '%s': '%s' is not a whole number", s, v);
+        if (h < 0) return kvc_fail(err, "reuse option '%s': heads must be >= 0", s);
+        if (errno == ERANGE || h > INT_MAX) return kvc_fail(err, "reuse option '%s': heads is too large", s);
+        *o = (reuse_option){.mode = REUSE_BY_HEADS, .threshold = 0, .heads = (int)h};
+        return 0;
+    }
+    return kvc_fail(err, "reuse option '%s': %s", s, usage);
+}
+
+void reuse_option_format(const reuse_option *o, char *buf, size_t size) {
+    if (o->mode == REUSE_BY_HEADS) {
+        snprintf(buf, size, "heads=%d", o->heads);
+        return;
+    }
+    for (int prec = 6; prec <= 17; prec++) { /* shortest text that parses back to the same value */
+        snprintf(buf, size, "threshold=%.*g", prec, o->threshold);
+        if (strtod(buf + 10, NULL) == o->threshold) return;
+    }
+}
+
+/* ---- plan --------------------------------------------------------------------------- */
+
+reuse_plan *reuse_plan_new(int n_layer, int n_head_kv, int head_dim, kvc_err *err) {
+    if (n_layer < 2 || n_head_kv < 1 || head_dim < 1) {
+        kvc_fail(err, "reuse plan: needs >= 2 layers, >= 1 KV head and head_dim >= 1 (got %d, %d, %d)", n_layer,
+                 n_head_kv, head_dim);
+        return NULL;
+    }
+    reuse_plan *p = calloc(1, sizeof *p);
+    if (!p) goto oom;
+    p->n_layer = n_layer;
+    p->n_head_kv = n_head_kv;
+    p->head_dim = head_dim;
+    p->n_items = (n_layer - 1) * n_head_kv * 2;
+    p->ridge = NAN;
+    size_t per = (size_t)head_dim * head_dim + head_dim;
+    p->items = kvc_calloc_array((size_t)p->n_items, sizeof *p->items);
+    p->maps = kvc_calloc_array((size_t)p->n_items, per * sizeof(float));
+    p->stored = malloc((size_t)n_layer);
+    if (!p->items || !p->maps || !p->stored) goto oom;
+    memset(p->stored, -1, (size_t)n_layer);
+    for (int i = 0; i < p->n_items; i++) {
+        reuse_item *it = &p->items[i];
+        it->layer = 1 + i / (2 * n_head_kv);
+        it->head = (i / 2) % n_head_kv;
+        it->kind = i % 2 ? KV_V : KV_K;
+        it->cos_identity = it->err_identity = it->err_linear = NAN;
+        it->chosen = REUSE_NONE;
+        it->w = p->maps + (size_t)i * per;
+        it->b = it->w + (size_t)head_dim * head_dim;
+    }
+    return p;
+oom:
+    reuse_plan_free(p);
+    kvc_fail(err, "reuse plan: out of memory (%d layers, %d KV heads, head_dim %d)", n_layer, n_head_kv, head_dim);
+    return NULL;
+}
+
+void reuse_plan_free(reuse_plan *p) {
+    if (!p) return;
+    free(p->items);
+    free(p->maps);
+    free(p->stored);
+    free(p);
+}
+
+reuse_item *reuse_plan_item(reuse_plan *p, int layer, int head, int kind) {
+    if (layer < 1 || layer >= p->n_layer || head < 0 || head >= p->n_head_kv || (kind != KV_K && kind != KV_V))
+        return NULL;
+    return &p->items[((size_t)(layer - 1) * p->n_head_kv + head) * 2 + (kind == KV_V)];
+}
+
+int reuse_plan_count(const reuse_plan *p, int *n_analysed, int *n_identity, int *n_linear) {
+    int a = 0, id = 0, lin = 0;
+    for (int i = 0; i < p->n_items; i++) {
+        a += p->items[i].analysed != 0;
+        id += p->items[i].chosen == REUSE_IDENTITY;
+        lin += p->items[i].chosen == REUSE_LINEAR;
+    }
+    if (n_identity) *n_identity = id;
+    if (n_linear) *n_linear = lin;
+    if (n_analysed) *n_analysed = a;
+    return a;
+}
+
+/* The smaller of an item's two validation errors (NaN counts as +inf). */
+static double item_best(const reuse_item *it) {
+    double l = isnan(it->err_linear) ? INFINITY : it->err_linear;
+    double i = isnan(it->err_identity) ? INFINITY : it->err_identity;
+    return i <= l ? i : l;
+}
+
+/* Identity when it is as good as the map (it needs no map), else linear. */
+static reuse_choice item_kind(const reuse_item *it) {
+    return !isnan(it->err_identity) && !(it->err_identity > it->err_linear) ? REUSE_IDENTITY : REUSE_LINEAR;
+}
+
+/* A candidate for heads=N: its best error and item index. */
+typedef struct {
+    double best;
+    int idx;
+} ranked;
+
+/* qsort order for heads=N: best error ascending, then item index (layer, head, K before V). */
+static int cmp_ranked(const void *pa, const void *pb) {
+    const ranked *a = pa, *b = pb;
+    if (a->best != b->best) return a->best < b->best ? -1 : 1;
+    return (a->idx > b->idx) - (a->idx < b->idx);
+}
+
+int reuse_plan_choose(reuse_plan *p, const reuse_option *o, kvc_err *err) {
+    int n_an = reuse_plan_count(p, NULL, NULL, NULL);
+    if (o->mode == REUSE_BY_HEADS && o->heads > n_an)
+        return kvc_fail(err, "reuse option heads=%d: only %d items (layer, KV head, K|V) were analysed", o->heads,
+                        n_an);
+    if (o->mode == REUSE_BY_THRESHOLD && !(o->threshold > 0 && isfinite(o->threshold)))
+        return kvc_fail(err, "reuse option threshold=%g: the threshold must be a finite number > 0", o->threshold);
+    for (int i = 0; i < p->n_items; i++) p->items[i].chosen = REUSE_NONE;
+    if (o->mode == REUSE_BY_THRESHOLD) {
+        for (int i = 0; i < p->n_items; i++) {
+            reuse_item *it = &p->items[i];
+            if (it->analysed && item_best(it) <= o->threshold) it->chosen = item_kind(it);
+        }
+    } else if (o->heads > 0) {
+        ranked *r = kvc_malloc_array((size_t)n_an, sizeof *r);
+        int m = 0;
+        if (!r) return kvc_fail(err, "reuse plan: out of memory");
+        for (int i = 0; i < p->n_items; i++)
+            if (p->items[i].analysed) r[m++] = (ranked){item_best(&p->items[i]), i};
+        qsort(r, (size_t)m, sizeof *r, cmp_ranked);
+        for (int k = 0; k < o->heads; k++) p->items[r[k].idx].chosen = item_kind(&p->items[r[k].idx]);
+        free(r);
+    }
+    p->option = *o;
+    p->chosen_set = 1;
+    return 0;
+}
+
+/* Formats an error into a 6-character cell. */
+static void format_err(double e, char *buf, size_t size) {
+    if (isnan(e)) snprintf(buf, size, "%6s", "nan");
+    else if (e < 9.9995) snprintf(buf, size, "%6.3f", e);
+    else if (e < 999.95) snprintf(buf, size, "%6.1f", e);
+    else snprintf(buf, size, "%6s", ">999");
+}
+
+/* Writes line without its trailing spaces, then a newline. */
+static void put_trimmed(FILE *fp, char *line) {
+    size_t n = strlen(line);
+    while (n > 0 && line[n - 1] == ' ') line[--n] = '\0';
+    fprintf(fp, "%s\n", line);
+}
+
+void reuse_plan_print(const reuse_plan *p, FILE *fp) {
+    const int hk = p->n_head_kv;
+    size_t cap = 16 + (size_t)hk * 40;
+    char *line = malloc(cap);
+    if (!line) {
+        fprintf(fp, "reuse table: out of memory\n");
+        return;
+    }
+    fprintf(fp, "cross-layer reuse: x_l from x_{l-1} (same KV head), relative error on\n"
+                "validation rows ||x_l - x_l_hat||_F / ||x_l||_F, best of linear map and identity\n");
+    size_t at = (size_t)snprintf(line, cap, "layer");
+    for (int h = 0; h < hk; h++) { /* columns line up with the cells below */
+        char k[16], v[16];
+        snprintf(k, sizeof k, "h%d.K", h);
+        snprintf(v, sizeof v, "h%d.V", h);
+        at += (size_t)snprintf(line + at, cap - at, "  %6s  %6s ", k, v);
+    }
+    put_trimmed(fp, line);
+    for (int l = 1; l < p->n_layer; l++) {
+        const reuse_item *row = &p->items[(size_t)(l - 1) * hk * 2];
+        int any = 0;
+        for (int i = 0; i < hk * 2; i++) any |= row[i].analysed;
+        if (!any) {
+            if (p->stored[l - 1] == 0) fprintf(fp, "%5d  not analysed: layer %d not stored\n", l, l - 1);
+            else if (p->stored[l] == 0) fprintf(fp, "%5d  not analysed: layer %d not stored\n", l, l);
+            else fprintf(fp, "%5d  not analysed\n", l);
+            continue;
+        }
+        at = (size_t)snprintf(line, cap, "%5d", l);
+        for (int i = 0; i < hk * 2; i++) {
+            char cell[16] = "     -";
+            if (row[i].analysed) format_err(item_best(&row[i]), cell, sizeof cell);
+            char mark = row[i].chosen == REUSE_LINEAR ? 'L' : row[i].chosen == REUSE_IDENTITY ? 'I' : ' ';
+            at += (size_t)snprintf(line + at, cap - at, "%s%s%c", i % 2 ? " " : "  ", cell, mark);
+        }
+        put_trimmed(fp, line);
+    }
+    free(line);
+    int n_an, n_id, n_lin;
+    reuse_plan_count(p, &n_an, &n_id, &n_lin);
+    fprintf(fp, "L: reuse via W x_{l-1} + b; I: reuse layer l-1 as is; no mark: not reused\n");
+    if (p->chosen_set) {
+        char opt[64];
+        reuse_option_format(&p->option, opt, sizeof opt);
+        fprintf(fp, "%s: %d linear + %d identity reused, of %d analysed (%d items in all)\n", opt, n_lin, n_id,
+                n_an, p->n_items);
+    } else {
+        fprintf(fp, "nothing chosen yet: %d of %d items analysed\n", n_an, p->n_items);
+    }
+}
+
+int reuse_item_predict(const reuse_plan *p, const reuse_item *it, const float *src, int64_t ld_src, float *dst,
+                       int64_t ld_dst, int64_t n) {
+    const int d = p->head_dim;
+    if (it->chosen == REUSE_LINEAR) {
+        reuse_apply(d, it->w, it->b, src, ld_src, dst, ld_dst, n);
+        return 0;
+    }
+    if (it->chosen == REUSE_IDENTITY) {
+        for (int64_t r = 0; r < n; r++) memcpy(dst + r * ld_dst, src + r * ld_src, (size_t)d * sizeof(float));
+        return 0;
+    }
+    return -1;
+}
+
+/* ---- analysing a dataset ------------------------------------------------------------ */
+
+struct reuse_analysis {
+    reuse_plan *p;
+    int n_stored;
+    int n_pairs;
+    int *pair_src, *pair_dst; /* (n_pairs) stored indices j of layer l-1 and l */
+    int *pair_layer;          /* (n_pairs) model layer l */
+    reuse_fit **fits;         /* (n_pairs, Hk, 2) */
+    reuse_eval *evals;        /* (n_pairs, Hk, 2) */
+    double *scratch;          /* fit_scratch_len(D) */
+    int solved;
+};
+
+void reuse_analysis_free(reuse_analysis *a) {
+    if (!a) return;
+    if (a->fits)
+        for (int i = 0; i < a->n_pairs * a->p->n_head_kv * 2; i++) reuse_fit_free(a->fits[i]);
+    free(a->fits);
+    free(a->evals);
+    free(a->pair_src);
+    free(a->pair_dst);
+    free(a->pair_layer);
+    free(a->scratch);
+    free(a);
+}
+
+reuse_analysis *reuse_analysis_new(reuse_plan *p, const int *layers, int n_stored, kvc_err *err) {
+    if (n_stored < 1) { kvc_fail(err, "reuse analysis: no stored layers"); return NULL; }
+    for (int j = 0; j < n_stored; j++) {
+        if (layers[j] < 0 || layers[j] >= p->n_layer) {
+            kvc_fail(err, "reuse analysis: stored layer %d is outside the model's %d layers", layers[j], p->n_layer);
+            return NULL;
+        }
+        if (j > 0 && layers[j] <= layers[j - 1]) {
+            kvc_fail(err, "reuse analysis: stored layers are not ascending (%d after %d)", layers[j], layers[j - 1]);
+            return NULL;
+        }
+    }
+    reuse_analysis *a = calloc(1, sizeof *a);
+    if (!a) goto oom;
+    a->p = p;
+    a->n_stored = n_stored;
+    a->pair_src = kvc_malloc_array((size_t)n_stored, sizeof(int));
+    a->pair_dst = kvc_malloc_array((size_t)n_stored, sizeof(int));
+    a->pair_layer = kvc_malloc_array((size_t)n_stored, sizeof(int));
+    if (!a->pair_src || !a->pair_dst || !a->pair_layer) goto oom;
+    for (int j = 1; j < n_stored; j++)
+        if (layers[j] - 1 == layers[j - 1]) {
+            a->pair_src[a->n_pairs] = j - 1;
+            a->pair_layer[a->n_pairs] = layers[j];
+            a->pair_dst[a->n_pairs++] = j;
+        }
+    if (a->n_pairs == 0) {
+        reuse_analysis_free(a);
+        kvc_fail(err, "reuse analysis: no two consecutive model layers are stored (%d stored layers); "
+                      "capture layers l-1 and l to measure reuse of layer l", n_stored);
+        return NULL;
+    }
+    int n_fit = a->n_pairs * p->n_head_kv * 2;
+    a->fits = kvc_calloc_array((size_t)n_fit, sizeof *a->fits);
+    a->evals = kvc_calloc_array((size_t)n_fit, sizeof *a->evals);
+    a->scratch = kvc_malloc_array(fit_scratch_len(p->head_dim), sizeof(double));
+    if (!a->fits || !a->evals || !a->scratch) goto oom;
+    for (int i = 0; i < n_fit; i++)
+        if (!(a->fits[i] = fit_alloc(p->head_dim, 0))) goto oom;
+    memset(p->stored, 0, (size_t)p->n_layer);
+    for (int j = 0; j < n_stored; j++) p->stored[layers[j]] = 1;
+    for (int i = 0; i < p->n_items; i++) {
+        reuse_item *it = &p->items[i];
+        it->analysed = 0;
+        it->n_train = it->n_val = 0;
+        it->cos_identity = it->err_identity = it->err_linear = NAN;
+        it->chosen = REUSE_NONE;
+    }
+    p->chosen_set = 0;
+    return a;
+oom:
+    reuse_analysis_free(a);
+    kvc_fail(err, "reuse analysis: out of memory");
+    return NULL;
+}
+
+int reuse_analysis_pairs(const reuse_analysis *a) { return a->n_pairs; }
+
+void reuse_analysis_want(const reuse_analysis *a, unsigned char *want) {
+    memset(want, 0, (size_t)a->n_stored * 3);
+    for (int q = 0; q < a->n_pairs; q++)
+        for (int kind = KV_K; kind <= KV_V; kind++) {
+            want[a->pair_src[q] * 3 + kind] = 1;
+            want[a->pair_dst[q] * 3 + kind] = 1;
+        }
+}
+
+/* Checks that a batch holds every K and V the pairs need. */
+static int check_batch(const reuse_analysis *a, const float *const *x, kvc_err *err) {
+    for (int q = 0; q < a->n_pairs; q++)
+        for (int kind = KV_K; kind <= KV_V; kind++) {
+            int js = a->pair_src[q], jd = a->pair_dst[q];
+            if (!x[js * 3 + kind] || !x[jd * 3 + kind])
+                return kvc_fail(err, "reuse analysis: the batch lacks %s of stored layer %d (request it with "
+                                     "reuse_analysis_want)", kind == KV_K ? "K" : "V",
+                                !x[js * 3 + kind] ? js : jd);
+        }
+    return 0;
+}
+
+int reuse_analysis_add_train(reuse_analysis *a, const float *const *x, int n, kvc_err *err) {
+    if (a->solved) return kvc_fail(err, "reuse analysis: training rows added after the maps were solved");
+    if (check_batch(a, x, err)) return -1;
+    const int hk = a->p->n_head_kv, d = a->p->head_dim;
+    for (int q = 0; q < a->n_pairs; q++)
+        for (int h = 0; h < hk; h++)
+            for (int kind = KV_K; kind <= KV_V; kind++) {
+                const float *src = x[a->pair_src[q] * 3 + kind] + (size_t)h * d;
+                const float *dst = x[a->pair_dst[q] * 3 + kind] + (size_t)h * d;
+                fit_accumulate(a->fits[(q * hk + h) * 2 + (kind == KV_V)], src, (int64_t)hk * d, dst,
+                               (int64_t)hk * d, n, a->scratch);
+            }
+    return 0;
+}
+
+/* The plan item of fit/eval slot i = (q*Hk + h)*2 + kind. */
+static reuse_item *slot_item(const reuse_analysis *a, int i) {
+    int hk = a->p->n_head_kv, q = i / (hk * 2);
+    return reuse_plan_item(a->p, a->pair_layer[q], (i / 2) % hk, i % 2 ? KV_V : KV_K);
+}
+
+int reuse_analysis_solve(reuse_analysis *a, double ridge, kvc_err *err) {
+    const int n_fit = a->n_pairs * a->p->n_head_kv * 2;
+    for (int i = 0; i < n_fit; i++) {
+        reuse_item *it = slot_item(a, i);
+        if (reuse_fit_solve(a->fits[i], ridge, it->w, it->b, err) != 0) {
+            char why[sizeof err->msg];
+            snprintf(why, sizeof why, "%s", err ? err->msg : "");
+            return kvc_fail(err, "layer %d head %d %s: %s", it->layer, it->head, it->kind == KV_K ? "K" : "V", why);
+        }
+        it->n_train = reuse_fit_rows(a->fits[i]);
+    }
+    a->p->ridge = ridge;
+    a->solved = 1;
+    return 0;
+}
+
+int reuse_analysis_add_val(reuse_analysis *a, const float *const *x, int n, kvc_err *err) {
+    if (!a->solved) return kvc_fail(err, "reuse analysis: validation rows added before the maps were solved");
+    if (check_batch(a, x, err)) return -1;
+    const int hk = a->p->n_head_kv, d = a->p->head_dim, n_fit = a->n_pairs * hk * 2;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int i = 0; i < n_fit; i++) {
+        int q = i / (hk * 2), h = (i / 2) % hk, kind = i % 2 ? KV_V : KV_K;
+        const reuse_item *it = slot_item(a, i);
+        const float *src = x[a->pair_src[q] * 3 + kind] + (size_t)h * d;
+        const float *dst = x[a->pair_dst[q] * 3 + kind] + (size_t)h * d;
+        reuse_eval_add(&a->evals[i], d, src, (int64_t)hk * d, dst, (int64_t)hk * d, n, it->w, it->b);
+    }
+    return 0;
+}
+
+int reuse_analysis_finish(reuse_analysis *a, kvc_err *err) {
+    if (!a->solved) return kvc_fail(err, "reuse analysis: finish called before the maps were solved");
+    const int n_fit = a->n_pairs * a->p->n_head_kv * 2;
+    if (n_fit > 0 && a->evals[0].n == 0) return kvc_fail(err, "reuse analysis: no validation rows were added");
+    for (int i = 0; i < n_fit; i++) {
+        reuse_item *it = slot_item(a, i);
+        reuse_eval_result(&a->evals[i], &it->cos_identity, &it->err_identity, &it->err_linear);
+        it->n_val = a->evals[i].n;
+        it->analysed = 1;
+    }
+    return 0;
+}
