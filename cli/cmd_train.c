@@ -3,6 +3,7 @@
 #include "cli.h"
 
 #include "kvc/ops.h"
+#include "kvc/reuse.h"
 #include "kvc/trainer.h"
 
 #include <stdio.h>
@@ -42,6 +43,7 @@ int cmd_train(int argc, char **argv) {
         {"resume", ARG_FLAG, &o.resume, NULL, "continue an interrupted run from the trainer state in --out", 0},
         {"stop-after-epoch", ARG_INT, &o.stop_after_epoch, "N", "stop as if interrupted after epoch N (testing resume)", 0},
         {"quiet", ARG_FLAG, &quiet, NULL, "do not print the per-layer tables", 0},
+        {"no-state", ARG_FLAG, &o.no_state, NULL, "leave the trainer state out of the final checkpoint (smaller; cannot resume)", 0},
         ARG_THREADS(&threads, "all cores"),
         {0},
     };
@@ -71,6 +73,9 @@ int cmd_train(int argc, char **argv) {
     o.loss_attn = !strcmp(loss, "attn");
     if (!(val_frac > 0 && val_frac < 1)) return cli_error("train", "--val-frac must be in (0, 1)"), 2;
     if (o.patience < 1 || threads < 1) return cli_error("train", "--patience and --threads must be >= 1"), 2;
+    kvc_err perr = {{0}};
+    reuse_option ro;
+    if (o.reuse && reuse_option_parse(o.reuse, &ro, &perr)) return cli_error("train", "--reuse: %s", perr.msg), 2;
     /* the data list */
     char *list = strdup(data);
     const char *paths[64];

@@ -53,8 +53,8 @@ static void write_file(const char *path, const void *data, size_t n) {
 }
 
 Test(cli, help_and_usage_errors) {
-    const char *cmds[] = {"inspect", "tokenize", "ppl", "generate", "bench"};
-    for (size_t i = 0; i < 5; i++) {
+    const char *cmds[] = {"inspect", "tokenize", "ppl", "generate", "bench", "capture", "train"};
+    for (size_t i = 0; i < 7; i++) {
         char a[64];
         snprintf(a, sizeof a, "%s --help", cmds[i]);
         run_result r = run(a);
@@ -69,6 +69,12 @@ Test(cli, help_and_usage_errors) {
     expect_error("ppl --ctx", "needs a value");
     expect_error("ppl --ctx abc", "invalid value");
     expect_error("generate", "missing --prompt");
+    expect_error("train --data x.h5 --out c.h5", "missing --latent");
+    expect_error("train --data x.h5 --out c.h5 --latent 8 --act swish", "unknown --act 'swish'");
+    expect_error("train --data x.h5 --out c.h5 --latent 8 --share token", "--share must be layer or head");
+    expect_error("train --data /nonexistent/kv.h5 --out /tmp/c.h5 --latent 8", "/nonexistent/kv.h5");
+    expect_error("train --data x.h5 --out c.h5 --latent 8 --reuse heads=-1", "heads");
+    expect_error("capture --tokens 10", "missing --out");
 }
 
 Test(cli, missing_model) {

@@ -501,7 +501,7 @@ int train_codec(const kvc_train_opts *o, kvc_err *err) {
         if (analyse_reuse(s, err)) goto done;
         if (!o->quiet) reuse_plan_print(s->codec->reuse, stdout);
     }
-    if (codec_save(o->out, s->codec, s->models, &st, err)) goto done;
+    if (codec_save(o->out, s->codec, o->no_state ? NULL : s->models, o->no_state ? NULL : &st, err)) goto done;
     if (!o->quiet) print_table(s);
     rc = 0;
 done:

@@ -33,6 +33,7 @@ typedef struct {
     int progress;             /* progress bar on stderr */
     int stop_after_epoch;     /* testing: behave as if interrupted after this epoch (0: off) */
     int quiet;                /* no per-layer table on stdout */
+    int no_state;             /* leave the trainer state out of the final checkpoint (smaller; no resume) */
 } kvc_train_opts;
 
 void train_opts_defaults(kvc_train_opts *o);
