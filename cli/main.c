@@ -4,6 +4,8 @@
 
 #include "kvc/ops.h"
 
+#include <hdf5.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +47,10 @@ static void retune_blas(char **argv) {
 
 int main(int argc, char **argv) {
     retune_blas(argv);
+    /* before any HDF5 use: no exit-time cleanup (HDF5 1.10 crashes in it after a failed
+     * close on a full disk; every file is closed explicitly), no stack dumps on errors */
+    H5dont_atexit();
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     if (argc < 2) {
         usage(stderr);
         return 2;

@@ -16,7 +16,8 @@
         }                                                                                        \
     } while (0)
 
-/* Silences HDF5's own stack printing (we report one line ourselves). */
+/* Silences HDF5's own stack printing (we report one line ourselves) and turns off its
+ * exit-time cleanup (see h5util.c). Call before any other HDF5 function. */
 void h5_quiet(void);
 /* A new IEEE binary16 little-endian float type (close with H5Tclose). */
 hid_t h5_f16_type(void);

@@ -149,4 +149,12 @@ Test(capture, bad_options_leave_no_file, .timeout = 120) {
     snprintf(cmd, sizeof cmd, "'%s' capture --model '%s' --dtype bf16 --out /tmp/kvc_bad.h5 2>&1", KVC_BINARY, model);
     cr_expect_eq(sh(cmd, out, sizeof out), 2);
     cr_expect(access("/tmp/kvc_bad.h5", F_OK) != 0 && access("/tmp/kvc_bad.h5.tmp", F_OK) != 0);
+    /* a full disk mid-capture (a 2 MiB file-size limit): one-line error, exit 1, no file */
+    snprintf(cmd, sizeof cmd, "trap '' XFSZ; ulimit -f 2048; '%s' capture --model '%s' --tokens 2048 --layers 0 --threads 2"
+             " --out /tmp/kvc_full.%d.h5 2>&1", KVC_BINARY, model, getpid());
+    cr_expect_eq(sh(cmd, out, sizeof out), 1, "%s", out);
+    cr_expect(strstr(out, "disk full") != NULL, "%s", out);
+    char p[64];
+    snprintf(p, sizeof p, "/tmp/kvc_full.%d.h5", getpid());
+    cr_expect(access(p, F_OK) != 0);
 }

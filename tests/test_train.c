@@ -213,11 +213,13 @@ Test(train, full_disk_during_export_keeps_the_previous_checkpoint, .timeout = 12
     cr_assert_eq(kvc_read_file(out, &before, &nb, &err), 0);
     /* a file-size limit makes every write past 16 KiB fail, as a full disk does */
     signal(SIGXFSZ, SIG_IGN);
-    struct rlimit rl = {16384, 16384};
+    struct rlimit old, rl = {16384, 16384};
+    cr_assert_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
     cr_assert_eq(setrlimit(RLIMIT_FSIZE, &rl), 0);
     o.epochs = 2;
     o.seed = 99;
     int rc = train_codec(&o, &err);
+    setrlimit(RLIMIT_FSIZE, &old); /* Criterion writes its report after the test */
     cr_expect_eq(rc, -1, "export should fail on a full disk");
     cr_expect(strstr(err.msg, "disk full") != NULL || strstr(err.msg, "failed") != NULL, "%s", err.msg);
     char *after;

@@ -47,13 +47,18 @@ struct ae_model {
     int64_t t;                   /* Adam steps taken */
     float gnorm;                 /* global gradient norm of the last backward */
     half_t enc, dec;
-    int cap;                     /* rows the workspace holds */
+    int cap, cap_nt;             /* rows and threads the workspace holds */
     size_t cap_tmp;              /* floats in tmp */
-    float *ws;                   /* workspace block owning the buffers below */
+    int used_nt;                 /* threads the last step ran on */
+    float *ws;                   /* workspace block owning the float buffers below */
+    double *dws;                 /* workspace block owning the double buffers below */
     float *z, *dz;               /* (cap, R) latent and its gradient */
     float *y;                    /* (cap, D) reconstruction, then dL/dy */
     float *dhid;                 /* (cap, H) gradient through a hidden layer */
-    float *tmp;                  /* (max(cap, M), D) loss scratch */
+    float *tmp;                  /* loss scratch: (N, D) key loss, (threads, M, D) value loss */
+    float *gpart;                /* (threads - 1, P) gradient contributions of threads 1.. */
+    double *part, *comb;         /* cross-thread column partials and totals (see ws_reserve) */
+    double *lossacc;             /* (threads, 2) per-thread loss terms */
 };
 
 /* ---- config --------------------------------------------------------------------------- */
@@ -97,7 +102,7 @@ int ae_act_parse(const char *s, ae_act *out) {
 #define GELU_K 0.7978845608028654f /* sqrt(2/pi) */
 #define GELU_C 0.044715f
 #define CB 16          /* columns per block of the elementwise passes (one cache line) */
-#define PAR_MIN 8192   /* elements below which a pass runs on one thread */
+#define ROWS_MIN 128   /* fewest batch rows worth a thread of their own in a training step */
 
 /* GELU (tanh form, as nn.GELU(approximate='tanh')) and its derivative. */
 static inline float gelu_f(float a) { return 0.5f * a * (1.0f + tanhf(GELU_K * (a + GELU_C * a * a * a))); }
@@ -177,7 +182,6 @@ static void act_bwd_block(float *d, const float *xh, size_t ld, int rows, int w,
 
 /* y (rows, cols) = act(y + bias) in place, column block by column block. */
 static void bias_act(float *y, int rows, int cols, const float *bias, ae_act act, float slope) {
-#pragma omp parallel for schedule(static) if ((size_t)rows * cols >= PAR_MIN)
     for (int j0 = 0; j0 < cols; j0 += CB) {
         int w = cols - j0 < CB ? cols - j0 : CB;
         float s[CB], one[CB], zero[CB];
@@ -188,7 +192,6 @@ static void bias_act(float *y, int rows, int cols, const float *bias, ae_act act
 
 /* out[j] = sum over rows of d (rows, cols) column j, accumulated in double. */
 static void col_sums(const float *d, int rows, int cols, float *out) {
-#pragma omp parallel for schedule(static) if ((size_t)rows * cols >= PAR_MIN)
     for (int j0 = 0; j0 < cols; j0 += CB) {
         int w = cols - j0 < CB ? cols - j0 : CB;
         double acc[CB] = {0};
@@ -307,6 +310,7 @@ void ae_free(ae_model *m) {
     free(m->state);
     free(m->enc.mean);
     free(m->ws);
+    free(m->dws);
     free(m);
 }
 
@@ -341,43 +345,27 @@ void ae_set_adam_steps(ae_model *m, int64_t t) { m->t = t < 0 ? 0 : t; }
 
 /* ---- GEMM wrappers (row-major, Linear weights W (out, in)) ---------------------------- */
 
-/* C (M, N) = alpha op(A) op(B) + beta C with the M rows of C split over the OpenMP threads,
- * each calling sgemm on its slice (single-threaded inside a training step, see blas_enter).
- * Results may differ in the last bits with the thread count (OpenBLAS picks kernels by size). */
-static void gemm_rows(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int M, int N, int K, float alpha, const float *A,
-                      int lda, const float *B, int ldb, float beta, float *C, int ldc) {
-#pragma omp parallel if ((size_t)M * N * K >= 64 * (size_t)PAR_MIN && M >= 16)
-    {
-        int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        int per = ((M + nt - 1) / nt + 7) & ~7, r0 = t * per, r1 = r0 + per < M ? r0 + per : M;
-        if (r0 < r1)
-            cblas_sgemm(CblasRowMajor, ta, tb, r1 - r0, N, K, alpha, ta == CblasNoTrans ? A + (size_t)r0 * lda : A + r0,
-                        lda, B, ldb, beta, C + (size_t)r0 * ldc, ldc);
-    }
-}
-
 /* y (n, out) = x (n, in) W^T. */
 static void gemm_fwd(const float *x, int n, int in, const float *w, int out, float *y) {
-    gemm_rows(CblasNoTrans, CblasTrans, n, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
 }
 
 /* dW (out, in) = dy^T (out, n) x (n, in). */
 static void gemm_dw(const float *dy, int n, int out, const float *x, int in, float *dw) {
-    gemm_rows(CblasTrans, CblasNoTrans, out, in, n, 1.0f, dy, out, x, in, 0.0f, dw, in);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0f, dy, out, x, in, 0.0f, dw, in);
 }
 
 /* dx (n, in) = dy (n, out) W (out, in). */
 static void gemm_dx(const float *dy, int n, int out, const float *w, int in, float *dx) {
-    gemm_rows(CblasNoTrans, CblasNoTrans, n, in, out, 1.0f, dy, out, w, in, 0.0f, dx, in);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, out, 1.0f, dy, out, w, in, 0.0f, dx, in);
 }
 
-/* A training step threads over OpenMP and runs OpenBLAS single-threaded inside: OpenBLAS's
- * own pool would compete with the OpenMP threads for the same cores, and its GEMMs are too
- * small here to split well. Returns the OpenBLAS thread count to restore, or 0 for none to
- * restore (one OpenMP thread, or already inside a parallel region: then nothing changes). */
-static int blas_enter(void) {
-    if (omp_in_parallel() || omp_get_max_threads() < 2) return 0;
-    int t = openblas_get_num_threads();
+/* A multi-threaded training step splits the batch rows over OpenMP threads, each calling
+ * single-threaded OpenBLAS on its slice: OpenBLAS's own pool would compete with them for the
+ * cores, and these GEMMs are too small to split well inside. Returns the OpenBLAS thread count
+ * to restore afterwards, or 0 when nothing was changed. */
+static int blas_enter(int nt) {
+    int t = nt > 1 ? openblas_get_num_threads() : 1;
     if (t == 1) return 0;
     openblas_set_num_threads(1);
     return t;
@@ -388,21 +376,36 @@ static void blas_leave(int t) {
 }
 
 /* ---- training forward / backward ------------------------------------------------------ */
+/* One OpenMP region per step. Thread t owns batch rows [r0, r1) of every (n, .) buffer and
+ * writes its gradient contributions to its own (P) buffer (thread 0: m->grad); they are summed
+ * at the end. Cross-row quantities (BatchNorm statistics and their backward sums, the value
+ * loss's A e) are reduced through per-thread partials after a barrier; each thread then sums
+ * the partials in the same order, so all threads see identical totals. */
 
-/* Makes the workspace hold n rows and a loss scratch of `tmp` floats; -1 on no memory. */
-static int ws_reserve(ae_model *m, int n, size_t tmp) {
-    if (n <= m->cap && tmp <= m->cap_tmp) return 0;
-    int cap = n > m->cap ? n : m->cap;
-    if (tmp < m->cap_tmp) tmp = m->cap_tmp;
+typedef struct {
+    int t, nt, r0, r1, n;
+    float *g;    /* (P) this thread's gradient contributions */
+    int red;     /* reductions done so far (selects the partials' double buffer) */
+} slice_t;
+
+/* Makes the workspace hold n rows, nt threads and a loss scratch of tmp floats; -1 on no memory. */
+static int ws_reserve(ae_model *m, int n, int nt, size_t tmp) {
     size_t D = (size_t)m->cfg.in_dim, H = (size_t)m->cfg.hidden, R = (size_t)m->cfg.latent;
-    size_t per_row = 2 * R + D + 5 * H, total = per_row * (size_t)cap + tmp;
-    float *ws = kvc_malloc_array(total, sizeof(float));
-    if (!ws) return -1;
-    free(m->ws);
-    m->ws = ws;
-    m->cap = cap;
-    m->cap_tmp = tmp;
-    size_t c = (size_t)cap;
+    size_t w2 = 2 * (H > D ? H : D);
+    if (n <= m->cap && nt <= m->cap_nt && tmp <= m->cap_tmp) return 0;
+    int cap = n > m->cap ? n : m->cap, cnt = nt > m->cap_nt ? nt : m->cap_nt;
+    if (tmp < m->cap_tmp) tmp = m->cap_tmp;
+    size_t c = (size_t)cap, floats = (2 * R + D + 5 * H) * c + tmp + (size_t)(cnt - 1) * m->n_par;
+    size_t doubles = 3 * (size_t)cnt * w2 + 2 * (size_t)cnt;
+    double *dws = kvc_malloc_array(doubles, sizeof(double));
+    float *ws = kvc_malloc_array(floats, sizeof(float));
+    if (!ws || !dws) {
+        free(ws), free(dws);
+        return -1;
+    }
+    free(m->ws), free(m->dws);
+    m->ws = ws, m->dws = dws;
+    m->cap = cap, m->cap_nt = cnt, m->cap_tmp = tmp;
     float *p = ws;
     m->z = p, p += c * R;
     m->dz = p, p += c * R;
@@ -412,196 +415,272 @@ static int ws_reserve(ae_model *m, int n, size_t tmp) {
     m->enc.u = p, p += c * H;
     m->dec.pre = p, p += c * H;
     m->dec.u = p, p += c * H;
-    m->tmp = p;
+    m->tmp = p, p += tmp;
+    m->gpart = p;
+    m->part = dws;                         /* [2][nt][w2] double-buffered partials */
+    m->comb = dws + 2 * (size_t)cnt * w2;  /* [nt][w2] each thread's totals */
+    m->lossacc = m->comb + (size_t)cnt * w2; /* [nt][2] sse and attention term */
     return 0;
 }
 
-/* Hidden block of a half in training mode. On entry hf->pre (n, hid) holds x W0^T (no bias);
- * on exit it holds xhat (BN) or the pre-activation, and hf->u the activation. With BN the
- * batch statistics go to hf->mean/rstd and the running statistics are updated. */
-static void hidden_fwd_train(ae_model *m, half_t *hf, int n) {
+/* This thread's slot for its partial of the next reduction (up to 2 max(H, D) doubles).
+ * Consecutive reductions alternate between two sets of slots, so a thread that runs ahead
+ * cannot overwrite partials another thread is still summing. */
+static double *part_slot(ae_model *m, const slice_t *s) {
+    size_t w2 = 2 * (size_t)(m->cfg.hidden > m->cfg.in_dim ? m->cfg.hidden : m->cfg.in_dim);
+    return m->part + ((size_t)(s->red & 1) * s->nt + s->t) * w2;
+}
+
+/* Barrier, then this thread's totals of the w partials written through part_slot. */
+static double *part_reduce(ae_model *m, slice_t *s, int w) {
+    size_t w2 = 2 * (size_t)(m->cfg.hidden > m->cfg.in_dim ? m->cfg.hidden : m->cfg.in_dim);
+    const double *base = m->part + (size_t)(s->red & 1) * s->nt * w2;
+    double *tot = m->comb + (size_t)s->t * w2;
+    s->red++;
+#pragma omp barrier
+    for (int j = 0; j < w; j++) tot[j] = 0;
+    for (int k = 0; k < s->nt; k++)
+        for (int j = 0; j < w; j++) tot[j] += base[(size_t)k * w2 + j];
+    return tot;
+}
+
+/* Hidden block of a half in training mode on this thread's rows. On entry hf->pre holds
+ * x W0^T (no bias); on exit xhat (BN) or the pre-activation, and hf->u the activation. With
+ * BN, thread 0 records the batch statistics and updates the running statistics. */
+static void hidden_fwd_train(ae_model *m, half_t *hf, slice_t *s) {
     const ae_config *c = &m->cfg;
-    int H = hf->hid, bn = c->norm == AE_NORM_BATCH;
+    int H = hf->hid, bn = c->norm == AE_NORM_BATCH, rows = s->r1 - s->r0, n = s->n;
     const float *p = m->par;
+    float *pre = hf->pre + (size_t)s->r0 * H, *u = hf->u + (size_t)s->r0 * H;
+    const double *tot = NULL;
+    if (bn) { /* column sums and sums of squares of x W0^T over the whole batch */
+        double *part = part_slot(m, s);
+        for (int j = 0; j < 2 * H; j++) part[j] = 0;
+        for (int i = 0; i < rows; i++)
+            for (int j = 0; j < H; j++) {
+                float h = pre[(size_t)i * H + j];
+                part[j] += h, part[H + j] += (double)h * h;
+            }
+        tot = part_reduce(m, s, 2 * H);
+    }
     float mom = c->bn_momentum;
-#pragma omp parallel for schedule(static) if ((size_t)n * H >= PAR_MIN)
     for (int j0 = 0; j0 < H; j0 += CB) {
         int w = H - j0 < CB ? H - j0 : CB;
-        float s[CB], k[CB], g[CB], b[CB];
-        if (!bn) {
-            for (int j = 0; j < w; j++) s[j] = -p[hf->b0 + j0 + j], k[j] = g[j] = 1.0f, b[j] = 0.0f;
-        } else {
-            /* Batch statistics of x W0^T. The bias only shifts the mean, so it enters the
-             * running mean but cancels from the normalised output. */
-            double s1[CB] = {0}, s2[CB] = {0};
-            for (int i = 0; i < n; i++) {
-                const float *h = hf->pre + (size_t)i * H + j0;
-                for (int j = 0; j < w; j++) s1[j] += h[j], s2[j] += (double)h[j] * h[j];
+        float sh[CB], k[CB], g[CB], b[CB];
+        for (int j = 0; j < w; j++) {
+            if (!bn) {
+                sh[j] = -p[hf->b0 + j0 + j], k[j] = g[j] = 1.0f, b[j] = 0.0f;
+                continue;
             }
-            float *rm = m->state + hf->rm + j0, *rv = m->state + hf->rv + j0;
-            for (int j = 0; j < w; j++) {
-                double mean = s1[j] / n, var = s2[j] / n - mean * mean;
-                if (var < 0) var = 0;
-                s[j] = hf->mean[j0 + j] = (float)mean;
-                k[j] = hf->rstd[j0 + j] = (float)(1.0 / sqrt(var + c->bn_eps));
-                g[j] = p[hf->g + j0 + j];
-                b[j] = p[hf->be + j0 + j];
-                rm[j] = (1 - mom) * rm[j] + mom * (float)(mean + p[hf->b0 + j0 + j]);
-                rv[j] = (1 - mom) * rv[j] + mom * (float)(var * n / (n - 1));
+            double mean = tot[j0 + j] / n, var = tot[H + j0 + j] / n - mean * mean;
+            if (var < 0) var = 0;
+            sh[j] = (float)mean;
+            k[j] = (float)(1.0 / sqrt(var + c->bn_eps));
+            g[j] = p[hf->g + j0 + j];
+            b[j] = p[hf->be + j0 + j];
+            if (s->t == 0) {
+                /* The bias only shifts the mean: it enters the running mean but cancels from
+                 * the normalised output. */
+                float *rm = m->state + hf->rm + j0 + j, *rv = m->state + hf->rv + j0 + j;
+                hf->mean[j0 + j] = sh[j], hf->rstd[j0 + j] = k[j];
+                *rm = (1 - mom) * *rm + mom * (float)(mean + p[hf->b0 + j0 + j]);
+                *rv = (1 - mom) * *rv + mom * (float)(var * n / (n - 1));
             }
         }
-        act_fwd_block(hf->pre + j0, hf->u + j0, (size_t)H, n, w, s, k, g, b, c->act, c->leaky_slope);
+        act_fwd_block(pre + j0, u + j0, (size_t)H, rows, w, sh, k, g, b, c->act, c->leaky_slope);
     }
 }
 
-/* Backward through the hidden block: d (n, hid) holds dL/du on entry and dL/d(x W0^T + b0)
- * on exit. Writes the gradients of b0 and of the BatchNorm gamma and beta. With BN the b0
- * gradient is exactly 0 (the batch mean removes any column shift); it is written as 0, not
- * as rounding noise that Adam's normalisation would turn into full-size random steps. */
-static void hidden_bwd(ae_model *m, half_t *hf, float *d, int n) {
+/* Backward through the hidden block on this thread's rows: d holds dL/du on entry and
+ * dL/d(x W0^T + b0) on exit. Writes this thread's share of the gradients of b0 and of the
+ * BatchNorm gamma and beta. With BN the b0 gradient is exactly 0 (the batch mean removes any
+ * column shift); it is written as 0, not as rounding noise that Adam's normalisation would
+ * turn into full-size random steps. */
+static void hidden_bwd(ae_model *m, half_t *hf, float *d, slice_t *s) {
     const ae_config *c = &m->cfg;
-    int H = hf->hid, bn = c->norm == AE_NORM_BATCH;
-    const float *p = m->par;
-    float *gr = m->grad;
-#pragma omp parallel for schedule(static) if ((size_t)n * H >= PAR_MIN)
+    int H = hf->hid, bn = c->norm == AE_NORM_BATCH, rows = s->r1 - s->r0, n = s->n;
+    const float *p = m->par, *xh = hf->pre + (size_t)s->r0 * H;
+    d += (size_t)s->r0 * H;
+    double *part = part_slot(m, s);
+    for (int j = 0; j < 2 * H; j++) part[j] = 0;
     for (int j0 = 0; j0 < H; j0 += CB) {
         int w = H - j0 < CB ? H - j0 : CB;
         float g[CB], b[CB];
-        double s1[CB] = {0}, s2[CB] = {0};
         for (int j = 0; j < w; j++) g[j] = bn ? p[hf->g + j0 + j] : 1.0f, b[j] = bn ? p[hf->be + j0 + j] : 0.0f;
-        act_bwd_block(d + j0, hf->pre + j0, (size_t)H, n, w, g, b, s1, s2, c->act, c->leaky_slope);
-        if (!bn) {
-            for (int j = 0; j < w; j++) gr[hf->b0 + j0 + j] = (float)s1[j];
-            continue;
-        }
-        /* dh = g rstd (d - mean(d) - xhat mean(d xhat)) = a d - k1 - k2 xhat */
+        act_bwd_block(d + j0, xh + j0, (size_t)H, rows, w, g, b, part + j0, part + H + j0, c->act, c->leaky_slope);
+    }
+    if (!bn) {
+        for (int j = 0; j < H; j++) s->g[hf->b0 + j] = (float)part[j];
+        return;
+    }
+    for (int j = 0; j < H; j++) {
+        s->g[hf->be + j] = (float)part[j];
+        s->g[hf->g + j] = (float)part[H + j];
+        s->g[hf->b0 + j] = 0.0f;
+    }
+    const double *tot = part_reduce(m, s, 2 * H);
+    /* dh = g rstd (d - mean(d) - xhat mean(d xhat)) = a d - k1 - k2 xhat */
+    for (int j0 = 0; j0 < H; j0 += CB) {
+        int w = H - j0 < CB ? H - j0 : CB;
         float a[CB], k1[CB], k2[CB];
         for (int j = 0; j < w; j++) {
-            gr[hf->be + j0 + j] = (float)s1[j];
-            gr[hf->g + j0 + j] = (float)s2[j];
-            gr[hf->b0 + j0 + j] = 0.0f;
-            a[j] = g[j] * hf->rstd[j0 + j];
-            k1[j] = a[j] * (float)(s1[j] / n);
-            k2[j] = a[j] * (float)(s2[j] / n);
+            a[j] = p[hf->g + j0 + j] * hf->rstd[j0 + j];
+            k1[j] = a[j] * (float)(tot[j0 + j] / n);
+            k2[j] = a[j] * (float)(tot[H + j0 + j] / n);
         }
-        for (int i = 0; i < n; i++) {
+        for (int i = 0; i < rows; i++) {
             float *di = d + (size_t)i * H + j0;
-            const float *xh = hf->pre + (size_t)i * H + j0;
-            for (int j = 0; j < w; j++) di[j] = a[j] * di[j] - k1[j] - k2[j] * xh[j];
+            const float *xi = xh + (size_t)i * H + j0;
+            for (int j = 0; j < w; j++) di[j] = a[j] * di[j] - k1[j] - k2[j] * xi[j];
         }
     }
 }
 
-/* Forward of one half in training mode from x (n, in) into out (n, out), without the output
- * bias (the caller adds it in its next pass over out). */
-static void half_fwd_train(ae_model *m, half_t *hf, const float *x, int n, float *out) {
+/* Forward of one half on this thread's rows from x (n, in) into out (n, out), without the
+ * output bias (the caller adds it in its next pass over out). */
+static void half_fwd_train(ae_model *m, half_t *hf, const float *x, slice_t *s, float *out) {
     const float *p = m->par;
+    int rows = s->r1 - s->r0;
+    x += (size_t)s->r0 * hf->in;
+    out += (size_t)s->r0 * hf->out;
     if (!hf->hid) {
-        gemm_fwd(x, n, hf->in, p + hf->w0, hf->out, out);
+        gemm_fwd(x, rows, hf->in, p + hf->w0, hf->out, out);
         return;
     }
-    gemm_fwd(x, n, hf->in, p + hf->w0, hf->hid, hf->pre);
-    hidden_fwd_train(m, hf, n);
-    gemm_fwd(hf->u, n, hf->hid, p + hf->w1, hf->out, out);
+    gemm_fwd(x, rows, hf->in, p + hf->w0, hf->hid, hf->pre + (size_t)s->r0 * hf->hid);
+    hidden_fwd_train(m, hf, s);
+    gemm_fwd(hf->u + (size_t)s->r0 * hf->hid, rows, hf->hid, p + hf->w1, hf->out, out);
 }
 
-/* Backward of one half: dout (n, out) is dL/d(output) (its bias gradient already written);
- * fills the weight gradients and, if dx is non-NULL, dL/dx (n, in). */
-static void half_bwd(ae_model *m, half_t *hf, const float *x, const float *dout, int n, float *dx) {
-    float *gr = m->grad;
+/* Backward of one half on this thread's rows: dout (n, out) is dL/d(output) (its bias
+ * gradient already written); adds the weight gradients to the thread's buffer and, if dx is
+ * non-NULL, writes dL/dx (n, in). */
+static void half_bwd(ae_model *m, half_t *hf, const float *x, const float *dout, slice_t *s, float *dx) {
     const float *p = m->par;
-    if (!hf->hid) {
-        gemm_dw(dout, n, hf->out, x, hf->in, gr + hf->w0);
-        if (dx) gemm_dx(dout, n, hf->out, p + hf->w0, hf->in, dx);
+    int rows = s->r1 - s->r0, H = hf->hid;
+    x += (size_t)s->r0 * hf->in;
+    dout += (size_t)s->r0 * hf->out;
+    if (dx) dx += (size_t)s->r0 * hf->in;
+    if (!H) {
+        gemm_dw(dout, rows, hf->out, x, hf->in, s->g + hf->w0);
+        if (dx) gemm_dx(dout, rows, hf->out, p + hf->w0, hf->in, dx);
         return;
     }
-    gemm_dw(dout, n, hf->out, hf->u, hf->hid, gr + hf->w1);
-    gemm_dx(dout, n, hf->out, p + hf->w1, hf->hid, m->dhid);
-    hidden_bwd(m, hf, m->dhid, n);
-    gemm_dw(m->dhid, n, hf->hid, x, hf->in, gr + hf->w0);
-    if (dx) gemm_dx(m->dhid, n, hf->hid, p + hf->w0, hf->in, dx);
+    float *dh = m->dhid + (size_t)s->r0 * H;
+    gemm_dw(dout, rows, hf->out, hf->u + (size_t)s->r0 * H, H, s->g + hf->w1);
+    gemm_dx(dout, rows, hf->out, p + hf->w1, H, dh);
+    hidden_bwd(m, hf, m->dhid, s);
+    gemm_dw(dh, rows, H, x, hf->in, s->g + hf->w0);
+    if (dx) gemm_dx(dh, rows, H, p + hf->w0, hf->in, dx);
 }
 
 /* Output bias of a half (b1, or b0 without hidden layer). */
 static size_t half_out_bias(const half_t *hf) { return hf->hid ? hf->b1 : hf->b0; }
 
-/* Adds the decoder's output bias to y and evaluates the loss; overwrites y (n, D) with
- * dL/dy and writes the output bias gradient. Returns the loss (NaN for NaN data). */
-static double loss_fwd_bwd(ae_model *m, const float *x, int n, const ae_loss *L) {
-    int D = m->cfg.in_dim, kind = L->kind;
+/* Adds the decoder's output bias to this thread's rows of y, evaluates their share of the
+ * loss (into m->lossacc) and overwrites them with dL/dy; writes the output bias gradient. */
+static void loss_fwd_bwd(ae_model *m, const float *x, const ae_loss *L, slice_t *s) {
+    int D = m->cfg.in_dim, kind = L->kind, rows = s->r1 - s->r0, n = s->n;
     const float *bo = m->par + half_out_bias(&m->dec);
-    float *y = m->y, *gbo = m->grad + half_out_bias(&m->dec);
+    float *y = m->y + (size_t)s->r0 * D, *gbo = s->g + half_out_bias(&m->dec);
     double sse = 0, q = 0, nd = (double)n * D;
     float mix = kind == AE_LOSS_MSE ? 1.0f : L->mse_mix, cm = (float)(2.0 * mix / nd), ck = (float)(2.0 / nd);
-    /* y <- e = y + b - x; for MSE directly dy = cm e and its column sums */
-#pragma omp parallel for schedule(static) reduction(+ : sse) if (nd >= PAR_MIN)
-    for (int j0 = 0; j0 < D; j0 += CB) {
-        int w = D - j0 < CB ? D - j0 : CB;
-        double acc[CB] = {0};
-        for (int i = 0; i < n; i++) {
-            float *yi = y + (size_t)i * D + j0;
-            const float *xi = x + (size_t)i * D + j0;
-            for (int j = 0; j < w; j++) {
-                float e = yi[j] + bo[j0 + j] - xi[j];
-                sse += e * e;
-                yi[j] = kind == AE_LOSS_MSE ? cm * e : e;
-                acc[j] += yi[j];
-            }
+    x += (size_t)s->r0 * D;
+    for (int i = 0; i < rows; i++) { /* y <- e = y + b - x, or dy = cm e for MSE */
+        float *yi = y + (size_t)i * D, acc = 0;
+        const float *xi = x + (size_t)i * D;
+        for (int j = 0; j < D; j++) {
+            float e = yi[j] + bo[j] - xi[j];
+            acc += e * e;
+            yi[j] = kind == AE_LOSS_MSE ? cm * e : e;
         }
-        for (int j = 0; j < w; j++) gbo[j0 + j] = (float)acc[j];
+        sse += acc;
     }
     if (kind == AE_LOSS_KEY_ATTN) { /* t = e W; L += sum e.t / (N D); dy = cm e + 2 t / (N D) */
-        float *t = m->tmp;
-        gemm_rows(CblasNoTrans, CblasNoTrans, n, D, D, 1.0f, y, D, L->w, D, 0.0f, t, D);
-#pragma omp parallel for schedule(static) reduction(+ : q) if (nd >= PAR_MIN)
-        for (int i = 0; i < n; i++) {
-            float *yi = y + (size_t)i * D;
+        float *t = m->tmp + (size_t)s->r0 * D;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, D, D, 1.0f, y, D, L->w, D, 0.0f, t, D);
+        for (int i = 0; i < rows; i++) {
+            float *yi = y + (size_t)i * D, acc = 0;
             const float *ti = t + (size_t)i * D;
-            for (int j = 0; j < D; j++) q += yi[j] * ti[j], yi[j] = cm * yi[j] + ck * ti[j];
+            for (int j = 0; j < D; j++) acc += yi[j] * ti[j], yi[j] = cm * yi[j] + ck * ti[j];
+            q += acc;
         }
         q /= nd;
-        col_sums(y, n, D, gbo);
-    } else if (kind == AE_LOSS_VALUE_ATTN) { /* S = A e (M, D); dy = cm e + 2 A^T S / (M D) */
+    } else if (kind == AE_LOSS_VALUE_ATTN) { /* S = A e (M, D) = sum of per-thread parts; dy = cm e + 2 A^T S / (M D) */
         int M = L->m;
-        float *S = m->tmp;
-        gemm_rows(CblasNoTrans, CblasNoTrans, M, D, n, 1.0f, L->a, n, y, D, 0.0f, S, D);
-        for (size_t k = 0; k < (size_t)M * D; k++) q += (double)S[k] * S[k];
+        float *S = m->tmp, *St = S + (size_t)s->t * M * D;
+        const float *At = L->a + s->r0;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, D, rows, 1.0f, At, n, y, D, 0.0f, St, D);
+#pragma omp barrier
+        if (s->t == 0)
+            for (size_t k = 0; k < (size_t)M * D; k++) {
+                float v = 0;
+                for (int u = 0; u < s->nt; u++) v += S[(size_t)u * M * D + k];
+                q += (double)v * v;
+            }
         q /= (double)M * D;
-        for (size_t k = 0; k < (size_t)n * D; k++) y[k] *= cm;
-        gemm_rows(CblasTrans, CblasNoTrans, n, D, M, (float)(2.0 / ((double)M * D)), L->a, n, S, D, 1.0f, y, D);
-        col_sums(y, n, D, gbo);
+        for (size_t k = 0; k < (size_t)rows * D; k++) y[k] *= cm;
+        for (int u = 0; u < s->nt; u++)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, rows, D, M, (float)(2.0 / ((double)M * D)), At, n,
+                        S + (size_t)u * M * D, D, 1.0f, y, D);
     }
-    return isnan(sse) ? NAN : mix * sse / nd + q;
+    col_sums(y, rows, D, gbo);
+    m->lossacc[2 * s->t] = sse;
+    m->lossacc[2 * s->t + 1] = q;
+}
+
+/* One thread's part of a training step (forward, loss, backward) on its rows. */
+static void step_slice(ae_model *m, const float *x, const ae_loss *L, slice_t *s) {
+    int R = m->cfg.latent, rows = s->r1 - s->r0, bn = m->cfg.hidden && m->cfg.norm == AE_NORM_BATCH;
+    half_fwd_train(m, &m->enc, x, s, m->z);
+    bias_act(m->z + (size_t)s->r0 * R, rows, R, m->par + half_out_bias(&m->enc), AE_ACT_NONE, 0);
+    half_fwd_train(m, &m->dec, m->z, s, m->y);
+    loss_fwd_bwd(m, x, L, s);
+
+    half_bwd(m, &m->dec, m->z, m->y, s, m->dz);
+    /* The latent bias shifts every column of the decoder's BatchNorm input alike, so with
+     * BatchNorm its gradient is exactly 0 (see hidden_bwd). */
+    float *gb = s->g + half_out_bias(&m->enc);
+    if (bn) memset(gb, 0, (size_t)R * sizeof *gb);
+    else col_sums(m->dz + (size_t)s->r0 * R, rows, R, gb);
+    half_bwd(m, &m->enc, x, m->dz, s, NULL);
 }
 
 float ae_forward_backward(ae_model *m, const float *x, int n, const ae_loss *L) {
     const ae_config *c = &m->cfg;
-    int D = c->in_dim, R = c->latent, bn = c->hidden && c->norm == AE_NORM_BATCH;
+    int D = c->in_dim, bn = c->hidden && c->norm == AE_NORM_BATCH;
     if (!x || !L || n < (bn ? 2 : 1)) return NAN;
     if (L->kind == AE_LOSS_KEY_ATTN && !L->w) return NAN;
     if (L->kind == AE_LOSS_VALUE_ATTN && (!L->a || L->m < 1)) return NAN;
-    size_t tmp = L->kind == AE_LOSS_MSE ? 0 : (size_t)(L->kind == AE_LOSS_VALUE_ATTN ? L->m : n) * D;
-    if (ws_reserve(m, n, tmp)) return NAN;
-    int blas = blas_enter();
-
-    half_fwd_train(m, &m->enc, x, n, m->z);
-    bias_act(m->z, n, R, m->par + half_out_bias(&m->enc), AE_ACT_NONE, 0);
-    half_fwd_train(m, &m->dec, m->z, n, m->y);
-    double loss = loss_fwd_bwd(m, x, n, L);
-
-    half_bwd(m, &m->dec, m->z, m->y, n, m->dz);
-    /* The latent bias shifts every column of the decoder's BatchNorm input alike, so with
-     * BatchNorm its gradient is exactly 0 (see hidden_bwd). */
-    float *gb = m->grad + half_out_bias(&m->enc);
-    if (bn) memset(gb, 0, (size_t)R * sizeof *gb);
-    else col_sums(m->dz, n, R, gb);
-    half_bwd(m, &m->enc, x, m->dz, n, NULL);
+    int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+    if (nt > n / ROWS_MIN) nt = n / ROWS_MIN > 1 ? n / ROWS_MIN : 1;
+    size_t tmp = L->kind == AE_LOSS_MSE ? 0 : L->kind == AE_LOSS_KEY_ATTN ? (size_t)n * D : (size_t)nt * L->m * D;
+    if (ws_reserve(m, n, nt, tmp)) return NAN;
+    int blas = blas_enter(nt);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = omp_get_thread_num(), k = omp_get_num_threads();
+        slice_t s = {.t = t, .nt = k, .n = n, .r0 = (int)((int64_t)n * t / k), .r1 = (int)((int64_t)n * (t + 1) / k),
+                     .g = t ? m->gpart + (size_t)(t - 1) * m->n_par : m->grad};
+        step_slice(m, x, L, &s);
+        if (k > 1) { /* sum the threads' gradients, each thread a slice of P */
+#pragma omp barrier
+            size_t p0 = m->n_par * t / k, p1 = m->n_par * (t + 1) / k;
+            for (int u = 1; u < k; u++) {
+                const float *gu = m->gpart + (size_t)(u - 1) * m->n_par;
+                for (size_t i = p0; i < p1; i++) m->grad[i] += gu[i];
+            }
+        }
+        if (t == 0) m->used_nt = k;
+    }
     blas_leave(blas);
 
+    double sse = 0, q = 0, nd = (double)n * D, mix = L->kind == AE_LOSS_MSE ? 1.0 : L->mse_mix;
+    for (int t = 0; t < m->used_nt; t++) sse += m->lossacc[2 * t], q += m->lossacc[2 * t + 1];
     double g2 = 0;
     for (size_t k = 0; k < m->n_par; k++) g2 += (double)m->grad[k] * m->grad[k];
     m->gnorm = (float)sqrt(g2);
-    return (float)loss;
+    return isnan(sse) ? NAN : (float)(mix * sse / nd + q);
 }
 
 float ae_grad_norm(const ae_model *m) { return m->gnorm; }
