@@ -32,7 +32,7 @@ typedef struct {
     size_t w1, b1;     /* w1 (out, hid), b1 (out) */
     size_t g, be;      /* BatchNorm gamma, beta (hid) */
     size_t rm, rv;     /* running mean, var (hid), offsets into state */
-    float *mean, *rstd; /* (hid) batch mean (without bias) and 1/sqrt(var+eps) of the last forward */
+    float *rstd;       /* (hid) 1/sqrt(batch var + eps) of the last training forward */
     float *pre;        /* (cap, hid): BN ? xhat : pre-activation, kept for backward */
     float *u;          /* (cap, hid): activation output */
 } half_t;
@@ -57,6 +57,7 @@ struct ae_model {
     float *dhid;                 /* (cap, H) gradient through a hidden layer */
     float *tmp;                  /* loss scratch: (N, D) key loss, (threads, M, D) value loss */
     float *gpart;                /* (threads - 1, P) gradient contributions of threads 1.. */
+    size_t w2;                   /* 2 max(H, D): doubles in one thread's column partial */
     double *part, *comb;         /* cross-thread column partials and totals (see ws_reserve) */
     double *lossacc;             /* (threads, 2) per-thread loss terms */
 };
@@ -279,8 +280,8 @@ ae_model *ae_new(const ae_config *c, uint64_t seed, kvc_err *err) {
     layout_state(m, &m->dec, "dec");
     m->par = kvc_calloc_array(4 * m->n_par, sizeof(float));
     m->state = kvc_calloc_array(m->n_state, sizeof(float));
-    m->enc.mean = kvc_calloc_array(4 * (size_t)H + 1, sizeof(float)); /* owns all four (H) vectors */
-    if (!m->par || !m->state || !m->enc.mean) {
+    m->enc.rstd = kvc_calloc_array(2 * (size_t)H + 1, sizeof(float)); /* owns both (H) vectors */
+    if (!m->par || !m->state || !m->enc.rstd) {
         ae_free(m);
         kvc_fail(err, "out of memory for the autoencoder");
         return NULL;
@@ -288,9 +289,8 @@ ae_model *ae_new(const ae_config *c, uint64_t seed, kvc_err *err) {
     m->grad = m->par + m->n_par;
     m->am = m->grad + m->n_par;
     m->av = m->am + m->n_par;
-    m->enc.rstd = m->enc.mean + H;
-    m->dec.mean = m->enc.mean + 2 * (size_t)H;
-    m->dec.rstd = m->enc.mean + 3 * (size_t)H;
+    m->dec.rstd = m->enc.rstd + H;
+    m->w2 = 2 * (size_t)(H > D ? H : D);
     uint64_t s = seed;
     half_t *halves[2] = {&m->enc, &m->dec};
     for (int k = 0; k < 2; k++) {
@@ -308,7 +308,7 @@ void ae_free(ae_model *m) {
     if (!m) return;
     free(m->par);
     free(m->state);
-    free(m->enc.mean);
+    free(m->enc.rstd);
     free(m->ws);
     free(m->dws);
     free(m);
@@ -390,8 +390,7 @@ typedef struct {
 
 /* Makes the workspace hold n rows, nt threads and a loss scratch of tmp floats; -1 on no memory. */
 static int ws_reserve(ae_model *m, int n, int nt, size_t tmp) {
-    size_t D = (size_t)m->cfg.in_dim, H = (size_t)m->cfg.hidden, R = (size_t)m->cfg.latent;
-    size_t w2 = 2 * (H > D ? H : D);
+    size_t D = (size_t)m->cfg.in_dim, H = (size_t)m->cfg.hidden, R = (size_t)m->cfg.latent, w2 = m->w2;
     if (n <= m->cap && nt <= m->cap_nt && tmp <= m->cap_tmp) return 0;
     int cap = n > m->cap ? n : m->cap, cnt = nt > m->cap_nt ? nt : m->cap_nt;
     if (tmp < m->cap_tmp) tmp = m->cap_tmp;
@@ -427,13 +426,12 @@ static int ws_reserve(ae_model *m, int n, int nt, size_t tmp) {
  * Consecutive reductions alternate between two sets of slots, so a thread that runs ahead
  * cannot overwrite partials another thread is still summing. */
 static double *part_slot(ae_model *m, const slice_t *s) {
-    size_t w2 = 2 * (size_t)(m->cfg.hidden > m->cfg.in_dim ? m->cfg.hidden : m->cfg.in_dim);
-    return m->part + ((size_t)(s->red & 1) * s->nt + s->t) * w2;
+    return m->part + ((size_t)(s->red & 1) * s->nt + s->t) * m->w2;
 }
 
 /* Barrier, then this thread's totals of the w partials written through part_slot. */
 static double *part_reduce(ae_model *m, slice_t *s, int w) {
-    size_t w2 = 2 * (size_t)(m->cfg.hidden > m->cfg.in_dim ? m->cfg.hidden : m->cfg.in_dim);
+    size_t w2 = m->w2;
     const double *base = m->part + (size_t)(s->red & 1) * s->nt * w2;
     double *tot = m->comb + (size_t)s->t * w2;
     s->red++;
@@ -446,7 +444,7 @@ static double *part_reduce(ae_model *m, slice_t *s, int w) {
 
 /* Hidden block of a half in training mode on this thread's rows. On entry hf->pre holds
  * x W0^T (no bias); on exit xhat (BN) or the pre-activation, and hf->u the activation. With
- * BN, thread 0 records the batch statistics and updates the running statistics. */
+ * BN, thread 0 records rstd for the backward and updates the running statistics. */
 static void hidden_fwd_train(ae_model *m, half_t *hf, slice_t *s) {
     const ae_config *c = &m->cfg;
     int H = hf->hid, bn = c->norm == AE_NORM_BATCH, rows = s->r1 - s->r0, n = s->n;
@@ -482,7 +480,7 @@ static void hidden_fwd_train(ae_model *m, half_t *hf, slice_t *s) {
                 /* The bias only shifts the mean: it enters the running mean but cancels from
                  * the normalised output. */
                 float *rm = m->state + hf->rm + j0 + j, *rv = m->state + hf->rv + j0 + j;
-                hf->mean[j0 + j] = sh[j], hf->rstd[j0 + j] = k[j];
+                hf->rstd[j0 + j] = k[j];
                 *rm = (1 - mom) * *rm + mom * (float)(mean + p[hf->b0 + j0 + j]);
                 *rv = (1 - mom) * *rv + mom * (float)(var * n / (n - 1));
             }

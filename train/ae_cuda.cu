@@ -675,10 +675,17 @@ static int backward(ae_cuda *g, int n, kvc_err *err) {
             bn_backward_kernel<<<O, RED_THREADS>>>(d, s->xhat, s->gamma, s->invstd, s->ggamma, s->gbeta, n, O);
             LAUNCH_CHECK();
         }
-        /* gW (O, I) = d^T (O, N) . in (N, I); gb (O) = column sums of d */
+        /* gW (O, I) = d^T (O, N) . in (N, I); gb (O) = column sums of d. A bias that feeds a
+         * BatchNorm (this stage's own, or the latent bias before the decoder's) shifts a whole
+         * column the batch mean removes: its gradient is exactly 0, and is written as 0 as the
+         * CPU reference does, not as rounding noise Adam would turn into full-size steps. */
         CUBLAS_CHECK(gemm_rm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, O, I, n, 1.0f, d, O, in, I, 0.0f, s->gw, I));
-        col_sum_kernel<<<O, RED_THREADS>>>(d, n, O, s->gb);
-        LAUNCH_CHECK();
+        if (s->bn || (k + 1 < g->n_stages && g->st[k + 1].bn)) {
+            CUDA_CHECK(cudaMemset(s->gb, 0, (size_t)O * sizeof(float)));
+        } else {
+            col_sum_kernel<<<O, RED_THREADS>>>(d, n, O, s->gb);
+            LAUNCH_CHECK();
+        }
         if (k > 0) {
             /* gradient of in (N, I) = d (N, O) . W (O, I) */
             CUBLAS_CHECK(gemm_rm(g->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, I, O, 1.0f, d, O, s->w, I, 0.0f, dn, I));

@@ -85,7 +85,11 @@ typedef struct {
 
 /* Training-mode forward (BatchNorm uses batch statistics and updates running stats), loss
  * and backward; gradients are overwritten, not accumulated. Returns the loss (NaN if the
- * input holds a NaN). n >= 2 when the model has BatchNorm. */
+ * input holds a NaN). n >= 2 when the model has BatchNorm. With BatchNorm, the biases whose
+ * effect it cancels (the Linear before each BatchNorm, and the encoder's last Linear) get an
+ * exact 0 gradient rather than rounding noise. Threads: the rows are split over
+ * omp_get_max_threads() OpenMP threads (at least 128 rows each), with OpenBLAS set to one
+ * thread for the call; called inside a parallel region it runs on the calling thread only. */
 float ae_forward_backward(ae_model *m, const float *x, int n, const ae_loss *loss);
 /* Global gradient norm of the last backward. */
 float ae_grad_norm(const ae_model *m);
