@@ -14,28 +14,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* One macro family reports the failing statement, file and line into err (the same family as
- * kernels/cuda/ops_cuda.cu); every function using it declares `err` and a `fail:` label. */
-#define CHECK_GENERIC(ok, what, stmt)                                                               \
-    do {                                                                                           \
-        if (!(ok)) {                                                                               \
-            kvc_fail(err, "%s failed (%s) at %s:%d: %s", what, #stmt, __FILE__, __LINE__, msg);     \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
-#define CUDA_CHECK(stmt)                                                                           \
-    do {                                                                                           \
-        cudaError_t e_ = (stmt);                                                                   \
-        const char *msg = cudaGetErrorString(e_);                                                  \
-        CHECK_GENERIC(e_ == cudaSuccess, "CUDA", stmt);                                            \
-    } while (0)
-#define CUBLAS_CHECK(stmt)                                                                         \
-    do {                                                                                           \
-        cublasStatus_t s_ = (stmt);                                                                \
-        const char *msg = cublasGetStatusString(s_);                                               \
-        CHECK_GENERIC(s_ == CUBLAS_STATUS_SUCCESS, "cuBLAS", stmt);                                \
-    } while (0)
-#define LAUNCH_CHECK() CUDA_CHECK(cudaGetLastError())
+/* Error checks: CUDA_CHECK, CUBLAS_CHECK, LAUNCH_CHECK (every function declares `err` and a
+ * `fail:` label). */
+#include "../kernels/cuda/cuda_check.h"
 /* A failing helper has already filled err; just leave. */
 #define TRY(call)                                                                                  \
     do {                                                                                           \
