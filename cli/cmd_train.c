@@ -67,6 +67,10 @@ int cmd_train(int argc, char **argv) {
     if (ae_act_parse(act, &o.ae.act)) return cli_error("train", "unknown --act '%s' (relu, leaky_relu, gelu, silu, none)", act), 2;
     if (strcmp(norm, "none") && strcmp(norm, "batch")) return cli_error("train", "--norm must be none or batch"), 2;
     o.ae.norm = !strcmp(norm, "batch") ? AE_NORM_BATCH : AE_NORM_NONE;
+    if (o.ae.hidden == 0) { /* a linear encoder/decoder has no activation or norm to record */
+        if (o.ae.norm == AE_NORM_BATCH) return cli_error("train", "--norm batch needs a hidden layer (--hidden H)"), 2;
+        o.ae.act = AE_ACT_NONE;
+    }
     if (strcmp(share, "layer") && strcmp(share, "head")) return cli_error("train", "--share must be layer or head"), 2;
     o.per_head = !strcmp(share, "head");
     if (strcmp(loss, "mse") && strcmp(loss, "attn")) return cli_error("train", "--loss must be mse or attn"), 2;
