@@ -118,6 +118,17 @@ Test(cli, corrupt_truncated_and_foreign_models) {
     free(l.p);
 }
 
+Test(cli, inspect_the_default_codec) {
+    run_result r = run("inspect checkpoints/smollm2-135m-ae32.h5");
+    cr_expect_eq(r.status, 0, "%s", r.err);
+    cr_expect(strstr(r.out, "\"kvcodec-codec\"") != NULL, "%s", r.out);
+    cr_expect(strstr(r.out, "layer_29/v/slot_0/dec_0_weight") != NULL);
+    cr_expect(strstr(r.out, "reuse/maps") != NULL);
+    write_file("/tmp/kvc_cli_bad.h5", "\x89HDF\r\n\x1a\n garbage", 17);
+    expect_error("inspect /tmp/kvc_cli_bad.h5", "corrupt or truncated");
+    unlink("/tmp/kvc_cli_bad.h5");
+}
+
 Test(cli, text_not_utf8) {
     write_file("/tmp/kvc_cli_text.txt", "caf\xe9 latin-1\n", 13);
     expect_error("ppl --text /tmp/kvc_cli_text.txt", "not valid UTF-8 (first bad byte at offset 3)");
