@@ -426,7 +426,6 @@ int train_codec(const kvc_train_opts *o, kvc_err *err) {
         want[j * 3 + KV_Q] = (unsigned char)o->loss_attn;
     }
     double t0 = kvc_now();
-    int stopped_early = 0;
     for (int epoch = st.epoch; epoch < o->epochs; epoch++) {
         /* each epoch's order depends only on (seed, epoch): a resumed run replays it */
         kvc_batch_opts bo = {0, s->train_end, o->batch_tokens, 0, 0, o->seed * 7919u + (uint64_t)epoch, 1, want};
@@ -491,11 +490,9 @@ int train_codec(const kvc_train_opts *o, kvc_err *err) {
         if (st.bad_epochs >= o->patience) {
             fprintf(stderr, "kvcodec train: early stop after epoch %d (no improvement for %d epochs; best epoch %d)\n",
                     st.epoch, o->patience, st.best_epoch);
-            stopped_early = 1;
             break;
         }
     }
-    (void)stopped_early;
     free(rel);
     if (o->reuse) {
         if (analyse_reuse(s, err)) goto done;
