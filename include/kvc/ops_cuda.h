@@ -20,6 +20,12 @@ int dequantize_cuda(uint32_t type, const void *src, float *dst, int64_t n, kvc_e
 /* y (N, O) = x (N, I) . W^T with W (O, I) row-major, through cuBLAS. */
 int matmul_cuda(float *y, const float *x, const float *w, int64_t n, int64_t o, int64_t i, kvc_err *err);
 
+/* KIVI-style quantisation twins of kvc/kvquant.h (same arguments, host pointers). */
+int kvq_quant_tokens_cuda(const float *x, int64_t n, int c, int g, int bits, uint8_t *codes, uint16_t *scale,
+                          uint16_t *minv, kvc_err *err);
+int kvq_quant_channels_cuda(const float *x, int g_tokens, int c, int bits, uint8_t *codes, uint16_t *scale,
+                            uint16_t *minv, kvc_err *err);
+
 #ifdef __cplusplus
 }
 #endif
