@@ -26,6 +26,11 @@ int kvq_quant_tokens_cuda(const float *x, int64_t n, int c, int g, int bits, uin
 int kvq_quant_channels_cuda(const float *x, int g_tokens, int c, int bits, uint8_t *codes, uint16_t *scale,
                             uint16_t *minv, kvc_err *err);
 
+/* SimHash and Hamming twins of kvc/lsh.h; proj (bits, dim) as in kvc_simhash. */
+int simhash_codes_cuda(const float *proj, int dim, int bits, const float *x, int64_t ld, int64_t n, uint64_t *codes,
+                       kvc_err *err);
+int hamming_cuda(const uint64_t *codes, int64_t n, uint64_t probe, uint8_t *dist, kvc_err *err);
+
 #ifdef __cplusplus
 }
 #endif
