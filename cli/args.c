@@ -176,3 +176,19 @@ int cli_tokenize(const kvc_model *m, const char *text, size_t len, int parse_spe
     *n = got;
     return 0;
 }
+
+int cli_text_and_model(const char *text, const char *model, int threads, char *sha256, kvc_model **m,
+                       int32_t **ids, int64_t *n) {
+    char *buf;
+    size_t len;
+    if (cli_read_text(text, &buf, &len)) return -1;
+    if (sha256) kvc_sha256_hex(buf, len, sha256);
+    *m = cli_load_model(model, threads);
+    int rc = *m ? cli_tokenize(*m, buf, len, 0, ids, n) : -1;
+    free(buf);
+    if (rc && *m) {
+        model_free(*m);
+        *m = NULL;
+    }
+    return rc;
+}

@@ -38,6 +38,11 @@ kvc_model *cli_load_model(const char *path, int threads);
 int cli_read_text(const char *path, char **buf, size_t *len);
 /* Tokenizes text, printing the reason and returning -1 on failure. *ids is malloc'd. */
 int cli_tokenize(const kvc_model *m, const char *text, size_t len, int parse_special, int32_t **ids, int64_t *n);
+/* Reads a UTF-8 text file, loads the model and tokenizes the text (no control tokens);
+ * sha256 (65 bytes, may be NULL) receives the hash of the text. Prints the reason and
+ * returns -1 on failure, freeing everything. *ids is malloc'd. */
+int cli_text_and_model(const char *text, const char *model, int threads, char *sha256, kvc_model **m,
+                       int32_t **ids, int64_t *n);
 /* Prints "kvcodec CMD: MSG" on stderr and returns 1 (the exit status for failures). */
 int cli_error(const char *cmd, const char *fmt, ...)
 #if defined(__GNUC__)

@@ -32,15 +32,10 @@ int cmd_bench(int argc, char **argv) {
     if (rc) return rc == 1 ? 0 : 2;
     if (prompt_tokens < 1 || gen_tokens < 2 || reps < 1 || threads < 1)
         return cli_error("bench", "need --prompt-tokens >= 1, --gen-tokens >= 2, --reps >= 1, --threads >= 1"), 2;
-    char *buf;
-    size_t len;
-    if (cli_read_text(text, &buf, &len)) return 1;
-    kvc_model *m = cli_load_model(model, threads);
-    if (!m) { free(buf); return 1; }
+    kvc_model *m;
     int32_t *ids;
     int64_t n;
-    if (cli_tokenize(m, buf, len, 0, &ids, &n)) { free(buf); model_free(m); return 1; }
-    free(buf);
+    if (cli_text_and_model(text, model, threads, NULL, &m, &ids, &n)) return 1;
     if (n < prompt_tokens) { free(ids); model_free(m); return cli_error("bench", "text has only %lld tokens", (long long)n); }
     kvc_err err = {{0}};
     kvc_cache_shape shape = model_cache_shape(m, prompt_tokens + gen_tokens);

@@ -92,17 +92,11 @@ int cmd_capture(int argc, char **argv) {
     if (strcmp(dtype, "f16") && strcmp(dtype, "f32")) return cli_error("capture", "--dtype must be f16 or f32"), 2;
     if (ctx < 2 || chunk < 1 || gzip < 0 || gzip > 9 || threads < 1 || n_tokens < 1)
         return cli_error("capture", "need --ctx >= 2, --chunk >= 1, --gzip 0..9, --threads >= 1, --tokens >= 1"), 2;
-    char *buf;
-    size_t len;
-    if (cli_read_text(text, &buf, &len)) return 1;
     kvc_kv_info info = {0};
-    kvc_sha256_hex(buf, len, info.corpus_sha256);
-    kvc_model *m = cli_load_model(model, threads);
-    if (!m) { free(buf); return 1; }
+    kvc_model *m;
     int32_t *ids;
     int64_t n;
-    if (cli_tokenize(m, buf, len, 0, &ids, &n)) { free(buf); model_free(m); return 1; }
-    free(buf);
+    if (cli_text_and_model(text, model, threads, info.corpus_sha256, &m, &ids, &n)) return 1;
     if ((int64_t)n_tokens > n) {
         fprintf(stderr, "kvcodec capture: note: the text has only %lld tokens; capturing all of them\n", (long long)n);
         n_tokens = (uint64_t)n;

@@ -30,17 +30,12 @@ int cmd_ppl(int argc, char **argv) {
     if (ctx < 2) return cli_error("ppl", "--ctx must be at least 2"), 2;
     if (threads < 1) return cli_error("ppl", "--threads must be at least 1"), 2;
     if (batch < 1) return cli_error("ppl", "--batch must be at least 1"), 2;
-    char *buf;
-    size_t len;
-    if (cli_read_text(text, &buf, &len)) return 1;
-    kvc_model *m = cli_load_model(model, threads);
-    if (!m) { free(buf); return 1; }
-    if (ctx > m->hp.n_ctx_train)
-        fprintf(stderr, "kvcodec ppl: warning: --ctx %d exceeds the model's training context %d\n", ctx, m->hp.n_ctx_train);
+    kvc_model *m;
     int32_t *ids;
     int64_t n;
-    if (cli_tokenize(m, buf, len, 0, &ids, &n)) { free(buf); model_free(m); return 1; }
-    free(buf);
+    if (cli_text_and_model(text, model, threads, NULL, &m, &ids, &n)) return 1;
+    if (ctx > m->hp.n_ctx_train)
+        fprintf(stderr, "kvcodec ppl: warning: --ctx %d exceeds the model's training context %d\n", ctx, m->hp.n_ctx_train);
     if (max_tokens && (int64_t)max_tokens < n) n = (int64_t)max_tokens;
     if (n < 2) { free(ids); model_free(m); return cli_error("ppl", "text has %lld tokens; need at least 2", (long long)n); }
     kvc_err err = {{0}};
