@@ -268,14 +268,9 @@ static int read_dense(hid_t g, const char *half, ae_dense *L, int *n_out, int D,
     int in = half[0] == 'e' ? D : R;
     for (int i = 0; i < n; i++) {
         snprintf(nm, sizeof nm, "%s_%d_weight", half, i);
-        hid_t d = H5Dopen2(g, nm, H5P_DEFAULT);
-        if (d < 0) return kvc_fail(err, "dataset %s is missing", nm);
-        hid_t sp = H5Dget_space(d);
         hsize_t dims[2] = {0, 0};
-        int rank = H5Sget_simple_extent_ndims(sp);
-        H5Sget_simple_extent_dims(sp, dims, NULL);
-        H5Sclose(sp);
-        H5Dclose(d);
+        int rank = h5_dims(g, nm, dims);
+        if (rank < 0) return kvc_fail(err, "dataset %s is missing", nm);
         if (rank != 2 || dims[1] != (hsize_t)in || dims[0] < 1 || dims[0] > 65536)
             return kvc_fail(err, "%s has shape [%llu, %llu], expected [*, %d]", nm, (unsigned long long)dims[0],
                             (unsigned long long)dims[1], in);

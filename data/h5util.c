@@ -134,14 +134,27 @@ int h5_write_f32(hid_t loc, const char *name, const float *data, hsize_t rows, h
     return rc;
 }
 
+int h5_dims(hid_t loc, const char *name, hsize_t dims[2]) {
+    if (H5Lexists(loc, name, H5P_DEFAULT) <= 0) return -1;
+    hid_t d = H5Dopen2(loc, name, H5P_DEFAULT);
+    if (d < 0) return -1;
+    hid_t sp = H5Dget_space(d);
+    hsize_t all[8] = {0};
+    int rank = H5Sget_simple_extent_ndims(sp);
+    if (rank >= 0 && rank <= 8) H5Sget_simple_extent_dims(sp, all, NULL);
+    dims[0] = all[0];
+    dims[1] = all[1];
+    H5Sclose(sp);
+    H5Dclose(d);
+    return rank;
+}
+
 int h5_read_f32(hid_t loc, const char *name, float *data, hsize_t rows, hsize_t cols, kvc_err *err) {
-    if (H5Lexists(loc, name, H5P_DEFAULT) <= 0) return kvc_fail(err, "dataset '%s' is missing", name);
+    hsize_t dims[2] = {0, 0};
+    int rank = h5_dims(loc, name, dims);
+    if (rank < 0) return kvc_fail(err, "dataset '%s' is missing or unreadable", name);
     hid_t d = H5Dopen2(loc, name, H5P_DEFAULT);
     if (d < 0) return kvc_fail(err, "cannot open dataset '%s'", name);
-    hid_t sp = H5Dget_space(d);
-    hsize_t dims[2] = {0, 0};
-    int rank = H5Sget_simple_extent_ndims(sp);
-    H5Sget_simple_extent_dims(sp, dims, NULL);
     int rc = 0;
     if (rank != (cols ? 2 : 1) || dims[0] != rows || (cols && dims[1] != cols))
         rc = kvc_fail(err, "dataset '%s' has shape [%llu, %llu], expected [%llu, %llu]", name,
@@ -149,7 +162,6 @@ int h5_read_f32(hid_t loc, const char *name, float *data, hsize_t rows, hsize_t 
                       (unsigned long long)rows, (unsigned long long)cols);
     else if (H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
         rc = kvc_fail(err, "cannot read dataset '%s'", name);
-    H5Sclose(sp);
     H5Dclose(d);
     return rc;
 }

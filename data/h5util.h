@@ -40,6 +40,8 @@ int h5_get_f64(hid_t loc, const char *name, double *v);
 int h5_get_i32s(hid_t loc, const char *name, int32_t *v, int cap);
 int h5_get_f32s(hid_t loc, const char *name, float *v, int cap);
 
+/* Rank of dataset `name` with its first (up to 2) dims in dims; -1 if missing or unreadable. */
+int h5_dims(hid_t loc, const char *name, hsize_t dims[2]);
 /* Writes a whole f32 dataset of rank 1 or 2 (cols 0 = rank 1). */
 int h5_write_f32(hid_t loc, const char *name, const float *data, hsize_t rows, hsize_t cols);
 /* Reads a whole f32 dataset whose shape must be exactly rows x cols (cols 0 = rank 1). */
