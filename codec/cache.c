@@ -27,6 +27,11 @@ int64_t cache_n_tokens(const kvc_cache *c, int layer) {
 
 void cache_reset(kvc_cache *c) { c->ops->reset(c); }
 
+int cache_set_budget(kvc_cache *c, int64_t ref_tokens, kvc_err *err) {
+    if (ref_tokens == 0) return kvc_fail(err, "cache_set_budget: reference length 0");
+    return c->ops->set_budget ? c->ops->set_budget(c, ref_tokens, err) : 0;
+}
+
 void cache_free(kvc_cache *c) {
     if (c) c->ops->free(c);
 }

@@ -4,6 +4,7 @@
  * compressed cache is measured against. Letters: T tokens held, K kv heads, D head_dim. */
 #include "kvc/cache.h"
 #include "kvc/ops.h"
+#include "attn_core.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -55,33 +56,7 @@ static int full_attend(kvc_cache *c, int layer, const float *q, const int32_t *q
                 const float *qh = q + ((size_t)t * H + h) * D;
                 float *o = out + ((size_t)t * H + h) * D;
                 const int g = h / G;
-                float mx = -INFINITY;
-                for (int64_t j = 0; j < T; j++) {
-                    if (pl[j] > qpos[t]) { sc[j] = -INFINITY; continue; }
-                    const float *kj = kl + (size_t)j * rf + (size_t)g * D;
-                    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                    for (int d = 0; d < D; d++) s += qh[d] * kj[d];
-                    s *= scale;
-                    sc[j] = s;
-                    mx = s > mx ? s : mx;
-                }
-                memset(o, 0, (size_t)D * sizeof(float));
-                if (mx == -INFINITY) continue; /* nothing visible */
-                float sum = 0.0f;
-                for (int64_t j = 0; j < T; j++) {
-                    float e = sc[j] == -INFINITY ? 0.0f : expf(sc[j] - mx);
-                    sc[j] = e;
-                    sum += e;
-                }
-                const float inv = 1.0f / sum;
-                for (int64_t j = 0; j < T; j++) {
-                    if (sc[j] == 0.0f) continue;
-                    const float a = sc[j] * inv;
-                    const float *vj = vl + (size_t)j * rf + (size_t)g * D;
-#pragma omp simd
-                    for (int d = 0; d < D; d++) o[d] += a * vj[d];
-                }
+                attn_core_one(qh, kl + (size_t)g * D, rf, vl + (size_t)g * D, rf, pl, T, qpos[t], D, scale, sc, o);
             }
         }
         free(sc);

@@ -39,6 +39,8 @@ typedef struct {
     int64_t (*n_tokens)(const kvc_cache *c, int layer);
     void (*reset)(kvc_cache *c);
     void (*free)(kvc_cache *c);
+    /* Optional (NULL: the cache never evicts). See cache_set_budget. */
+    int (*set_budget)(kvc_cache *c, int64_t ref_tokens, kvc_err *err);
 } kvc_cache_ops;
 
 struct kvc_cache {
@@ -64,6 +66,12 @@ int cache_end_step(kvc_cache *c, kvc_err *err);
 size_t cache_bytes(const kvc_cache *c);           /* bytes really held, side data included */
 int64_t cache_n_tokens(const kvc_cache *c, int layer);
 void cache_reset(kvc_cache *c);                   /* drop all tokens, keep allocations */
+/* Eviction control for measuring protocols. ref_tokens >= 1: from the next end_step on, the
+ * retention policy evicts down to its budget, a fraction budget being taken of ref_tokens;
+ * ref_tokens < 0: hold every token (no eviction) until set again (prefill before a one-shot
+ * compression, or a frozen cache after it). -1 with err when the budget does not fit (smaller
+ * than sinks + window). A no-op returning 0 on caches that never evict. */
+int cache_set_budget(kvc_cache *c, int64_t ref_tokens, kvc_err *err);
 void cache_free(kvc_cache *c);
 
 #ifdef __cplusplus

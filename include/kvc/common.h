@@ -10,6 +10,9 @@
 extern "C" {
 #endif
 
+/* Which tensor of a layer: keys, values, queries (datasets, codecs and caches share these). */
+enum { KV_K = 0, KV_V = 1, KV_Q = 2 };
+
 /* A one-line, human-readable reason for a failure. */
 typedef struct {
     char msg[512];

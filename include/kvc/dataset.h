@@ -60,7 +60,7 @@ void dataset_close(kvc_dataset *d);
 const kvc_kv_info *dataset_info(const kvc_dataset *d); /* n_tokens: the total; dtype "mixed"
                                                           when the files differ in it */
 
-enum { KV_K = 0, KV_V = 1, KV_Q = 2 };
+/* KV_K, KV_V, KV_Q: see kvc/common.h */
 
 /* Reads tokens [t0, t0+n) of stored layer j (index into info.layers), kind KV_K/KV_V/KV_Q,
  * into out (n, heads, D) f32. Fails on out-of-range requests and on non-finite values

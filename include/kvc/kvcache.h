@@ -1,0 +1,179 @@
+/* kvcache.h - the compressed KV cache (DESIGN.md §3): a *representation* (how one token's K or
+ * V row of one KV head is stored and read back) times a *retention* policy (which tokens stay
+ * under a budget), composed by codec/kvcache.c behind the kvc_cache interface of cache.h.
+ * Each plug-in is one small struct of function pointers in its own file (codec/repr_*.c,
+ * codec/keep_*.c), listed once in codec/registry.c.
+ * Letters: L layers, K kv heads, G = H/K query heads per kv head, D head_dim, T tokens held by
+ * one (layer, kv head), N rows in a call, R latent size. kind: KV_K (0) or KV_V (1). */
+#ifndef KVC_KVCACHE_H
+#define KVC_KVCACHE_H
+
+#include "kvc/cache.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ======================================================================= creation ==== */
+
+/* Builds a cache from two specs (both "name" or "name:opt,opt=val,..."):
+ *   repr: f32 | f16 | int8[:group=G,kgroup=T] | int4[:...] | ae:FILE[,f16|int8|int4][,reuse=on|off]
+ *   keep: full | streaming | h2o | l2 | random | lsh, with budget=N|F (tokens, or a fraction
+ *         0<F<=1 of the reference length set by cache_set_budget), sinks=S, window=W and the
+ *         policy's own options.
+ * fingerprint: the model's (kvc_model.fingerprint), checked against a codec checkpoint; may be
+ * NULL when the representation needs none. NULL with err on an unknown name, a bad option or
+ * a codec for another model. */
+kvc_cache *kvcache_new(const kvc_cache_shape *shape, const char *repr, const char *keep,
+                       const char *fingerprint, kvc_err *err);
+/* Prints every representation and policy with its options (for --help). */
+void kvcache_list(void *fp /* FILE * */);
+/* The canonical one-line description of a cache ("repr=int8:group=32 keep=lsh:bits=16,...").*/
+const char *kvcache_describe(const kvc_cache *c);
+
+/* Counters for measures: tokens appended since the last reset and tokens held, summed over
+ * every (layer, kv head), so held / (appended * L * K) is the kept fraction. */
+typedef struct {
+    int64_t appended;  /* tokens appended per layer since reset (the same for every layer) */
+    int64_t held;      /* sum over (layer, kv head) of tokens held */
+    int64_t evicted;   /* sum over (layer, kv head) of tokens evicted since reset */
+    size_t bytes;      /* cache_bytes() */
+} kvcache_stats;
+void kvcache_get_stats(const kvc_cache *c, kvcache_stats *st);
+
+/* ================================================================ representations ==== */
+
+typedef struct kvc_repr kvc_repr;
+
+/* What a representation may consult when it is built. */
+typedef struct {
+    kvc_cache_shape shape;
+    const char *fingerprint; /* may be NULL */
+} kvc_repr_env;
+
+typedef struct {
+    const char *name;  /* as written in a spec: "f16" */
+    const char *usage; /* one line: its options and what it stores */
+    /* Parses opts (the text after "name:", or NULL) and builds state in r->impl. -1 with err
+     * on a bad option, a file that cannot be read, or a codec that does not fit env. */
+    int (*init)(kvc_repr *r, const char *opts, const kvc_repr_env *env, kvc_err *err);
+    void (*free)(kvc_repr *r);
+    /* Bytes of one stored row of (layer, head, kind); 0 when nothing is stored for it
+     * because it is predicted from layer - 1 (see reused). */
+    size_t (*row_bytes)(const kvc_repr *r, int layer, int head, int kind);
+    /* Rows quantised together (KIVI per-channel key groups): the cache hands encode blocks
+     * of exactly this many rows and keeps rows exact (f32, counted at 4 bytes a value) until
+     * a block fills. 1 for per-token forms. */
+    int (*block_rows)(const kvc_repr *r, int kind);
+    /* Bytes of one block's shared data (scales and minimums); 0 for per-token forms. */
+    size_t (*block_bytes)(const kvc_repr *r, int layer, int head, int kind);
+    /* Encodes n rows (x: n rows of D floats, ldx floats apart; keys before RoPE) into
+     * rows (n * row_bytes) and the block's shared data blk (NULL when block_bytes is 0).
+     * n == block_rows(kind). */
+    void (*encode)(const kvc_repr *r, int layer, int head, int kind, const float *x, int64_t ldx, int n,
+                   uint8_t *rows, uint8_t *blk);
+    /* Decodes n stored rows into y (n, D). blks[i] is row i's block data (NULL entries when
+     * block_bytes is 0; blks itself may then be NULL). */
+    void (*decode)(const kvc_repr *r, int layer, int head, int kind, const uint8_t *rows,
+                   const uint8_t *const *blks, int n, float *y);
+    /* Optional (NULL: never). 1 when (layer, head, kind) is not stored but predicted from the
+     * same head and kind of layer - 1: the cache then keeps exactly layer - 1's tokens for
+     * that head and calls predict on layer - 1's decoded rows. */
+    int (*reused)(const kvc_repr *r, int layer, int head, int kind);
+    /* y (n, D) = prediction of (layer, head, kind) from src (n, D) of layer - 1. */
+    void (*predict)(const kvc_repr *r, int layer, int head, int kind, const float *src, int n, float *y);
+    /* Optional (NULL: never). R > 0 when values of (layer, head) have a linear decoder
+     * y = W z + b, so attention can run in latent space: sum_i a_i y_i = W (sum_i a_i z_i) + b
+     * for weights a summing to 1. Then decode_latent gives z (n, R) and lift maps a weighted
+     * latent sum zs (R) to out (D). */
+    int (*latent_dim)(const kvc_repr *r, int layer, int head);
+    void (*decode_latent)(const kvc_repr *r, int layer, int head, const uint8_t *rows, int n, float *z);
+    void (*lift)(const kvc_repr *r, int layer, int head, const float *zs, float *out);
+} kvc_repr_ops;
+
+struct kvc_repr {
+    const kvc_repr_ops *ops;
+    kvc_cache_shape shape;
+    char spec[256]; /* canonical spec, filled by init */
+    void *impl;
+};
+
+/* ==================================================================== retention ==== */
+
+typedef struct kvc_keep kvc_keep;
+
+/* One (layer, kv head)'s tokens as a policy sees them, oldest first (sorted by position).
+ * state: `state_bytes` bytes per token that the policy owns (scores, hash codes); the cache
+ * moves them with their tokens when it compacts. New tokens' state is zeroed before
+ * on_append. */
+typedef struct {
+    int layer, head;
+    int64_t n;            /* tokens held, new ones included */
+    const int32_t *pos;   /* (n) true positions */
+    uint8_t *state;       /* (n, state_bytes) */
+} kvc_keep_view;
+
+/* Budget and protection shared by every policy (parsed by the cache). */
+typedef struct {
+    int64_t budget_tokens; /* > 0, or 0 when given as a fraction */
+    double budget_frac;    /* 0 < F <= 1 when given as a fraction, else 0 */
+    int sinks;             /* first tokens never evicted (default 4) */
+    int window;            /* most recent tokens never evicted (default 10; streaming: 0) */
+} kvc_keep_budget;
+
+typedef struct {
+    const char *name;  /* as written in a spec: "lsh" */
+    const char *usage; /* one line: its own options */
+    /* Takes one policy-specific option key=val (common ones are handled by the cache);
+     * -1 with err when the key is unknown or the value out of range. May be NULL. */
+    int (*option)(kvc_keep *k, const char *key, const char *val, kvc_err *err);
+    /* After all options: builds state (k->impl), fills k->state_bytes, checks ranges. */
+    int (*init)(kvc_keep *k, kvc_err *err);
+    void (*free)(kvc_keep *k);
+    /* Appends the canonical text of its own options ("bits=16,probe=query") to buf. */
+    void (*describe)(const kvc_keep *k, char *buf, size_t size);
+    /* New tokens [first, v->n) arrived; krot (n_new, D) are their exact keys after RoPE. */
+    void (*on_append)(kvc_keep *k, kvc_keep_view *v, int64_t first, const float *krot);
+    /* Queries of one step attended: qrot (n_q, G, D) after RoPE; when needs_probs,
+     * probs (n_q, G, v->n) holds their softmax weights over the held tokens (0 where a token
+     * was not visible), else NULL. */
+    void (*on_attend)(kvc_keep *k, kvc_keep_view *v, const float *qrot, int n_q, const float *probs);
+    /* Writes an eviction score for every held token: the cache evicts the highest scores
+     * outside the sinks and the window (ties: the oldest) until the budget holds. */
+    void (*score)(kvc_keep *k, kvc_keep_view *v, float *score);
+} kvc_keep_ops;
+
+struct kvc_keep {
+    const kvc_keep_ops *ops;
+    kvc_cache_shape shape;
+    kvc_keep_budget budget;
+    int evicts;        /* 0 for the full policy: budget options are refused */
+    int needs_probs;   /* on_attend wants attention weights */
+    size_t state_bytes;
+    uint64_t seed;     /* seed=... (default 1) for policies that draw random numbers */
+    void *impl;
+};
+
+/* Marks in evict[0..n) the n - keep held tokens with the highest scores, never one of the
+ * first `sinks` or the last `window` (ties: the oldest goes first). Returns how many were
+ * marked: fewer than n - keep only when protection leaves too few candidates. */
+int64_t kvcache_select(const float *score, int64_t n, int64_t keep, int sinks, int window, uint8_t *evict);
+
+/* ===================================================================== registry ==== */
+
+extern const kvc_repr_ops *const KVC_REPRS[]; /* NULL-terminated */
+extern const kvc_keep_ops *const KVC_KEEPS[]; /* NULL-terminated */
+const kvc_repr_ops *kvc_repr_find(const char *name);
+const kvc_keep_ops *kvc_keep_find(const char *name);
+
+/* Builds a representation / policy from a spec alone (used by the cache and by tests that
+ * exercise one plug-in). NULL with err on a bad spec. */
+kvc_repr *kvc_repr_new(const char *spec, const kvc_repr_env *env, kvc_err *err);
+void kvc_repr_free(kvc_repr *r);
+kvc_keep *kvc_keep_new(const char *spec, const kvc_cache_shape *shape, kvc_err *err);
+void kvc_keep_free(kvc_keep *k);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
