@@ -2,6 +2,7 @@
  * at a time through the cache, streaming the text to stdout. */
 #include "cli.h"
 
+#include "kvc/kvcache.h"
 #include "kvc/sampler.h"
 
 #include <stdio.h>
@@ -10,7 +11,7 @@
 #include <unistd.h>
 
 int cmd_generate(int argc, char **argv) {
-    const char *model = cli_default_model(), *prompt = NULL;
+    const char *model = cli_default_model(), *prompt = NULL, *repr = NULL, *keep = NULL;
     int max_tokens = 64, threads = cli_default_threads(), ctx = 0, chat = 0, show_stats = 0;
     int ignore_eos = 0;
     float temp = 0.0f, top_p = 1.0f;
@@ -26,7 +27,9 @@ int cmd_generate(int argc, char **argv) {
         {"chat", ARG_FLAG, &chat, NULL, "wrap the prompt in the ChatML template (<|im_start|>user ...)", 0},
         {"ignore-eos", ARG_FLAG, &ignore_eos, NULL, "keep generating past the end-of-sequence token", 0},
         ARG_THREADS(&threads, "all cores"),
-        {"stats", ARG_FLAG, &show_stats, NULL, "print prefill/decode speed on stderr", 0},
+        {"stats", ARG_FLAG, &show_stats, NULL, "print prefill/decode speed and KV bytes on stderr", 0},
+        {"repr", ARG_STR, &repr, "SPEC", "KV representation, e.g. int8 or ae:FILE,int8 (default: the full f32 cache)", 0},
+        {"keep", ARG_STR, &keep, "SPEC", "retention policy, e.g. lsh:budget=0.5 (fractions are of the prompt length)", 0},
         {0},
     };
     int rc = args_parse("generate", "--prompt TEXT [--max-tokens N] [--temp T --top-p P --seed S] [--chat]",
@@ -72,7 +75,11 @@ int cmd_generate(int argc, char **argv) {
     }
     kvc_err err = {{0}};
     kvc_cache_shape shape = model_cache_shape(m, (int)n + max_tokens);
-    kvc_cache *c = cache_full_new(&shape, &err);
+    kvc_cache *c = repr || keep ? kvcache_new(&shape, repr, keep, m->fingerprint, &err) : cache_full_new(&shape, &err);
+    if (c && cache_set_budget(c, n, &err)) {
+        cache_free(c);
+        c = NULL;
+    }
     kvc_run *r = c ? run_new(m, n < 512 ? (int)n : 512, &err) : NULL;
     float *logits = malloc((size_t)m->hp.n_vocab * sizeof(float));
     int32_t *pos = malloc((size_t)n * sizeof(int32_t));
@@ -106,6 +113,9 @@ int cmd_generate(int argc, char **argv) {
     if (show_stats)
         fprintf(stderr, "prompt %lld tokens in %.3f s (%.1f tok/s); generated %d tokens in %.3f s (%.1f tok/s)\n",
                 (long long)n, t1 - t0, n / (t1 - t0), gen, t2 - t1, gen > 1 ? (gen - 1) / (t2 - t1) : 0.0);
+    if (show_stats)
+        fprintf(stderr, "KV cache (%s): %zu bytes for %lld tokens held in layer 0\n", kvcache_describe(c), cache_bytes(c),
+                (long long)cache_n_tokens(c, 0));
 done:
     sampler_free(&smp);
     free(pos);
