@@ -29,11 +29,21 @@ typedef struct {
     int group;     /* latent channels per quantisation group (int forms) */
     int reuse;     /* 1: follow the checkpoint's reuse plan */
     int chunk;     /* rows per pass through a network */
+    float **wt;    /* (nets * 4): [net * 4 + half * 2 + layer] that layer's W transposed (in, out)
+                    * when it has no activation (the fast path), else NULL */
 } ae_repr;
+
+static int prepare_fast_path(ae_repr *a, kvc_err *err);
+static void release(ae_repr *a);
+
+/* The index into c->ae of the network of (layer, kind, head). */
+static int net_index(const ae_repr *a, int layer, int kind, int head) {
+    return codec_index(a->c, layer, kind, a->c->slots > 1 ? head : 0);
+}
 
 /* The exported network of (layer, kind, head): shared by the heads unless per_head. */
 static const ae_export *net_of(const ae_repr *a, int layer, int kind, int head) {
-    return &a->c->ae[codec_index(a->c, layer, kind, a->c->slots > 1 ? head : 0)];
+    return &a->c->ae[net_index(a, layer, kind, head)];
 }
 
 /* Bytes of one stored latent. */
@@ -64,11 +74,7 @@ static void lat_decode(const ae_repr *a, const uint8_t *row, float *z) {
     if (a->lat == LAT_F32) {
         memcpy(z, row, (size_t)a->r * 4);
     } else if (a->lat == LAT_F16) {
-        for (int j = 0; j < a->r; j++) {
-            uint16_t h;
-            memcpy(&h, row + 2 * j, 2);
-            z[j] = kvc_f16_to_f32(h);
-        }
+        repr_f16_row(row, (size_t)a->r, z);
     } else {
         repr_qrow_decode(row, a->r, a->group, a->bits, z);
     }
@@ -163,6 +169,7 @@ static int repr_ae_init(kvc_repr *r, const char *opts, const kvc_repr_env *env, 
         goto done;
     }
     a->chunk = AE_SCRATCH / widest;
+    if ((rc = prepare_fast_path(a, err))) goto done;
     int n = snprintf(r->spec, sizeof r->spec, "ae:%s,%s", path, LAT_NAMES[a->lat]);
     if (a->lat >= LAT_INT8 && n > 0 && (size_t)n < sizeof r->spec)
         n += snprintf(r->spec + n, sizeof r->spec - (size_t)n, ",group=%d", a->group);
@@ -171,7 +178,7 @@ static int repr_ae_init(kvc_repr *r, const char *opts, const kvc_repr_env *env, 
 done:
     free(path);
     if (rc) {
-        codec_free(a ? a->c : NULL);
+        release(a);
         free(a);
         return -1;
     }
@@ -182,7 +189,7 @@ done:
 static void repr_ae_free(kvc_repr *r) {
     ae_repr *a = r->impl;
     if (!a) return;
-    codec_free(a->c);
+    release(a);
     free(a);
     r->impl = NULL;
 }
@@ -211,18 +218,69 @@ static size_t repr_ae_block_bytes(const kvc_repr *r, int layer, int head, int ki
     return 0;
 }
 
-/* Runs n rows through layers one Linear at a time (ae_export_run allocates nothing for a
- * single layer): layer 0 reads in and writes s1, layer 1 writes s2, the last layer writes
- * out when out is non-NULL. Returns where the result is. in may alias s2, never s1. */
-static const float *run_layers(const ae_dense *layers, int nl, float slope, const float *in, int n, float *s1,
-                               float *s2, float *out) {
+/* y (n, out) = x (n, in) W^T + b with W given transposed, wt (in, out): the inner loop runs
+ * over contiguous outputs, so it vectorises without reordering any sum. */
+static void dense_t(const float *wt, const float *b, int in, int out, const float *x, int n, float *y) {
+    for (int i = 0; i < n; i++) {
+        const float *xi = x + (size_t)i * in;
+        float *yi = y + (size_t)i * out;
+        for (int o = 0; o < out; o++) yi[o] = b[o];
+        for (int j = 0; j < in; j++) {
+            const float xv = xi[j], *w = wt + (size_t)j * out;
+            for (int o = 0; o < out; o++) yi[o] += xv * w[o];
+        }
+    }
+}
+
+/* Runs n rows through one half (0 encoder, 1 decoder) of network `net`, one Linear at a time:
+ * layer 0 reads in and writes s1, layer 1 writes s2, the last layer writes out when out is
+ * non-NULL. Layers without activation use dense_t; others ae_export_run (which allocates
+ * nothing for a single layer). Returns where the result is. in may alias s2, never s1. */
+static const float *run_half(const ae_repr *a, int net, int half, const float *in, int n, float *s1, float *s2,
+                             float *out) {
+    const ae_export *e = &a->c->ae[net];
+    const ae_dense *layers = half ? e->dec : e->enc;
+    const int nl = half ? e->n_dec : e->n_enc;
     const float *cur = in;
     for (int l = 0; l < nl; l++) {
         float *dst = l == nl - 1 && out ? out : (l % 2 == 0 ? s1 : s2);
-        ae_export_run(&layers[l], 1, slope, cur, n, dst);
+        const float *wt = a->wt[(size_t)net * 4 + half * 2 + l];
+        if (wt) dense_t(wt, layers[l].b, layers[l].in, layers[l].out, cur, n, dst);
+        else ae_export_run(&layers[l], 1, e->leaky_slope, cur, n, dst);
         cur = dst;
     }
     return cur;
+}
+
+/* Transposes the weights of every layer without activation for dense_t. */
+static int prepare_fast_path(ae_repr *a, kvc_err *err) {
+    const int nets = a->c->meta.n_layer * 2 * a->c->slots;
+    if (!(a->wt = calloc((size_t)nets * 4, sizeof *a->wt))) return kvc_fail(err, "out of memory");
+    for (int i = 0; i < nets; i++)
+        for (int half = 0; half < 2; half++) {
+            const ae_export *e = &a->c->ae[i];
+            const ae_dense *layers = half ? e->dec : e->enc;
+            const int nl = half ? e->n_dec : e->n_enc;
+            for (int l = 0; l < nl; l++) {
+                const ae_dense *dl = &layers[l];
+                if (dl->act != AE_ACT_NONE) continue;
+                float *wt = kvc_malloc_array((size_t)dl->in * dl->out, sizeof(float));
+                if (!wt) return kvc_fail(err, "out of memory");
+                for (int o = 0; o < dl->out; o++)
+                    for (int j = 0; j < dl->in; j++) wt[(size_t)j * dl->out + o] = dl->w[(size_t)o * dl->in + j];
+                a->wt[(size_t)i * 4 + half * 2 + l] = wt;
+            }
+        }
+    return 0;
+}
+
+/* Frees the codec and the transposed weights (a itself stays). */
+static void release(ae_repr *a) {
+    if (a->wt && a->c)
+        for (int i = 0; i < a->c->meta.n_layer * 2 * a->c->slots * 4; i++) free(a->wt[i]);
+    free(a->wt);
+    codec_free(a->c);
+    a->wt = NULL, a->c = NULL;
 }
 
 /* Encodes n rows (ldx apart): through the encoder, then latent storage; f16 for untrained
@@ -240,7 +298,7 @@ static void repr_ae_encode(const kvc_repr *r, int layer, int head, int kind, con
             }
         return;
     }
-    const ae_export *e = net_of(a, layer, kind, head);
+    const int net = net_index(a, layer, kind, head);
     const size_t rb = lat_bytes(a);
     float s1[AE_SCRATCH], s2[AE_SCRATCH];
     for (int i0 = 0; i0 < n; i0 += a->chunk) {
@@ -250,7 +308,7 @@ static void repr_ae_encode(const kvc_repr *r, int layer, int head, int kind, con
             for (int i = 0; i < cn; i++) memcpy(s2 + (size_t)i * d, in + (size_t)i * ldx, (size_t)d * sizeof(float));
             in = s2;
         }
-        const float *z = run_layers(e->enc, e->n_enc, e->leaky_slope, in, cn, s1, s2, NULL);
+        const float *z = run_half(a, net, 0, in, cn, s1, s2, NULL);
         for (int i = 0; i < cn; i++) lat_encode(a, z + (size_t)i * a->r, rows + (size_t)(i0 + i) * rb);
     }
 }
@@ -262,20 +320,16 @@ static void repr_ae_decode(const kvc_repr *r, int layer, int head, int kind, con
     const ae_repr *a = r->impl;
     const int d = a->d;
     if (!a->c->trained[layer]) {
-        for (size_t j = 0; j < (size_t)n * d; j++) {
-            uint16_t h;
-            memcpy(&h, rows + 2 * j, 2);
-            y[j] = kvc_f16_to_f32(h);
-        }
+        repr_f16_row(rows, (size_t)n * d, y);
         return;
     }
-    const ae_export *e = net_of(a, layer, kind, head);
+    const int net = net_index(a, layer, kind, head);
     const size_t rb = lat_bytes(a);
     float s1[AE_SCRATCH], s2[AE_SCRATCH];
     for (int i0 = 0; i0 < n; i0 += a->chunk) {
         const int cn = n - i0 < a->chunk ? n - i0 : a->chunk;
         for (int i = 0; i < cn; i++) lat_decode(a, rows + (size_t)(i0 + i) * rb, s2 + (size_t)i * a->r);
-        run_layers(e->dec, e->n_dec, e->leaky_slope, s2, cn, s1, s2, y + (size_t)i0 * d);
+        run_half(a, net, 1, s2, cn, s1, s2, y + (size_t)i0 * d);
     }
 }
 
@@ -305,13 +359,9 @@ static void repr_ae_decode_latent(const kvc_repr *r, int layer, int head, const 
 /* out (D) = W zs + b with the value decoder of (layer, head) (valid when latent_dim > 0). */
 static void repr_ae_lift(const kvc_repr *r, int layer, int head, const float *zs, float *out) {
     const ae_repr *a = r->impl;
-    const ae_dense *dl = &net_of(a, layer, KV_V, head)->dec[0];
-    for (int o = 0; o < dl->out; o++) {
-        const float *w = dl->w + (size_t)o * dl->in;
-        float s = dl->b[o];
-        for (int j = 0; j < dl->in; j++) s += w[j] * zs[j];
-        out[o] = s;
-    }
+    const int net = net_index(a, layer, KV_V, head);
+    const ae_dense *dl = &a->c->ae[net].dec[0];
+    dense_t(a->wt[(size_t)net * 4 + 2], dl->b, dl->in, dl->out, zs, 1, out);
 }
 
 const kvc_repr_ops REPR_AE = {

@@ -30,12 +30,34 @@ void repr_qrow_encode(const float *x, int c, int g, int bits, uint8_t *row) {
     memcpy(row + cb + ng * 2, mn, ng * 2);
 }
 
+/* c 4-bit codes (two a byte, low nibble first) to floats; a separate pass so the loops that
+ * scale them vectorise. */
+static void unpack4(const uint8_t *codes, int c, float *out) {
+    for (int b = 0; b < c / 2; b++) {
+        out[2 * b] = (float)(codes[b] & 0x0F);
+        out[2 * b + 1] = (float)(codes[b] >> 4);
+    }
+}
+
+/* x = min + code * scale exactly as kvq_dequant_tokens_cpu computes it, inlined here since
+ * decode runs over every held row at every attention step. */
 void repr_qrow_decode(const uint8_t *row, int c, int g, int bits, float *y) {
-    uint16_t sc[REPR_MAX_DIM], mn[REPR_MAX_DIM];
     const size_t cb = kvq_code_bytes(bits, c), ng = (size_t)(c / g);
-    memcpy(sc, row + cb, ng * 2);
-    memcpy(mn, row + cb + ng * 2, ng * 2);
-    kvq_dequant_tokens_cpu(row, sc, mn, 1, c, g, bits, y);
+    float cf[REPR_MAX_DIM];
+    if (bits == 4) unpack4(row, c, cf);
+    for (size_t k = 0; k < ng; k++) {
+        uint16_t hs, hm;
+        memcpy(&hs, row + cb + k * 2, 2);
+        memcpy(&hm, row + cb + (ng + k) * 2, 2);
+        const float s = repr_f16_to_f32(hs), m = repr_f16_to_f32(hm);
+        float *yk = y + k * g;
+        const int j0 = (int)k * g;
+        if (bits == 8) {
+            for (int j = 0; j < g; j++) yk[j] = m + (float)row[j0 + j] * s;
+        } else {
+            for (int j = 0; j < g; j++) yk[j] = m + cf[j0 + j] * s;
+        }
+    }
 }
 
 int repr_parse_int(const char *repr, const char *key, const char *val, long lo, long hi, long *out, kvc_err *err) {
@@ -192,16 +214,26 @@ static void kivi_decode(const kvc_repr *r, int layer, int head, int kind, const 
         for (int i = 0; i < n; i++) repr_qrow_decode(rows + (size_t)i * rb, d, q->group, q->bits, y + (size_t)i * d);
         return;
     }
-    uint16_t sc[REPR_MAX_DIM], mn[REPR_MAX_DIM];
+    /* x = min + code * scale as kvq_dequant_channels_cpu computes it, with the block's f16
+     * scales widened once per block rather than twice per value */
+    float sc[REPR_MAX_DIM], mn[REPR_MAX_DIM];
     const uint8_t *have = NULL;
     const size_t rb = kvq_code_bytes(q->bits, d);
     for (int i = 0; i < n; i++) {
         if (blks[i] != have) {
             have = blks[i];
-            memcpy(sc, have, (size_t)d * 2);
-            memcpy(mn, have + (size_t)d * 2, (size_t)d * 2);
+            repr_f16_row(have, (size_t)d, sc);
+            repr_f16_row(have + (size_t)d * 2, (size_t)d, mn);
         }
-        kvq_dequant_channels_cpu(rows + (size_t)i * rb, sc, mn, 1, d, q->bits, y + (size_t)i * d);
+        const uint8_t *c = rows + (size_t)i * rb;
+        float *yi = y + (size_t)i * d;
+        if (q->bits == 8) {
+            for (int j = 0; j < d; j++) yi[j] = mn[j] + (float)c[j] * sc[j];
+        } else {
+            float cf[REPR_MAX_DIM];
+            unpack4(c, d, cf);
+            for (int j = 0; j < d; j++) yi[j] = mn[j] + cf[j] * sc[j];
+        }
     }
 }
 

@@ -2,6 +2,7 @@
  * (exact, 4 bytes a value, the reference every other form is measured against) and f16
  * (2 bytes a value, round-to-nearest-even). Neither takes options. */
 #include "kvc/kvcache.h"
+#include "repr_quant.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -89,12 +90,7 @@ static void f16_encode(const kvc_repr *r, int layer, int head, int kind, const f
 static void f16_decode(const kvc_repr *r, int layer, int head, int kind, const uint8_t *rows,
                        const uint8_t *const *blks, int n, float *y) {
     (void)layer, (void)head, (void)kind, (void)blks;
-    const size_t m = (size_t)n * r->shape.head_dim;
-    for (size_t j = 0; j < m; j++) {
-        uint16_t h;
-        memcpy(&h, rows + 2 * j, 2);
-        y[j] = kvc_f16_to_f32(h);
-    }
+    repr_f16_row(rows, (size_t)n * r->shape.head_dim, y);
 }
 
 const kvc_repr_ops REPR_F16 = {

@@ -226,6 +226,54 @@ Test(repr, round_trips_within_budget_and_bytes_by_hand) {
     }
 }
 
+/* The decoders inline their f16 widening and dequantisation for speed: they must agree bit
+ * for bit with kvc_f16_to_f32 (all 65536 patterns, NaNs as NaN) and the kvquant reference. */
+Test(repr, fast_decoders_match_the_references_bit_for_bit) {
+    kvc_repr_env env = model_env();
+    kvc_err err = {{0}};
+    kvc_repr *r = kvc_repr_new("f16", &env, &err);
+    cr_assert_not_null(r, "%s", err.msg);
+    static uint8_t all[65536 * 2];
+    static float y[65536];
+    for (uint32_t h = 0; h < 65536; h++) memcpy(all + 2 * h, &(uint16_t){(uint16_t)h}, 2);
+    r->ops->decode(r, 0, 0, KV_V, all, NULL, 65536 / D, y);
+    for (uint32_t h = 0; h < 65536; h++) {
+        float ref = kvc_f16_to_f32((uint16_t)h);
+        cr_assert(isnan(ref) ? isnan(y[h]) : !memcmp(&ref, &y[h], 4), "f16 %04x: %g vs %g", h, y[h], ref);
+    }
+    kvc_repr_free(r);
+    const char *specs[] = {"int8:group=16,kgroup=8", "int4:group=16,kgroup=8", "int4:keys=token"};
+    enum { T = 8 };
+    static float x[T * D], yr[T * D], yq[T * D];
+    static uint8_t rows[T * 2 * D], blk[4 * D];
+    for (int s = 0; s < 3; s++) {
+        r = kvc_repr_new(specs[s], &env, &err);
+        cr_assert_not_null(r, "%s", err.msg);
+        const int bits = specs[s][3] == '8' ? 8 : 4, g = s < 2 ? 16 : 32;
+        for (int kind = KV_K; kind <= KV_V; kind++) {
+            const int nb = r->ops->block_rows(r, kind);
+            const size_t rb = r->ops->row_bytes(r, 0, 0, kind), cb = kvq_code_bytes(bits, D);
+            for (int i = 0; i < T * D; i++) x[i] = 3 * urand() + (i % D == 5 ? 20 : 0);
+            for (int t = 0; t < T; t += nb) r->ops->encode(r, 0, 0, kind, x + t * D, D, nb, rows + t * rb, blk);
+            const uint8_t *blks[T];
+            for (int t = 0; t < T; t++) blks[t] = blk;
+            r->ops->decode(r, 0, 0, kind, rows, blks, T, yq);
+            for (int t = 0; t < T; t++) {
+                uint16_t sc[D], mn[D];
+                if (nb > 1) {
+                    memcpy(sc, blk, 2 * D), memcpy(mn, blk + 2 * D, 2 * D);
+                    kvq_dequant_channels_cpu(rows + t * rb, sc, mn, 1, D, bits, yr + t * D);
+                } else {
+                    memcpy(sc, rows + t * rb + cb, 2 * (D / g)), memcpy(mn, rows + t * rb + cb + 2 * (D / g), 2 * (D / g));
+                    kvq_dequant_tokens_cpu(rows + t * rb, sc, mn, 1, D, g, bits, yr + t * D);
+                }
+            }
+            cr_assert(!memcmp(yr, yq, sizeof yr), "%s kind %d: decode differs from kvquant", specs[s], kind);
+        }
+        kvc_repr_free(r);
+    }
+}
+
 /* Quantisation is not free: int4 keys per channel beat per token on outlier channels, and
  * the errors are in the range KIVI reports, so the budget checks above are not vacuous. */
 Test(repr, int4_channel_keys_beat_token_keys_on_outliers) {
