@@ -31,6 +31,34 @@ int simhash_codes_cuda(const float *proj, int dim, int bits, const float *x, int
                        kvc_err *err);
 int hamming_cuda(const uint64_t *codes, int64_t n, uint64_t probe, uint8_t *dist, kvc_err *err);
 
+/* Twins of kvc/kvattn.h (the same arguments plus err, host pointers); topk returns the count
+ * of indices written, or -1 with err. */
+int dense_rows_cuda(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
+                    float *y, kvc_err *err);
+int rope_rows_cuda(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y,
+                   kvc_err *err);
+int attend_head_cuda(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *v,
+                     const int32_t *kpos, int64_t t, float *out, float *probs, kvc_err *err);
+int attend_latent_cuda(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *z,
+                       int r, const float *w, const float *b, const int32_t *kpos, int64_t t, float *out,
+                       float *probs, kvc_err *err);
+int64_t topk_unprotected_cuda(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx,
+                              kvc_err *err);
+/* The same on device pointers (every array already on the device), queued on the default
+ * stream with no final synchronisation: for a cache kept on the device, and for timing the
+ * kernels without transfers. Temporary buffers come from the stream-ordered allocator. */
+int dense_rows_dev(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
+                   float *y, kvc_err *err);
+int rope_rows_dev(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y,
+                  kvc_err *err);
+int attend_head_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *v,
+                    const int32_t *kpos, int64_t t, float *out, float *probs, kvc_err *err);
+int attend_latent_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *z,
+                      int r, const float *w, const float *b, const int32_t *kpos, int64_t t, float *out,
+                      float *probs, kvc_err *err);
+int64_t topk_unprotected_dev(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx,
+                             kvc_err *err);
+
 #ifdef __cplusplus
 }
 #endif

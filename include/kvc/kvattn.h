@@ -1,0 +1,52 @@
+/* kvattn.h - the inference hot paths of the compressed cache, on many rows at once: codec
+ * layers (encode/decode), RoPE on decoded keys at their true (gapped) positions, attention of
+ * one KV head over its held tokens (values exact or as latents of a linear decoder), and the
+ * eviction top-k. The CPU code (kernels/kvattn.c) is the reference; kernels/cuda/kvattn_cuda.cu
+ * holds the CUDA twins (declared in kvc/ops_cuda.h).
+ * Letters: N rows, I/O layer input/output width, T keys held, D head_dim, G query heads per KV
+ * head, Q query tokens, R latent size. Row-major throughout. */
+#ifndef KVC_KVATTN_H
+#define KVC_KVATTN_H
+
+#include "kvc/ae.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* One exported codec layer: y (N, O) = act(x (N, I) W^T + b) with W (O, I), b (O) (NULL: no
+ * bias), act an ae_act, slope the leaky_relu negative slope. Computes exactly what
+ * ae_export_run computes for one ae_dense (same GEMM, same activation formulas). */
+void dense_rows_cpu(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
+                    float *y);
+
+/* Rotates n rows of one head (x: rows of D floats, ldx floats apart) by RoPE on adjacent pairs
+ * (GGUF layout) at positions pos (n), which may have gaps, into y (n, D). The same arithmetic
+ * as rope_cpu with one head; y may equal x when ldx == d. d even. */
+void rope_rows_cpu(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y);
+
+/* Attention of one KV head: queries q (Q, G, D) at positions qpos (Q) over keys k (T, D) (after
+ * RoPE) at positions kpos (T), causal by position (key i visible to query j when
+ * kpos[i] <= qpos[j]; kpos need not be sorted), scale 1/sqrt(D), values v (T, D):
+ * out (Q, G, D). When probs is non-NULL it receives the softmax weights (Q, G, T), 0 for keys
+ * not visible. A query that sees no key gets a zero output (and zero weights). */
+void attend_head_cpu(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *v,
+                     const int32_t *kpos, int64_t t, float *out, float *probs);
+
+/* The same attention with values held as latents z (T, R) of a linear decoder W (D, R), b (D)
+ * (b may be NULL): out = W (sum_i a_i z_i) + b, which equals attending over the decoded values
+ * since the weights a_i sum to 1. A query that sees no key gets a zero output. */
+void attend_latent_cpu(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *z,
+                       int r, const float *w, const float *b, const int32_t *kpos, int64_t t, float *out,
+                       float *probs);
+
+/* The indices of the kk highest scores among [sinks, n - window), ordered by score, highest
+ * first, ties by lower index first: the tokens kvcache_select marks for eviction when
+ * kk = n - keep. Writes min(kk, candidates) indices to idx (kk) and returns that count (0 when
+ * protection leaves nothing). Scores must not be NaN; -0 and +0 tie. */
+int64_t topk_unprotected_cpu(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

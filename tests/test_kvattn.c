@@ -1,0 +1,313 @@
+/* test_kvattn.c - the CPU hot paths of the compressed cache (kernels/kvattn.c): attention of
+ * one KV head against a naive double-precision softmax, the latent form against decoding then
+ * attending, codec layers against ae_export_run and a double formula per activation, RoPE
+ * rows against rope_cpu, and the eviction top-k against kvcache_select's marks. */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvc/ae.h"
+#include "kvc/kvattn.h"
+#include "kvc/kvcache.h"
+#include "kvc/ops.h"
+
+/* Attention outputs: |got - ref| <= ATTN_RTOL (|ref| + max|v|), the value scale standing in
+ * where outputs cancel towards 0. Weights: |got - ref| <= PROB_ATOL + ATTN_RTOL ref. */
+#define ATTN_RTOL 1e-5
+#define PROB_ATOL 1e-7
+/* Codec layers against ae_export_run (same GEMM and formulas): |a - b| <= DENSE_TOL (1 + |b|);
+ * against the activation worked out in double: DENSE_DBL_TOL (1 + |b|). */
+#define DENSE_TOL 1e-6
+#define DENSE_DBL_TOL 1e-5
+
+static uint64_t rs = 12345;
+
+/* Standard normal (Box-Muller on a 64-bit LCG). */
+static float gauss(void) {
+    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
+    double u1 = ((rs >> 11) + 1.0) / 9007199254740993.0;
+    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
+    double u2 = (rs >> 11) / 9007199254740992.0;
+    return (float)(sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+/* Uniform integer in [0, n). */
+static int64_t urand(int64_t n) {
+    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
+    return (int64_t)((rs >> 33) % (uint64_t)n);
+}
+
+static float *randn(size_t n, float scale) {
+    float *a = malloc(n * sizeof *a);
+    for (size_t i = 0; i < n; i++) a[i] = scale * gauss();
+    return a;
+}
+
+/* ---- attention ------------------------------------------------------------------------ */
+
+/* Naive double attention of one query row over values vals (T, VW): out (VW), pr (T). */
+static void attend_ref(const float *qr, int32_t qp, int d, const float *k, const float *vals, int vw,
+                       const int32_t *kpos, int64_t t, double *out, double *pr) {
+    double m = -INFINITY, l = 0;
+    for (int64_t i = 0; i < t; i++) {
+        double s = 0;
+        for (int e = 0; e < d; e++) s += (double)qr[e] * k[i * d + e];
+        pr[i] = kpos[i] <= qp ? s / sqrt((double)d) : -INFINITY;
+        m = pr[i] > m ? pr[i] : m;
+    }
+    for (int c = 0; c < vw; c++) out[c] = 0;
+    for (int64_t i = 0; i < t; i++) {
+        pr[i] = pr[i] == -INFINITY ? 0 : exp(pr[i] - m);
+        l += pr[i];
+    }
+    for (int64_t i = 0; i < t; i++) {
+        if (l > 0) pr[i] /= l;
+        for (int c = 0; c < vw; c++) out[c] += pr[i] * vals[i * vw + c];
+    }
+}
+
+/* Gapped, increasing positions (as after eviction) starting at p0; a few keys shuffled so the
+ * kernel cannot rely on order. */
+static int32_t *gapped_positions(int64_t t, int32_t p0) {
+    int32_t *p = calloc((size_t)(t > 0 ? t : 1), sizeof *p), at = p0;
+    for (int64_t i = 0; i < t; i++) p[i] = at, at += 1 + (int32_t)urand(3);
+    for (int s = 0; s < 4 && t > 1; s++) {
+        int64_t a = urand(t), b = urand(t);
+        int32_t x = p[a];
+        p[a] = p[b], p[b] = x;
+    }
+    return p;
+}
+
+typedef struct {
+    int n_q, g, d;
+    int64_t t;
+    float kscale; /* key scale: larger makes the softmax peakier */
+} attn_case;
+
+static const attn_case CASES[] = {
+    {1, 3, 64, 300, 1.0f},  /* decode step, crosses key blocks */
+    {7, 3, 64, 1000, 3.0f}, /* a chunk with peaky weights */
+    {2, 2, 32, 64, 0.3f},   /* exactly one block */
+    {3, 1, 16, 5, 1.0f},    /* fewer keys than a block */
+    {2, 4, 64, 130, 8.0f},  /* scores in the hundreds: the online maximum must hold */
+};
+
+/* Runs one case for the exact and latent forms and checks both against the double reference;
+ * the latent form also against decoding the values then attending with attend_head_cpu. */
+static void check_case(const attn_case *c, int r) {
+    const int n_q = c->n_q, g = c->g, d = c->d, rows = n_q * g;
+    const int64_t t = c->t;
+    float *q = randn((size_t)rows * d, 1.0f), *k = randn((size_t)t * d, c->kscale);
+    float *z = randn((size_t)t * r, 1.0f), *w = randn((size_t)d * r, 0.3f), *bias = randn(d, 0.5f);
+    float *v = malloc((size_t)t * d * sizeof(float));
+    for (int64_t i = 0; i < t; i++) /* v = W z + b, so both forms attend over the same values */
+        for (int e = 0; e < d; e++) {
+            float a = 0;
+            for (int cc = 0; cc < r; cc++) a += w[e * r + cc] * z[i * r + cc];
+            v[i * d + e] = a + bias[e];
+        }
+    int32_t *kpos = gapped_positions(t, 0), qpos[16];
+    int32_t kmax = 0, kmin = kpos[0];
+    for (int64_t i = 0; i < t; i++) kmax = kpos[i] > kmax ? kpos[i] : kmax, kmin = kpos[i] < kmin ? kpos[i] : kmin;
+    /* queries: the first sees nothing, one sees about half, the rest everything */
+    for (int j = 0; j < n_q; j++) qpos[j] = j == 0 && n_q > 1 ? kmin - 1 : j == 1 ? kmax / 2 : kmax + j;
+    float *out = malloc((size_t)rows * d * sizeof(float)), *outl = malloc((size_t)rows * d * sizeof(float));
+    float *pr = malloc((size_t)rows * t * sizeof(float)), *prl = malloc((size_t)rows * t * sizeof(float));
+    double *ref = malloc((size_t)d * sizeof(double)), *refp = malloc((size_t)t * sizeof(double));
+    attend_head_cpu(q, qpos, n_q, g, d, k, v, kpos, t, out, pr);
+    attend_latent_cpu(q, qpos, n_q, g, d, k, z, r, w, bias, kpos, t, outl, prl);
+    double vmax = 0, worst = 0, worst_l = 0;
+    for (int64_t i = 0; i < t * d; i++) vmax = fmax(vmax, fabs(v[i]));
+    for (int row = 0; row < rows; row++) {
+        attend_ref(q + row * d, qpos[row / g], d, k, v, d, kpos, t, ref, refp);
+        double psum = 0;
+        for (int64_t i = 0; i < t; i++) {
+            float p = pr[(size_t)row * t + i];
+            cr_assert(fabs(p - refp[i]) <= PROB_ATOL + ATTN_RTOL * refp[i], "case t=%lld row %d weight %lld: %g vs %g",
+                      (long long)t, row, (long long)i, p, refp[i]);
+            cr_assert(fabs(prl[(size_t)row * t + i] - refp[i]) <= PROB_ATOL + ATTN_RTOL * refp[i], "latent weight");
+            psum += p;
+        }
+        int sees = qpos[row / g] >= kmin;
+        cr_assert(fabs(psum - (sees ? 1.0 : 0.0)) < 1e-5, "row %d: weights sum to %g", row, psum);
+        for (int e = 0; e < d; e++) {
+            double tol = ATTN_RTOL * (fabs(ref[e]) + vmax);
+            float o = out[row * d + e], ol = outl[row * d + e];
+            cr_assert(fabs(o - ref[e]) <= tol, "case t=%lld row %d [%d]: %.9g vs ref %.9g", (long long)t, row, e, o, ref[e]);
+            cr_assert(fabs(ol - o) <= tol, "latent row %d [%d]: %.9g vs decode-then-attend %.9g", row, e, ol, o);
+            cr_assert(fabs(ol - ref[e]) <= tol, "latent row %d [%d]: %.9g vs ref %.9g", row, e, ol, ref[e]);
+            if (!sees) cr_assert(o == 0 && ol == 0, "a query that sees no key must give 0");
+            worst = fmax(worst, fabs(o - ref[e]) / (fabs(ref[e]) + vmax));
+            worst_l = fmax(worst_l, fabs(ol - o) / (fabs(ref[e]) + vmax));
+        }
+    }
+    fprintf(stderr, "attend Q=%d G=%d D=%d T=%lld: worst rel err %.2e (latent vs decoded %.2e)\n", n_q, g, d,
+            (long long)t, worst, worst_l);
+    free(q), free(k), free(z), free(w), free(bias), free(v), free(kpos), free(out), free(outl), free(pr), free(prl);
+    free(ref), free(refp);
+}
+
+Test(kvattn, attend_matches_double_reference) {
+    for (size_t i = 0; i < sizeof CASES / sizeof CASES[0]; i++) check_case(&CASES[i], CASES[i].d / 2);
+}
+
+Test(kvattn, attend_without_weights_and_without_keys) {
+    /* probs NULL gives the same output; T = 0 gives zeros */
+    enum { Q = 2, G = 3, D = 16, T = 100 };
+    float *q = randn(Q * G * D, 1), *k = randn(T * D, 1), *v = randn(T * D, 1), a[Q * G * D], b[Q * G * D];
+    float pr[Q * G * T];
+    int32_t *kpos = gapped_positions(T, 3), qpos[Q] = {1000, 1001};
+    attend_head_cpu(q, qpos, Q, G, D, k, v, kpos, T, a, pr);
+    attend_head_cpu(q, qpos, Q, G, D, k, v, kpos, T, b, NULL);
+    cr_assert(!memcmp(a, b, sizeof a), "probs=NULL must not change the output");
+    for (int i = 0; i < Q * G * D; i++) b[i] = 1;
+    attend_head_cpu(q, qpos, Q, G, D, k, v, kpos, 0, b, NULL);
+    for (int i = 0; i < Q * G * D; i++) cr_assert_eq(b[i], 0.0f, "no keys: output must be 0");
+    free(q), free(k), free(v), free(kpos);
+}
+
+/* ---- RoPE ----------------------------------------------------------------------------- */
+
+Test(kvattn, rope_rows_equals_rope_cpu) {
+    enum { N = 9, D = 64, LD = 80 };
+    float *x = randn(N * LD, 2.0f), a[N * D], b[N * D];
+    const int32_t pos[N] = {0, 1, 3, 7, 100, 1001, 4095, 8191, 60000}; /* gaps, as after eviction */
+    for (int t = 0; t < N; t++) memcpy(a + t * D, x + t * LD, D * sizeof(float));
+    rope_cpu(a, pos, N, 1, D, 100000.0f);
+    rope_rows_cpu(x, LD, pos, N, D, 100000.0f, b);
+    cr_assert(!memcmp(a, b, sizeof a), "rope_rows_cpu must equal rope_cpu bit for bit");
+    /* in place, contiguous */
+    memcpy(b, a, sizeof a);
+    rope_rows_cpu(b, D, pos, N, D, 10000.0f, b);
+    memcpy(x, a, sizeof a);
+    rope_cpu(x, pos, N, 1, D, 10000.0f);
+    cr_assert(!memcmp(x, b, sizeof a), "in-place rope_rows_cpu must equal rope_cpu");
+    free(x);
+}
+
+/* ---- codec layers --------------------------------------------------------------------- */
+
+/* act(a) in double, for the check of each activation formula. */
+static double act_ref(double a, int act, double slope) {
+    switch (act) {
+    case AE_ACT_RELU: return a > 0 ? a : 0;
+    case AE_ACT_LEAKY_RELU: return a > 0 ? a : slope * a;
+    case AE_ACT_GELU: return 0.5 * a * (1 + tanh(sqrt(2 / 3.141592653589793) * (a + 0.044715 * a * a * a)));
+    case AE_ACT_SILU: return a / (1 + exp(-a));
+    default: return a;
+    }
+}
+
+Test(kvattn, dense_rows_equals_ae_export_run) {
+    enum { D = 64, H = 48, R = 16, N = 600 }; /* more rows than one GEMM block */
+    kvc_err err = {{0}};
+    for (int act = 0; act < AE_ACT_COUNT; act++) {
+        for (int hidden = 0; hidden <= H; hidden += H) {
+            if (!hidden && act) continue;
+            ae_config c;
+            ae_config_defaults(&c);
+            c.in_dim = D, c.hidden = hidden, c.latent = R, c.act = (ae_act)act, c.norm = hidden ? AE_NORM_BATCH : AE_NORM_NONE;
+            c.leaky_slope = 0.2f;
+            ae_model *m = ae_new(&c, 11 + act, &err);
+            cr_assert(m, "%s", err.msg);
+            for (int i = 0; i < ae_n_tensors(m); i++) { /* non-trivial BatchNorm statistics to fold */
+                ae_tensor tt = ae_tensor_at(m, i);
+                if (strstr(tt.name, "running_mean")) for (int j = 0; j < tt.rows; j++) tt.data[j] = 0.3f * gauss();
+                if (strstr(tt.name, "running_var")) for (int j = 0; j < tt.rows; j++) tt.data[j] = 0.5f + fabsf(gauss());
+            }
+            ae_export e;
+            cr_assert_eq(ae_export_folded(m, &e, &err), 0, "%s", err.msg);
+            float *x = randn((size_t)N * D, 1.5f), *z = malloc(N * R * 4), *z2 = malloc(N * R * 4);
+            float *y = malloc((size_t)N * D * 4), *y2 = malloc((size_t)N * D * 4), *h = malloc((size_t)N * H * 4);
+            ae_export_run(e.enc, e.n_enc, e.leaky_slope, x, N, z);
+            ae_export_run(e.dec, e.n_dec, e.leaky_slope, z, N, y);
+            for (int half = 0; half < 2; half++) { /* encode, then decode, layer by layer */
+                const ae_dense *L = half ? e.dec : e.enc;
+                int nl = half ? e.n_dec : e.n_enc;
+                const float *in = half ? z : x;
+                float *out = half ? y2 : z2;
+                for (int l = 0; l < nl; l++) {
+                    float *o = l == nl - 1 ? out : h;
+                    dense_rows_cpu(l ? h : in, N, L[l].in, L[l].w, L[l].b, L[l].out, L[l].act, e.leaky_slope, o);
+                    if (l == 0) /* the first layer (with its activation) against a double formula */
+                        for (int i = 0; i < N; i += 37)
+                            for (int j = 0; j < L[0].out; j++) {
+                                double a = L[0].b[j];
+                                for (int kk = 0; kk < L[0].in; kk++) a += (double)in[i * L[0].in + kk] * L[0].w[j * L[0].in + kk];
+                                double want = act_ref(a, L[0].act, e.leaky_slope);
+                                cr_assert(fabs(o[i * L[0].out + j] - want) <= DENSE_DBL_TOL * (1 + fabs(want)),
+                                          "%s layer 0 [%d,%d]: %g vs %g", ae_act_name((ae_act)act), i, j,
+                                          o[i * L[0].out + j], want);
+                            }
+                }
+            }
+            double worst = 0;
+            for (int i = 0; i < N * R; i++) {
+                cr_assert(fabsf(z2[i] - z[i]) <= DENSE_TOL * (1 + fabsf(z[i])), "%s enc [%d]: %g vs %g",
+                          ae_act_name((ae_act)act), i, z2[i], z[i]);
+                worst = fmax(worst, fabsf(z2[i] - z[i]));
+            }
+            for (int i = 0; i < N * D; i++) {
+                cr_assert(fabsf(y2[i] - y[i]) <= DENSE_TOL * (1 + fabsf(y[i])), "%s dec [%d]: %g vs %g",
+                          ae_act_name((ae_act)act), i, y2[i], y[i]);
+                worst = fmax(worst, fabsf(y2[i] - y[i]));
+            }
+            fprintf(stderr, "dense_rows %s hidden %d: worst |diff| to ae_export_run %.2e\n", ae_act_name((ae_act)act),
+                    hidden, worst);
+            free(x), free(z), free(z2), free(y), free(y2), free(h);
+            ae_export_free(&e);
+            ae_free(m);
+        }
+    }
+}
+
+/* ---- eviction top-k ------------------------------------------------------------------- */
+
+Test(kvattn, topk_agrees_with_kvcache_select) {
+    int64_t idx[400];
+    uint8_t mark[400];
+    float score[400];
+    int big = 0;
+    for (int it = 0; it < 600; it++) {
+        int64_t n = 1 + urand(400), keep = urand(n + 2), sinks = urand(8), window = urand(20);
+        int levels = 1 + (int)urand(it % 3 ? 1000 : 4); /* few levels: many ties */
+        for (int64_t i = 0; i < n; i++) {
+            score[i] = (float)(urand(levels) - levels / 2) * 0.25f;
+            if (score[i] == 0 && urand(2)) score[i] = -0.0f; /* -0 and +0 tie */
+        }
+        int64_t marked = kvcache_select(score, n, keep, (int)sinks, (int)window, mark);
+        int64_t kk = n - keep, got = topk_unprotected_cpu(score, n, sinks, window, kk, idx);
+        cr_assert_eq(got, marked, "n %lld keep %lld sinks %lld window %lld: %lld indices, select marked %lld",
+                     (long long)n, (long long)keep, (long long)sinks, (long long)window, (long long)got,
+                     (long long)marked);
+        big += marked > 8; /* kvcache_select's sorting path, not only its arg-max path */
+        int64_t seen = 0;
+        for (int64_t j = 0; j < got; j++) {
+            cr_assert(idx[j] >= sinks && idx[j] < n - window, "index %lld is protected", (long long)idx[j]);
+            cr_assert(mark[idx[j]], "n %lld: index %lld chosen but not marked by kvcache_select", (long long)n,
+                      (long long)idx[j]);
+            if (j) { /* ranked: higher score first, ties the older first */
+                float a = score[idx[j - 1]], b = score[idx[j]];
+                cr_assert(a > b || (a == b && idx[j - 1] < idx[j]), "order at %lld", (long long)j);
+            }
+            seen++;
+        }
+        cr_assert_eq(seen, marked);
+    }
+    cr_assert(big > 100, "too few cases with more than 8 evictions (%d)", big);
+}
+
+Test(kvattn, topk_by_hand) {
+    const float s[10] = {9, 1, 5, 5, 7, -1, 5, 8, 2, 9};
+    int64_t idx[10];
+    /* candidates [2, 8): 5 5 7 -1 5 8 -> 7 (8), 4 (7), then the 5s oldest first: 2, 3, 6 */
+    cr_assert_eq(topk_unprotected_cpu(s, 10, 2, 2, 4, idx), 4);
+    const int64_t want[4] = {7, 4, 2, 3};
+    for (int i = 0; i < 4; i++) cr_assert_eq(idx[i], want[i], "idx[%d] = %lld", i, (long long)idx[i]);
+    cr_assert_eq(topk_unprotected_cpu(s, 10, 2, 2, 100, idx), 6, "capped by the candidates");
+    cr_assert_eq(topk_unprotected_cpu(s, 10, 5, 5, 3, idx), 0, "protection leaves nothing");
+    cr_assert_eq(topk_unprotected_cpu(s, 10, 0, 0, 0, idx), 0);
+}

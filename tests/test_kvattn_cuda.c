@@ -1,0 +1,195 @@
+/* test_kvattn_cuda.c - the CUDA twins of kernels/kvattn.c (kernels/cuda/kvattn_cuda.cu) against
+ * the CPU reference, at the sizes inference uses (T = 4096, D = 64, R = 32, G = 3) and at odd
+ * edges (one key, no key, widths that are not tile multiples). Tolerance abs + eps*|ref|.
+ * Runs where a GPU is present; elsewhere each test says it skipped and why. */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvc/ae.h"
+#include "kvc/backend.h"
+#include "kvc/kvattn.h"
+#ifdef KVC_HAVE_CUDA
+#include "kvc/ops_cuda.h"
+#endif
+
+/* Budgets, each |cuda - cpu| <= ABS + EPS |cpu|:
+ * codec layers: other summation order and FMA contraction over I <= 128 products; */
+#define DENSE_ABS 1e-5
+#define DENSE_EPS 1e-5
+/* RoPE: identical angles, sincosf within 2 ulp of glibc's cosf/sinf, |x| below about 10; */
+#define ROPE_ABS 1e-5
+#define ROPE_EPS 1e-6
+/* attention: ABS is ATTN_EPS times the largest |value| (outputs may cancel towards 0);
+ * weights: PROB_ABS absolute; */
+#define ATTN_EPS 1e-5
+#define PROB_ABS 1e-7
+/* top-k: the index lists must be identical (the keys are exact). */
+
+#ifdef KVC_HAVE_CUDA
+static uint64_t rs = 777;
+
+static float gauss(void) {
+    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
+    double u1 = ((rs >> 11) + 1.0) / 9007199254740993.0;
+    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
+    double u2 = (rs >> 11) / 9007199254740992.0;
+    return (float)(sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+static int64_t urand(int64_t n) {
+    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
+    return (int64_t)((rs >> 33) % (uint64_t)n);
+}
+
+static float *randn(size_t n, float scale) {
+    float *a = malloc((n ? n : 1) * sizeof *a);
+    for (size_t i = 0; i < n; i++) a[i] = scale * gauss();
+    return a;
+}
+
+static void need_gpu(void) {
+    char why[256];
+    if (!backend_cuda_available(why, sizeof why)) cr_skip_test("CUDA parity skipped: %s", why);
+}
+
+/* Asserts |got - ref| <= abs_tol + eps |ref| everywhere and returns the worst |got - ref|. */
+static double expect_close(const float *got, const float *ref, size_t n, double abs_tol, double eps, const char *what) {
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)got[i] - ref[i]);
+        cr_assert(e <= abs_tol + eps * fabs(ref[i]), "%s[%zu]: cuda %.9g cpu %.9g", what, i, got[i], ref[i]);
+        worst = fmax(worst, e);
+    }
+    return worst;
+}
+
+Test(kvattn_cuda, dense_rows) {
+    need_gpu();
+    /* encode 64 -> 32, decode 32 -> 64, a hidden layer per activation, and ragged widths */
+    const struct { int n, in, out, act; } cs[] = {
+        {4096, 64, 32, AE_ACT_NONE}, {4096, 32, 64, AE_ACT_NONE}, {1000, 64, 128, AE_ACT_RELU},
+        {1000, 128, 64, AE_ACT_LEAKY_RELU}, {333, 40, 24, AE_ACT_GELU}, {17, 24, 40, AE_ACT_SILU}, {1, 5, 3, AE_ACT_NONE},
+    };
+    kvc_err err = {{0}};
+    for (size_t c = 0; c < sizeof cs / sizeof cs[0]; c++) {
+        const int n = cs[c].n, in = cs[c].in, out = cs[c].out;
+        float *x = randn((size_t)n * in, 1.0f), *w = randn((size_t)out * in, 1.0f / sqrtf((float)in));
+        float *b = randn(out, 0.5f), *y1 = malloc((size_t)n * out * 4), *y2 = malloc((size_t)n * out * 4);
+        for (int nob = 0; nob < 2; nob++) {
+            dense_rows_cpu(x, n, in, w, nob ? NULL : b, out, cs[c].act, 0.1f, y1);
+            cr_assert_eq(dense_rows_cuda(x, n, in, w, nob ? NULL : b, out, cs[c].act, 0.1f, y2, &err), 0, "%s", err.msg);
+            double worst = expect_close(y2, y1, (size_t)n * out, DENSE_ABS, DENSE_EPS, "dense");
+            if (!nob) fprintf(stderr, "dense %d x %d -> %d %s: worst %.2e\n", n, in, out, ae_act_name((ae_act)cs[c].act), worst);
+        }
+        free(x), free(w), free(b), free(y1), free(y2);
+    }
+}
+
+Test(kvattn_cuda, rope_rows) {
+    need_gpu();
+    enum { N = 4096, D = 64, LD = 192 }; /* keys of one head inside rows of three heads */
+    float *x = randn((size_t)N * LD, 2.0f), *a = malloc((size_t)N * D * 4), *b = malloc((size_t)N * D * 4);
+    int32_t *pos = malloc(N * sizeof *pos);
+    kvc_err err = {{0}};
+    for (int t = 0, p = 0; t < N; t++) pos[t] = p, p += 1 + (int)urand(16); /* gaps up to 15 */
+    rope_rows_cpu(x + 64, LD, pos, N, D, 100000.0f, a);
+    cr_assert_eq(rope_rows_cuda(x + 64, LD, pos, N, D, 100000.0f, b, &err), 0, "%s", err.msg);
+    fprintf(stderr, "rope_rows: worst %.2e\n", expect_close(b, a, (size_t)N * D, ROPE_ABS, ROPE_EPS, "rope"));
+    free(x), free(a), free(b), free(pos);
+}
+
+/* One attention case, exact and latent values, with and without weights. */
+static void attend_case(int n_q, int g, int d, int r, int64_t t, float kscale) {
+    const int rows = n_q * g;
+    kvc_err err = {{0}};
+    float *q = randn((size_t)rows * d, 1.0f), *k = randn((size_t)t * d, kscale), *v = randn((size_t)t * d, 1.0f);
+    float *z = randn((size_t)t * r, 1.0f), *w = randn((size_t)d * r, 0.3f), *b = randn(d, 0.5f);
+    float *o1 = malloc((size_t)rows * d * 4), *o2 = malloc((size_t)rows * d * 4);
+    float *p1 = malloc((size_t)rows * (t ? t : 1) * 4), *p2 = malloc((size_t)rows * (t ? t : 1) * 4);
+    int32_t *kpos = malloc((size_t)(t ? t : 1) * sizeof *kpos), *qpos = malloc((size_t)n_q * sizeof *qpos);
+    int32_t top = 0;
+    for (int64_t i = 0; i < t; i++) kpos[i] = top, top += 1 + (int32_t)urand(3);
+    if (t > 1) { int32_t s = kpos[0]; kpos[0] = kpos[t - 1], kpos[t - 1] = s; } /* not sorted */
+    /* the first query sees nothing, the second about half, the others every key */
+    for (int j = 0; j < n_q; j++) qpos[j] = n_q > 2 && j == 0 ? -1 : n_q > 2 && j == 1 ? top / 2 : top + j;
+    double vmax = 1e-30, zmax = 1e-30;
+    for (int64_t i = 0; i < t * d; i++) vmax = fmax(vmax, fabs(v[i]));
+    for (int64_t i = 0; i < t; i++) /* latent outputs: the scale of the decoded values */
+        for (int e = 0; e < d; e++) {
+            double a = b[e];
+            for (int c = 0; c < r; c++) a += (double)w[e * r + c] * z[i * r + c];
+            zmax = fmax(zmax, fabs(a));
+        }
+    char what[96];
+    for (int with_p = 0; with_p < 2; with_p++) {
+        attend_head_cpu(q, qpos, n_q, g, d, k, v, kpos, t, o1, with_p ? p1 : NULL);
+        cr_assert_eq(attend_head_cuda(q, qpos, n_q, g, d, k, v, kpos, t, o2, with_p ? p2 : NULL, &err), 0, "%s", err.msg);
+        snprintf(what, sizeof what, "attend Q=%d G=%d D=%d T=%lld", n_q, g, d, (long long)t);
+        double wo = expect_close(o2, o1, (size_t)rows * d, ATTN_EPS * vmax, ATTN_EPS, what);
+        double wp = with_p ? expect_close(p2, p1, (size_t)rows * t, PROB_ABS, ATTN_EPS, "weights") : 0;
+        attend_latent_cpu(q, qpos, n_q, g, d, k, z, r, w, b, kpos, t, o1, with_p ? p1 : NULL);
+        cr_assert_eq(attend_latent_cuda(q, qpos, n_q, g, d, k, z, r, w, b, kpos, t, o2, with_p ? p2 : NULL, &err), 0,
+                     "%s", err.msg);
+        snprintf(what, sizeof what, "latent Q=%d G=%d D=%d R=%d T=%lld", n_q, g, d, r, (long long)t);
+        double wl = expect_close(o2, o1, (size_t)rows * d, ATTN_EPS * zmax, ATTN_EPS, what);
+        if (with_p) {
+            expect_close(p2, p1, (size_t)rows * t, PROB_ABS, ATTN_EPS, "latent weights");
+            fprintf(stderr, "%s: worst out %.2e (value scale %.2g), latent %.2e, weights %.2e\n", what, wo, vmax, wl, wp);
+        }
+    }
+    free(q), free(k), free(v), free(z), free(w), free(b), free(o1), free(o2), free(p1), free(p2), free(kpos), free(qpos);
+}
+
+Test(kvattn_cuda, attend_inference_sizes) {
+    need_gpu();
+    attend_case(1, 3, 64, 32, 4096, 1.0f);  /* decode step */
+    attend_case(32, 3, 64, 32, 4096, 2.0f); /* a chunk of 32 queries */
+}
+
+Test(kvattn_cuda, attend_edges) {
+    need_gpu();
+    attend_case(3, 3, 64, 32, 1, 1.0f);   /* one key */
+    attend_case(4, 1, 16, 8, 77, 4.0f);   /* ragged tiles, peaky weights */
+    attend_case(5, 8, 128, 48, 300, 1.0f); /* wide heads: smaller key tiles */
+    attend_case(2, 3, 64, 32, 0, 1.0f);   /* nothing held: zeros */
+}
+
+/* Scores with many ties (and -0 beside +0) over n tokens; the CUDA index list must equal the
+ * CPU's for several k, sinks and windows. */
+static void topk_case(int64_t n, int levels) {
+    float *s = malloc((size_t)n * sizeof *s);
+    int64_t *a = malloc((size_t)n * sizeof *a), *b = malloc((size_t)n * sizeof *b);
+    kvc_err err = {{0}};
+    for (int64_t i = 0; i < n; i++) {
+        s[i] = levels ? (float)(urand(levels) - levels / 2) : gauss();
+        if (s[i] == 0 && urand(2)) s[i] = -0.0f;
+    }
+    const int64_t ks[4] = {1, 7, n / 10 + 1, n};
+    for (int c = 0; c < 4; c++) {
+        int64_t sinks = urand(8), window = urand(32);
+        int64_t na = topk_unprotected_cpu(s, n, sinks, window, ks[c], a);
+        int64_t nb = topk_unprotected_cuda(s, n, sinks, window, ks[c], b, &err);
+        cr_assert_eq(nb, na, "n %lld k %lld: cuda gave %lld indices, cpu %lld (%s)", (long long)n, (long long)ks[c],
+                     (long long)nb, (long long)na, err.msg);
+        for (int64_t i = 0; i < na; i++)
+            cr_assert_eq(b[i], a[i], "n %lld k %lld: idx[%lld] cuda %lld cpu %lld", (long long)n, (long long)ks[c],
+                         (long long)i, (long long)b[i], (long long)a[i]);
+    }
+    free(s), free(a), free(b);
+}
+
+Test(kvattn_cuda, topk) {
+    need_gpu();
+    topk_case(4096, 50);     /* one shared-memory chunk merge plus a global step */
+    topk_case(100000, 0);    /* many global bitonic steps, distinct scores */
+    topk_case(100000, 7);    /* heavy ties */
+    topk_case(3, 2);
+    topk_case(2049, 1000);   /* just past a chunk */
+}
+
+#else
+Test(kvattn_cuda, not_built) { cr_skip_test("CUDA parity skipped: this build has no CUDA backend (nvcc not found)"); }
+#endif
