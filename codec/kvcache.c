@@ -29,7 +29,9 @@ typedef struct {
     uint8_t *state;        /* (cap, state_bytes) the policy's per-token state */
     int64_t n_enc[2];
     uint8_t *rows[2];      /* (cap, row_bytes) encoded rows */
-    int32_t *blk[2];       /* (cap) block slot of each encoded row (kinds with block data) */
+    uint16_t *blk[2];      /* (cap) block slot of each encoded row, for kinds with block data
+                              under an evicting policy; without eviction row i is in slot
+                              i / B (slots are taken in order and never freed), so none is kept */
     float *raw[2];         /* (cap, D) exact rows of tokens n_enc .. n-1, oldest first */
     uint8_t *bdata[2];     /* (nbs, block_bytes) block data slots */
     int32_t *bref[2];      /* (nbs) rows still using each slot; 0 = free */
@@ -110,7 +112,8 @@ static int hs_reserve(kv_impl *im, hstore *s, int l, int h, int64_t need) {
     for (int k = 0; k < 2; k++) {
         size_t rb = im->rb[IDX3(im, l, h, k)];
         if (rb && grow((void **)&s->rows[k], (size_t)cap, rb)) return -1;
-        if (im->bb[IDX3(im, l, h, k)] && grow((void **)&s->blk[k], (size_t)cap, sizeof(int32_t))) return -1;
+        if (im->bb[IDX3(im, l, h, k)] && im->keep->evicts && grow((void **)&s->blk[k], (size_t)cap, sizeof(uint16_t)))
+            return -1;
         if (grow((void **)&s->raw[k], (size_t)cap, D * sizeof(float))) return -1;
     }
     s->cap = cap;
@@ -225,7 +228,8 @@ static void decode_stored(const kv_impl *im, const hstore *s, int l, int h, int 
     const size_t rb = im->rb[IDX3(im, l, h, k)], bb = im->bb[IDX3(im, l, h, k)];
     if (cnt <= 0) return;
     if (bb)
-        for (int64_t i = 0; i < cnt; i++) bp[i] = s->bdata[k] + (size_t)s->blk[k][i] * bb;
+        for (int64_t i = 0; i < cnt; i++)
+            bp[i] = s->bdata[k] + (size_t)(s->blk[k] ? s->blk[k][i] : i / im->brows[k]) * bb;
     im->repr->ops->decode(im->repr, l, h, k, s->rows[k], bb ? bp : NULL, (int)cnt, y);
     (void)rb;
 }
@@ -475,7 +479,9 @@ static int hs_flush(kv_impl *im, hstore *s, int l, int h) {
                 blk = s->bdata[k] + (size_t)slot * bb;
                 s->bref[k][slot] = B;
                 s->live_blocks[k]++;
-                for (int i = 0; i < B; i++) s->blk[k][s->n_enc[k] + i] = slot;
+                if (slot > UINT16_MAX) return -1;
+                if (s->blk[k])
+                    for (int i = 0; i < B; i++) s->blk[k][s->n_enc[k] + i] = (uint16_t)slot;
             }
             if (!im->reused[IDX3(im, l, h, k)] && (rb || bb))
                 im->repr->ops->encode(im->repr, l, h, k, s->raw[k] + (size_t)done * D, D, B,
@@ -536,7 +542,8 @@ static size_t kv_bytes(const kvc_cache *c) {
                 total += (size_t)s->n_enc[k] * im->rb[IDX3(im, l, h, k)];
                 total += (size_t)(s->n - s->n_enc[k]) * D * sizeof(float);
                 if (im->bb[IDX3(im, l, h, k)])
-                    total += (size_t)s->live_blocks[k] * im->bb[IDX3(im, l, h, k)] + (size_t)s->n_enc[k] * sizeof(int32_t);
+                    total += (size_t)s->live_blocks[k] * im->bb[IDX3(im, l, h, k)] +
+                             (s->blk[k] ? (size_t)s->n_enc[k] * sizeof(uint16_t) : 0);
             }
         }
     return total;

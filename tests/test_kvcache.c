@@ -188,6 +188,16 @@ Test(kvcache, hold_then_compress_once) {
     int32_t p = 0;
     run_pair(full, kc, 8, 16, &p); /* 128 tokens held, none evicted */
     cr_expect_eq(cache_n_tokens(kc, 0), 128);
+    /* bytes by hand, per (layer, kv head): int8 values per token in one group of 8 (8 codes +
+     * f16 scale + f16 min), keys per channel in 4 blocks of 32 tokens (8 codes a token, a
+     * block of 8 f16 scales + 8 f16 minimums), a uint16 block index per key token (the policy
+     * evicts, so blocks get holes), an int32 position and the policy's state per token */
+    kvc_keep *kp = kvc_keep_new("l2:budget=0.25,sinks=2,window=4", &s, &err);
+    cr_assert_not_null(kp, "%s", err.msg);
+    size_t per_head = 128 * (12 + 8) + 4 * 32 + 128 * 2 + 128 * 4 + 128 * kp->state_bytes;
+    kvc_keep_free(kp);
+    cr_expect_eq(cache_bytes(kc), per_head * s.n_layer * s.n_head_kv, "bytes %zu, want %zu", cache_bytes(kc),
+                 per_head * s.n_layer * s.n_head_kv);
     cr_assert_eq(cache_set_budget(kc, 128, &err), 0, "%s", err.msg);
     cr_assert_eq(cache_end_step(kc, &err), 0);
     cr_expect_eq(cache_n_tokens(kc, 0), 32);
