@@ -23,6 +23,7 @@ static const command COMMANDS[] = {
     {"capture", cmd_capture, "write a model's pre-RoPE K, V and Q over a text to an HDF5 dataset"},
     {"train", cmd_train, "train K/V autoencoders and reuse maps on a KV dataset into a codec checkpoint"},
     {"ppl", cmd_ppl, "perplexity of a model on a text file"},
+    {"eval", cmd_eval, "quality and memory of a compressed KV cache against the full cache"},
     {"generate", cmd_generate, "stream a completion of a prompt"},
     {"bench", cmd_bench, "prefill and decode speed (tokens/s)"},
 };

@@ -1,4 +1,6 @@
-/* eval.h - quality measurements over text: perplexity with a stated protocol. */
+/* eval.h - quality measurements over text: perplexity with a stated protocol, and the
+ * measuring protocols of DESIGN.md §5 (streaming perplexity, context compression, passkey
+ * retrieval) that compare a compressed cache with the full-precision one in lockstep. */
 #ifndef KVC_EVAL_H
 #define KVC_EVAL_H
 
@@ -34,6 +36,128 @@ int eval_perplexity(const kvc_model *m, kvc_cache *c, const int32_t *tokens, int
 /* Draws a progress line "label [####    ] done/total unit  rate  ETA" on stderr. */
 void progress_draw(const char *label, double done, double total, const char *unit, double t0);
 void progress_end(void);
+
+/* ============================================================ measuring protocols ==== */
+
+/* Settings of the protocols below (0 or NULL fields take the defaults in brackets). */
+typedef struct {
+    int ctx;           /* stream: window length in tokens [512] */
+    int chunk;         /* tokens per forward call [32]; 1 = exact decoding */
+    int context_len;   /* context: N context tokens per sample [512] */
+    int continuation;  /* context: M continuation tokens per sample [64] */
+    int samples;       /* context: at most this many samples [8] */
+    int progress;      /* 1: progress line with ETA on stderr */
+} kvc_measure_opts;
+
+/* What a protocol measured. Quality is always against the full-precision reference run in
+ * lockstep on the same chunks. Memory is KV bytes as cache_bytes() counts them. */
+typedef struct {
+    int64_t n_tokens;          /* tokens fed through the measured cache */
+    int64_t n_scored;          /* predictions scored */
+    int n_units;               /* windows (stream) or samples (context) */
+    double nll, nll_full;      /* mean NLL per scored token (nats), measured / reference */
+    double ppl, ppl_full;      /* exp of the mean NLLs */
+    double rise_pct;           /* 100 * (ppl / ppl_full - 1) */
+    double kl_mean, kl_p99;    /* KL(P_full || P_measured) in nats: mean and exact 99th
+                                  percentile (linear interpolation between order statistics) */
+    double top1;               /* fraction of scored tokens whose arg-max tokens agree */
+    double bytes_per_token;    /* bytes / tokens appended, averaged over windows or samples */
+    double f16_bytes_per_token;/* 2 * L * K * D * 2: an f16 full cache */
+    double compression;        /* f16_bytes_per_token / bytes_per_token (> 1: smaller) */
+    double kept_frac;          /* held / (appended * L * K), averaged */
+    double removed_frac;       /* evicted / (appended * L * K), averaged */
+    double kept_scored;        /* stream: mean kept fraction after each chunk, weighted by
+                                  the predictions the chunk scored (NAN for context) */
+    double seconds;            /* wall time of the whole protocol */
+    double seconds_cache;      /* time in the measured cache's forward passes alone */
+} kvc_quality;
+
+/* Streaming perplexity: tokens are cut into non-overlapping windows of ctx tokens (a final
+ * window shorter than 2 tokens is dropped); each window starts from an empty cache with
+ * cache_set_budget(c, ctx) and is fed in chunks of `chunk` tokens; every token but the
+ * window's first is scored. ref must be a cache that never evicts (cache_full_new); both
+ * caches need room for ctx tokens. Returns 0 or -1 with err (a budget that does not fit
+ * included). */
+int eval_stream(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t *tokens, int64_t n,
+                const kvc_measure_opts *o, kvc_quality *q, kvc_err *err);
+
+/* Context compression (kvpress-style): samples are consecutive segments of N + M tokens; per
+ * sample the N context tokens are prefilled in chunks with every token held, compressed once
+ * to the budget (taken of N), then the M continuation tokens are fed frozen in one forward
+ * call and the M - 1 predictions of continuation tokens 1..M-1 are scored. Memory is read
+ * right after the compression. Needs room for N + M tokens. Returns 0 or -1 with err. */
+int eval_context(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t *tokens, int64_t n,
+                 const kvc_measure_opts *o, kvc_quality *q, kvc_err *err);
+
+/* ---- passkey retrieval (eval/passkey.c) ---- */
+
+/* One passkey prompt: ids (n) = context (n_context tokens: intro, filler with the needle at
+ * a depth) followed by the question, ending with "The pass key is". */
+typedef struct {
+    int32_t *ids;     /* (n) malloc'd */
+    int n;            /* total tokens, at most the requested length */
+    int n_context;    /* tokens before the question */
+    int needle_at;    /* token offset where the needle sentence starts */
+    int key_at;       /* token offset of the key's first digit token */
+    int key_len;      /* tokens the key takes */
+    int filler_start; /* first filler token (after the intro) */
+    int filler_len;   /* filler tokens, needle excluded */
+} kvc_passkey_prompt;
+
+/* Builds a prompt of at most `length` tokens with the 5-digit key (NUL-terminated digits)
+ * hidden after a fraction `depth` (0..1) of the filler, at the nearest sentence boundary.
+ * -1 with err when length is too short to hold intro, needle and question. */
+int passkey_build(const kvc_tokenizer *t, int length, double depth, const char *key, kvc_passkey_prompt *p,
+                  kvc_err *err);
+void passkey_prompt_free(kvc_passkey_prompt *p);
+/* 1 when the generated text contains the key's digits in a row, else 0. */
+int passkey_check(const char *generated, const char *key);
+
+typedef struct {
+    const int *lengths;    /* (n_lengths) prompt lengths in tokens [1024, 2048] */
+    int n_lengths;
+    const double *depths;  /* (n_depths) needle depths [0, 0.25, 0.5, 0.75, 1] */
+    int n_depths;
+    int trials;            /* prompts per (length, depth) cell [3] */
+    uint64_t seed;         /* keys are drawn from it [1] */
+    int chunk;             /* prefill tokens per forward call [32] */
+    int gen_tokens;        /* greedy tokens generated after the question [8] */
+    int progress;
+} kvc_passkey_opts;
+
+typedef struct {
+    int length;        /* requested length */
+    double depth;
+    int skipped;       /* 1: longer than the model's training context, not run */
+    int trials, correct, correct_full;
+    char last_answer[64]; /* what the measured cache generated on the cell's last trial */
+} kvc_passkey_cell;
+
+typedef struct {
+    kvc_passkey_cell *cells;  /* (n_lengths * n_depths), length-major; malloc'd */
+    int n_cells;
+    int trials, correct, correct_full; /* over the cells that ran */
+    double bytes_per_token, compression, kept_frac, removed_frac; /* after compression, averaged */
+    int64_t n_tokens;         /* prompt tokens fed through the measured cache */
+    double seconds, seconds_cache;
+} kvc_passkey_result;
+
+/* Passkey retrieval: per trial the context is prefilled with every token held, compressed
+ * once to the budget (taken of the context length), then the question is fed frozen and up
+ * to gen_tokens tokens are generated greedily; correct when they contain the key. ref (may be
+ * NULL) runs the same prompts for the reference accuracy. Lengths beyond the model's training
+ * context are skipped (cell.skipped). Caches need room for the longest length plus
+ * gen_tokens. Returns 0 or -1 with err; res->cells is allocated even on failure. */
+int eval_passkey(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const kvc_passkey_opts *o, kvc_passkey_result *res,
+                 kvc_err *err);
+void passkey_result_free(kvc_passkey_result *res);
+
+/* Memory of a cache as the protocols read it: bytes per appended token and the kept and
+ * removed fractions (kvcache_get_stats for a compressed cache; for the full cache bytes and
+ * n_tokens, nothing removed). Returns the tokens appended (0: nothing to measure). */
+int64_t eval_memory(const kvc_cache *c, double *bytes_per_token, double *kept, double *removed);
+/* Bytes per token of an f16 full cache for this shape: 2 * L * K * D * 2. */
+double eval_f16_bytes_per_token(const kvc_cache_shape *s);
 
 #ifdef __cplusplus
 }
