@@ -20,7 +20,9 @@ static void h2o_describe(const kvc_keep *k, char *buf, size_t size) {
 }
 
 /* acc[t] += sum over the step's queries and the group's G heads of probs[q, g, t]. */
-static void h2o_on_attend(kvc_keep *k, kvc_keep_view *v, const float *qrot, int n_q, const float *probs) {
+static void h2o_on_attend(kvc_keep *k, kvc_keep_view *v, const float *qrot, const int32_t *qpos, int n_q,
+                          const float *probs) {
+    (void)qpos;
     (void)qrot;
     if (!probs) return; /* the cache honours needs_probs; be safe if it did not */
     int64_t rows = (int64_t)n_q * (k->shape.n_head / k->shape.n_head_kv);

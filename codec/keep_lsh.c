@@ -22,6 +22,9 @@ typedef struct {
     kvc_simhash sh;      /* (bits, D) projections */
     uint64_t *probe;     /* (L * K) latest probe code per (layer, kv head) */
     uint8_t *has_probe;  /* (L * K) */
+    uint64_t *step;      /* (L * K, qcap) query probe codes of each head's last step */
+    int *n_step;         /* (L * K) codes held in step */
+    int qcap;
 } keep_lsh;
 
 static const char *const MODE_NAMES[] = {"current", "sum", "ema"};
@@ -91,6 +94,8 @@ static void lsh_free(kvc_keep *k) {
     simhash_free(&s->sh);
     free(s->probe);
     free(s->has_probe);
+    free(s->step);
+    free(s->n_step);
     free(s);
     k->impl = NULL;
 }
@@ -110,7 +115,8 @@ static int lsh_init(kvc_keep *k, kvc_err *err) {
     size_t heads = (size_t)(k->shape.n_layer > 0 ? k->shape.n_layer : 1) * (k->shape.n_head_kv > 0 ? k->shape.n_head_kv : 1);
     s->probe = calloc(heads, sizeof *s->probe);
     s->has_probe = calloc(heads, 1);
-    if (!s->probe || !s->has_probe) {
+    s->n_step = calloc(heads, sizeof *s->n_step);
+    if (!s->probe || !s->has_probe || !s->n_step) {
         lsh_free(k);
         return kvc_fail(err, "out of memory");
     }
@@ -185,17 +191,33 @@ static void lsh_on_append(kvc_keep *k, kvc_keep_view *v, int64_t first, const fl
 }
 
 /* With probe=query: each query of the step, its G heads' post-RoPE vectors averaged, is
- * one probe; the last query's code is kept for score=current, and when accumulating every
- * query scores every held token in order (the interface gives no query positions, so
- * tokens after a query in the same step are scored too). */
-static void lsh_on_attend(kvc_keep *k, kvc_keep_view *v, const float *qrot, int n_q, const float *probs) {
-    (void)probs;
+ * one probe. score=current keeps the codes of every query of the step and scores a token by
+ * its mean distance to them (one query per step, as in decoding, is the paper's rule; with
+ * chunks, the last query alone proved a poor probe); when accumulating every query scores
+ * every held token in order (tokens after a query in the same step are scored too). */
+static void lsh_on_attend(kvc_keep *k, kvc_keep_view *v, const float *qrot, const int32_t *qpos, int n_q,
+                          const float *probs) {
+    (void)probs, (void)qpos;
     keep_lsh *s = k->impl;
     if (s->probe_key || n_q < 1) return;
     int d = k->shape.head_dim, g = k->shape.n_head / k->shape.n_head_kv;
     size_t h = (size_t)v->layer * k->shape.n_head_kv + v->head;
+    const size_t heads = (size_t)k->shape.n_layer * k->shape.n_head_kv;
+    if (s->mode == LSH_CURRENT && n_q > s->qcap) {
+        uint64_t *p = realloc(s->step, heads * (size_t)n_q * sizeof *p);
+        if (!p) n_q = s->qcap; /* out of memory: keep the probes there is room for */
+        else {
+            /* re-lay rows for the wider stride */
+            for (size_t i = heads; i-- > 0;)
+                memmove(p + i * (size_t)n_q, p + i * (size_t)s->qcap, (size_t)s->qcap * sizeof *p);
+            s->step = p;
+            s->qcap = n_q;
+        }
+        if (n_q < 1) return;
+    }
     float mean[d];
-    for (int q = s->mode == LSH_CURRENT ? n_q - 1 : 0; q < n_q; q++) {
+    if (s->mode == LSH_CURRENT) s->n_step[h] = 0;
+    for (int q = 0; q < n_q; q++) {
         for (int i = 0; i < d; i++) {
             float m = 0.0f;
             for (int j = 0; j < g; j++) m += qrot[((size_t)q * g + j) * d + i];
@@ -204,6 +226,7 @@ static void lsh_on_attend(kvc_keep *k, kvc_keep_view *v, const float *qrot, int 
         uint64_t c;
         simhash_codes_cpu(&s->sh, mean, d, 1, &c);
         if (s->mode != LSH_CURRENT) accumulate(s, v, v->n, c);
+        else s->step[h * (size_t)s->qcap + (size_t)s->n_step[h]++] = c;
         s->probe[h] = c;
         s->has_probe[h] = 1;
     }
@@ -216,7 +239,12 @@ static void lsh_score(kvc_keep *k, kvc_keep_view *v, float *score) {
     size_t sb = k->state_bytes, h = (size_t)v->layer * k->shape.n_head_kv + v->head;
     for (int64_t t = 0; t < v->n; t++) {
         const uint8_t *st = v->state + t * sb;
-        if (s->mode == LSH_CURRENT) {
+        if (s->mode == LSH_CURRENT && !s->probe_key && s->n_step[h] > 0) {
+            const uint64_t c = code_get(s, st), *p = s->step + h * (size_t)s->qcap;
+            int sum = 0;
+            for (int q = 0; q < s->n_step[h]; q++) sum += __builtin_popcountll(c ^ p[q]);
+            score[t] = (float)sum / (float)s->n_step[h];
+        } else if (s->mode == LSH_CURRENT) {
             score[t] = s->has_probe[h] ? (float)__builtin_popcountll(code_get(s, st) ^ s->probe[h]) : 0.0f;
         } else {
             float a = acc_get(s, st);

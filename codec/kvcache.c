@@ -417,7 +417,7 @@ static int kv_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpo
             for (int t = 0; t < n_q; t++)
                 memcpy(scr->qg + (size_t)t * G * D, q + ((size_t)t * H + (size_t)h * G) * D, (size_t)G * D * sizeof(float));
             kvc_keep_view view = {layer, h, s->n, s->pos, s->state};
-            im->keep->ops->on_attend(im->keep, &view, scr->qg, n_q, im->keep->needs_probs ? scr->probs : NULL);
+            im->keep->ops->on_attend(im->keep, &view, scr->qg, qpos, n_q, im->keep->needs_probs ? scr->probs : NULL);
         }
     }
     return 0;

@@ -178,6 +178,7 @@ kvc_keep *kvc_keep_new(const char *spec, const kvc_cache_shape *shape, kvc_err *
     if (!rc && ops->init) rc = ops->init(k, err);
 done:
     if (rc) {
+        if (k->ops->free) k->ops->free(k); /* policies free half-built state */
         free(k);
         return NULL;
     }

@@ -158,7 +158,7 @@ static void sim_step(sim_head *s, const float *kn, const float *q, int n) {
                 for (int64_t t = 0; t < s->v.n && s->pos[t] <= s->seen + i; t++) p[t] = (float)(exp(p[t] - mx) / z);
             }
     }
-    if (k->ops->on_attend) k->ops->on_attend(k, &s->v, q, n, probs);
+    if (k->ops->on_attend) k->ops->on_attend(k, &s->v, q, NULL, n, probs);
     free(probs);
     s->seen += n;
     if (!k->evicts || s->v.n <= s->budget) return;
@@ -286,7 +286,7 @@ Test(keep, h2o_evicts_the_least_accumulated_attention) {
     kvc_keep_view v = {1, 2, 6, pos, (uint8_t *)state};
     if (k->ops->on_append) k->ops->on_append(k, &v, 0, keys);
     for (int rep = 1; rep <= 2; rep++) { /* the second step adds the same weights again */
-        k->ops->on_attend(k, &v, q, 2, P);
+        k->ops->on_attend(k, &v, q, NULL, 2, P);
         choose(k, &v, 4, sc, ev);
         for (int t = 0; t < 6; t++)
             cr_expect(fabs(sc[t] + rep * acc[t]) <= SCORE_TOL * rep * acc[t] + 1e-7, "step %d token %d: score %g, expected %g",
@@ -387,13 +387,13 @@ Test(keep, lsh_current_query_probe_evicts_the_most_differing_code) {
     float q[2 * G * D], m[D], keys[N * D], sc[N];
     uint8_t state[N * 2] = {0}, ev[N];
     int32_t pos[N] = {0, 1, 2, 3, 4, 5};
-    for (int i = 0; i < 2 * G * D; i++) q[i] = gauss();
-    group_mean(q + G * D, m); /* the step's last query is the probe */
+    for (int i = 0; i < G * D; i++) q[i] = q[G * D + i] = gauss(); /* the same query twice */
+    group_mean(q + G * D, m); /* so the mean distance to the step's probes is the distance to m */
     for (int i = 0; i < N * D; i++) keys[i] = gauss();
     for (int d = 0; d < D; d++) keys[2 * D + d] = -m[d], keys[3 * D + d] = 2 * m[d] + 0.01f * keys[3 * D + d];
     kvc_keep_view v = {1, 0, N, pos, state};
     k->ops->on_append(k, &v, 0, keys);
-    k->ops->on_attend(k, &v, q, 2, NULL);
+    k->ops->on_attend(k, &v, q, NULL, 2, NULL);
     choose(k, &v, 4, sc, ev);
     uint64_t p = code_of(m, 16);
     int far = -1;
@@ -406,6 +406,18 @@ Test(keep, lsh_current_query_probe_evicts_the_most_differing_code) {
     cr_expect_eq(sc[2], 16.0f, "the negated probe differs in every bit");
     cr_expect_eq(sc[3], 0.0f, "a scaled probe differs in none");
     for (int t = 0; t < N; t++) cr_expect_eq(ev[t], t == 2 || t == far, "token %d (expected 2 and %d)", t, far);
+    /* two different queries in one step: a token scores its mean distance to both codes */
+    float m0[D];
+    for (int i = 0; i < G * D; i++) q[i] = gauss();
+    group_mean(q, m0);
+    k->ops->on_attend(k, &v, q, NULL, 2, NULL);
+    k->ops->score(k, &v, sc);
+    uint64_t p0 = code_of(m0, 16);
+    for (int t = 0; t < N; t++) {
+        uint64_t c = code_of(keys + t * D, 16);
+        float want = 0.5f * (float)(__builtin_popcountll(c ^ p0) + __builtin_popcountll(c ^ p));
+        cr_expect_eq(sc[t], want, "token %d: mean distance to the step's two probes %g, got %g", t, want, sc[t]);
+    }
     kvc_keep_free(k);
 }
 
@@ -423,7 +435,7 @@ Test(keep, lsh_accumulates_sums_and_emas_over_query_and_key_steps) {
     uint8_t st_s[N * 6] = {0}, st_e[N * 6] = {0};
     kvc_keep_view vs = {0, 1, N, pos, st_s}, ve = {0, 1, N, pos, st_e};
     ks->ops->on_append(ks, &vs, 0, keys), ke->ops->on_append(ke, &ve, 0, keys);
-    ks->ops->on_attend(ks, &vs, q, 2, NULL), ke->ops->on_attend(ke, &ve, q, 2, NULL);
+    ks->ops->on_attend(ks, &vs, q, NULL, 2, NULL), ke->ops->on_attend(ke, &ve, q, NULL, 2, NULL);
     ks->ops->score(ks, &vs, sc);
     for (int t = 0; t < N; t++) {
         float d0 = (float)__builtin_popcountll(c[t] ^ p0), d1 = (float)__builtin_popcountll(c[t] ^ p1);
@@ -442,7 +454,7 @@ Test(keep, lsh_accumulates_sums_and_emas_over_query_and_key_steps) {
     kk->ops->on_append(kk, &vk, 0, keys); /* [0, 3), then [3, 5) */
     vk.n = N;
     kk->ops->on_append(kk, &vk, 3, keys + 3 * D);
-    kk->ops->on_attend(kk, &vk, q, 2, NULL); /* queries change nothing with probe=key */
+    kk->ops->on_attend(kk, &vk, q, NULL, 2, NULL); /* queries change nothing with probe=key */
     kk->ops->score(kk, &vk, sc);
     for (int t = 0; t < N; t++) {
         float e = 0;
@@ -450,7 +462,7 @@ Test(keep, lsh_accumulates_sums_and_emas_over_query_and_key_steps) {
         cr_expect_eq(sc[t], e, "key sum, token %d", t);
     }
     kc->ops->on_append(kc, &vc, 0, keys);
-    kc->ops->on_attend(kc, &vc, q, 2, NULL);
+    kc->ops->on_attend(kc, &vc, q, NULL, 2, NULL);
     kc->ops->score(kc, &vc, sc);
     for (int t = 0; t < N; t++) cr_expect_eq(sc[t], (float)__builtin_popcountll(c[t] ^ c[N - 1]), "key current, token %d", t);
     /* key EMA: a token's first value is its distance to the next key, not 0 to itself */

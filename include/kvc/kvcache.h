@@ -132,12 +132,15 @@ typedef struct {
     void (*free)(kvc_keep *k);
     /* Appends the canonical text of its own options ("bits=16,probe=query") to buf. */
     void (*describe)(const kvc_keep *k, char *buf, size_t size);
-    /* New tokens [first, v->n) arrived; krot (n_new, D) are their exact keys after RoPE. */
+    /* The three hooks below may be NULL (the cache then skips the work of preparing their
+     * arguments); score may be NULL only for a policy that never evicts.
+     * New tokens [first, v->n) arrived; krot (n_new, D) are their exact keys after RoPE. */
     void (*on_append)(kvc_keep *k, kvc_keep_view *v, int64_t first, const float *krot);
-    /* Queries of one step attended: qrot (n_q, G, D) after RoPE; when needs_probs,
-     * probs (n_q, G, v->n) holds their softmax weights over the held tokens (0 where a token
-     * was not visible), else NULL. */
-    void (*on_attend)(kvc_keep *k, kvc_keep_view *v, const float *qrot, int n_q, const float *probs);
+    /* Queries of one step attended: qrot (n_q, G, D) after RoPE at positions qpos (n_q);
+     * when needs_probs, probs (n_q, G, v->n) holds their softmax weights over the held tokens
+     * (0 where a token was not visible: v->pos[i] > qpos[q]), else NULL. */
+    void (*on_attend)(kvc_keep *k, kvc_keep_view *v, const float *qrot, const int32_t *qpos, int n_q,
+                      const float *probs);
     /* Writes an eviction score for every held token: the cache evicts the highest scores
      * outside the sinks and the window (ties: the oldest) until the budget holds. */
     void (*score)(kvc_keep *k, kvc_keep_view *v, float *score);
