@@ -24,6 +24,7 @@ static const command COMMANDS[] = {
     {"train", cmd_train, "train K/V autoencoders and reuse maps on a KV dataset into a codec checkpoint"},
     {"ppl", cmd_ppl, "perplexity of a model on a text file"},
     {"eval", cmd_eval, "quality and memory of a compressed KV cache against the full cache"},
+    {"sweep", cmd_sweep, "measure a grid of compressed caches into a resumable results folder with plots"},
     {"generate", cmd_generate, "stream a completion of a prompt"},
     {"bench", cmd_bench, "prefill and decode speed (tokens/s)"},
 };
