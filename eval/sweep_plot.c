@@ -151,10 +151,14 @@ int sweep_plot_pareto(const sweep_table *own, const sweep_table *peers, const ch
         }
         fprintf(f, "EOD\n");
     }
+    /* 16 distinguishable colours, so that curves beyond gnuplot's 8 defaults do not repeat */
+    static const char *const COLORS[16] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf",
+                                           "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#000000", "#393b79",
+                                           "#637939", "#8c6d31", "#843c39", "#7b4173"};
     fprintf(f, "plot ");
     for (int c = 0; c < nc; c++) {
-        fprintf(f, "%s$d%d using 1:2 with linespoints lw 2 pt %d ps 1.2%s title ", c ? ", \\\n     " : "", c,
-                cs[c].peer ? 6 : 7, cs[c].peer ? " dashtype 2" : "");
+        fprintf(f, "%s$d%d using 1:2 with linespoints lw 2 lc rgb '%s' pt %d ps 1.2%s title ", c ? ", \\\n     " : "",
+                c, COLORS[c % 16], cs[c].peer ? 6 : 7, cs[c].peer ? " dashtype 2" : "");
         gp_str(f, cs[c].method);
     }
     fprintf(f, "\n");
