@@ -19,6 +19,9 @@ typedef struct {
     float ema;           /* weight of the newest step for LSH_EMA */
     int ema_given;
     uint64_t proj_seed;
+    int center;          /* 1: hash keys minus their head's running mean (see lsh_on_append) */
+    float *mu;           /* (L * K, D) running mean of each head's post-RoPE keys */
+    int64_t *mu_n;       /* (L * K) keys in that mean */
     kvc_simhash sh;      /* (bits, D) projections */
     uint64_t *probe;     /* (L * K) latest probe code per (layer, kv head) */
     uint8_t *has_probe;  /* (L * K) */
@@ -34,7 +37,7 @@ static keep_lsh *lsh_impl(kvc_keep *k) {
     if (!k->impl) {
         keep_lsh *s = calloc(1, sizeof *s);
         if (!s) return NULL;
-        s->bits = 16, s->probe_key = 0, s->mode = LSH_CURRENT, s->ema = 0.5f, s->proj_seed = 1;
+        s->bits = 16, s->probe_key = 0, s->mode = LSH_CURRENT, s->ema = 0.5f, s->proj_seed = 1, s->center = 0;
         k->impl = s;
     }
     return k->impl;
@@ -63,12 +66,16 @@ static int lsh_parse(keep_lsh *s, const char *key, const char *val, kvc_err *err
         if (!*val || *end || !(a > 0.0 && a < 1.0))
             return kvc_fail(err, "lsh: option ema=%s: expected a weight strictly between 0 and 1", val);
         s->ema = (float)a, s->ema_given = 1;
+    } else if (!strcmp(key, "center")) {
+        if (!strcmp(val, "on")) s->center = 1;
+        else if (!strcmp(val, "off")) s->center = 0;
+        else return kvc_fail(err, "lsh: option center=%s: expected on or off", val);
     } else if (!strcmp(key, "proj_seed")) {
         unsigned long long x = strtoull(val, &end, 10);
         if (!*val || *end || val[0] == '-') return kvc_fail(err, "lsh: option proj_seed=%s: expected an unsigned integer", val);
         s->proj_seed = x;
     } else {
-        return kvc_fail(err, "lsh: unknown option '%s' (options: bits, probe, score, ema, proj_seed)", key);
+        return kvc_fail(err, "lsh: unknown option '%s' (options: bits, probe, score, ema, center, proj_seed)", key);
     }
     return 0;
 }
@@ -96,6 +103,8 @@ static void lsh_free(kvc_keep *k) {
     free(s->has_probe);
     free(s->step);
     free(s->n_step);
+    free(s->mu);
+    free(s->mu_n);
     free(s);
     k->impl = NULL;
 }
@@ -116,7 +125,9 @@ static int lsh_init(kvc_keep *k, kvc_err *err) {
     s->probe = calloc(heads, sizeof *s->probe);
     s->has_probe = calloc(heads, 1);
     s->n_step = calloc(heads, sizeof *s->n_step);
-    if (!s->probe || !s->has_probe || !s->n_step) {
+    s->mu = calloc(heads * (size_t)k->shape.head_dim, sizeof *s->mu);
+    s->mu_n = calloc(heads, sizeof *s->mu_n);
+    if (!s->probe || !s->has_probe || !s->n_step || !s->mu || !s->mu_n) {
         lsh_free(k);
         return kvc_fail(err, "out of memory");
     }
@@ -132,6 +143,8 @@ static void lsh_describe(const kvc_keep *k, char *buf, size_t size) {
     int at = snprintf(buf, size, "bits=%d,probe=%s,score=%s", s->bits, s->probe_key ? "key" : "query", MODE_NAMES[s->mode]);
     if (at < 0 || (size_t)at >= size) return;
     if (s->mode == LSH_EMA) at += snprintf(buf + at, size - at, ",ema=%g", s->ema);
+    if (at < 0 || (size_t)at >= size) return;
+    if (s->center) at += snprintf(buf + at, size - at, ",center=on");
     if (at < 0 || (size_t)at >= size) return;
     if (s->proj_seed != 1) snprintf(buf + at, size - at, ",proj_seed=%llu", (unsigned long long)s->proj_seed);
 }
@@ -177,9 +190,24 @@ static void lsh_on_append(kvc_keep *k, kvc_keep_view *v, int64_t first, const fl
     keep_lsh *s = k->impl;
     size_t sb = k->state_bytes, h = (size_t)v->layer * k->shape.n_head_kv + v->head;
     int d = k->shape.head_dim;
+    float kc[d];
     for (int64_t t = first; t < v->n; t++) {
         uint64_t c;
-        simhash_codes_cpu(&s->sh, krot + (t - first) * d, d, 1, &c);
+        const float *kt = krot + (t - first) * d;
+        if (s->center) {
+            /* q.k = q.(k - mu) + q.mu and q.mu is the same for every token, so hashing the
+             * centred key ranks tokens as attention does while removing the direction all
+             * keys share (which otherwise makes most codes alike). mu: the running mean of
+             * the head's keys so far, this one included. */
+            float *mu = s->mu + h * (size_t)d;
+            int64_t m = ++s->mu_n[h];
+            for (int i = 0; i < d; i++) {
+                mu[i] += (kt[i] - mu[i]) / (float)m;
+                kc[i] = kt[i] - mu[i];
+            }
+            kt = kc;
+        }
+        simhash_codes_cpu(&s->sh, kt, d, 1, &c);
         code_put(s, v->state + t * sb, c);
         if (s->mode == LSH_EMA) acc_put(s, v->state + t * sb, -1.0f);
         if (s->probe_key) {
@@ -253,10 +281,20 @@ static void lsh_score(kvc_keep *k, kvc_keep_view *v, float *score) {
     }
 }
 
+/* A new sequence: no probe, no key mean. */
+static void lsh_reset(kvc_keep *k) {
+    keep_lsh *s = k->impl;
+    size_t heads = (size_t)k->shape.n_layer * k->shape.n_head_kv;
+    memset(s->has_probe, 0, heads);
+    memset(s->n_step, 0, heads * sizeof *s->n_step);
+    memset(s->mu, 0, heads * (size_t)k->shape.head_dim * sizeof *s->mu);
+    memset(s->mu_n, 0, heads * sizeof *s->mu_n);
+}
+
 const kvc_keep_ops KEEP_LSH = {
     .name = "lsh",
     .usage = "LSH-E: evict keys whose SimHash code is farthest from the probe; bits=4..64 (16), "
-             "probe=query|key, score=current|sum|ema, ema=A (0.5), proj_seed=N (1)",
+             "probe=query|key, score=current|sum|ema, ema=A (0.5), center=on|off (off), proj_seed=N (1)",
     .option = lsh_option,
     .init = lsh_init,
     .free = lsh_free,
@@ -264,4 +302,5 @@ const kvc_keep_ops KEEP_LSH = {
     .on_append = lsh_on_append,
     .on_attend = lsh_on_attend,
     .score = lsh_score,
+    .reset = lsh_reset,
 };

@@ -570,6 +570,7 @@ static void kv_reset(kvc_cache *c) {
     }
     for (int i = 0; i < im->K * 2; i++) im->mm[i].layer = -1;
     im->appended = im->evicted = 0;
+    if (im->keep->ops->reset) im->keep->ops->reset(im->keep);
 }
 
 static void kv_free(kvc_cache *c) {

@@ -634,3 +634,31 @@ Test(keep, lsh_codes_rank_keys_like_attention_on_real_data, .timeout = 120) {
     cache_free(c);
     model_free(m);
 }
+
+/* center=on hashes each key minus the running mean of its head's keys (itself included),
+ * and cache_reset's hook forgets that mean. */
+Test(keep, lsh_center_hashes_keys_minus_their_running_mean) {
+    kvc_keep *k = keep_ok("lsh:budget=4,center=on");
+    char buf[128];
+    k->ops->describe(k, buf, sizeof buf);
+    cr_expect_str_eq(buf, "bits=16,probe=query,score=current,center=on");
+    enum { N = 3 };
+    float keys[N * D], mu[D] = {0}, c[D];
+    uint8_t state[N * 2] = {0};
+    int32_t pos[N] = {0, 1, 2};
+    for (int i = 0; i < N * D; i++) keys[i] = gauss() + 5.0f; /* a large shared offset */
+    for (int round = 0; round < 2; round++) {
+        memset(mu, 0, sizeof mu);
+        for (int t = 0; t < N; t++) {
+            kvc_keep_view v = {0, 1, t + 1, pos, state};
+            k->ops->on_append(k, &v, t, keys + t * D); /* one token per step */
+            for (int d = 0; d < D; d++) {
+                mu[d] += (keys[t * D + d] - mu[d]) / (float)(t + 1);
+                c[d] = keys[t * D + d] - mu[d];
+            }
+            cr_expect_eq(state[2 * t] | state[2 * t + 1] << 8, code_of(c, 16), "round %d token %d", round, t);
+        }
+        k->ops->reset(k); /* the second round must start from an empty mean again */
+    }
+    kvc_keep_free(k);
+}

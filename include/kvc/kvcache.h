@@ -144,6 +144,9 @@ typedef struct {
     /* Writes an eviction score for every held token: the cache evicts the highest scores
      * outside the sinks and the window (ties: the oldest) until the budget holds. */
     void (*score)(kvc_keep *k, kvc_keep_view *v, float *score);
+    /* May be NULL. The cache was emptied (cache_reset): forget per-head state kept outside
+     * the tokens (probes, running means). */
+    void (*reset)(kvc_keep *k);
 } kvc_keep_ops;
 
 struct kvc_keep {
