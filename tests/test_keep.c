@@ -638,7 +638,7 @@ Test(keep, lsh_codes_rank_keys_like_attention_on_real_data, .timeout = 120) {
 /* center=on hashes each key minus the running mean of its head's keys (itself included),
  * and cache_reset's hook forgets that mean. */
 Test(keep, lsh_center_hashes_keys_minus_their_running_mean) {
-    kvc_keep *k = keep_ok("lsh:budget=4,center=on");
+    kvc_keep *k = keep_ok("lsh:budget=16,sinks=1,window=1,center=on");
     char buf[128];
     k->ops->describe(k, buf, sizeof buf);
     cr_expect_str_eq(buf, "bits=16,probe=query,score=current,center=on");
