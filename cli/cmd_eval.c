@@ -148,9 +148,9 @@ static int write_json(const char *path, const eval_report *r) {
                 p->seconds_cache > 0 ? p->n_tokens / p->seconds_cache : 0.0);
         for (int i = 0; i < p->n_cells; i++)
             fprintf(f, "%s\n    {\"length\": %d, \"depth\": %g, \"skipped\": %s, \"trials\": %d, \"correct\": %d, "
-                       "\"correct_full\": %d}",
+                       "\"correct_full\": %d, \"last_answer\": %s}",
                     i ? "," : "", p->cells[i].length, p->cells[i].depth, p->cells[i].skipped ? "true" : "false",
-                    p->cells[i].trials, p->cells[i].correct, p->cells[i].correct_full);
+                    p->cells[i].trials, p->cells[i].correct, p->cells[i].correct_full, js(p->cells[i].last_answer));
         fprintf(f, "]},\n");
     }
     fprintf(f, "  \"protocol\": \"DESIGN.md section 5; KL(P_full || P_cache) in nats; compression = f16 bytes / bytes\"\n}\n");
