@@ -124,6 +124,7 @@ typedef struct {
     int64_t n;
     kvc_cache_shape shape;
     kvc_cache *ref;
+    kvc_ref_store *store[SWEEP_N_PROTO]; /* the reference's logits, recorded by the first point */
     const sweep_grid *g;
     const char *model_file, *corpus_file;
 } runner;
@@ -172,7 +173,7 @@ static int measure(const runner *R, const planned *p, int proto, sweep_row *r, s
     const sweep_grid *g = R->g;
     kvc_cache *c = kvcache_new(&R->shape, p->pt.repr, p->pt.keep, R->m->fingerprint, err);
     if (!c) return -1;
-    kvc_measure_opts mo = {g->ctx, g->chunk, g->context_len, g->continuation, g->samples, 0};
+    kvc_measure_opts mo = {g->ctx, g->chunk, g->context_len, g->continuation, g->samples, 0, R->store[proto]};
     kvc_quality q;
     int rc = 0;
     memset(r, 0, sizeof *r);
@@ -405,6 +406,7 @@ int cmd_sweep(int argc, char **argv) {
     int32_t *ids = NULL;
     int64_t n_ids = 0;
     kvc_cache *ref = NULL;
+    kvc_ref_store *stores[SWEEP_N_PROTO] = {0};
     sweep_table peers = {0}, done_t = {0};
     if (grid_path && sweep_grid_load(&g, grid_path, &err)) goto fail_msg;
     for (int i = 0; FLAG_KEYS[i]; i++) {
@@ -455,7 +457,8 @@ int cmd_sweep(int argc, char **argv) {
     char model_file[256], corpus_file[256], slug[128], stem[128], tag[256];
     path_stem(g.model, 0, model_file, sizeof model_file);
     path_stem(g.text, 0, corpus_file, sizeof corpus_file);
-    runner R = {m, ids, n_ids, model_cache_shape(m, need), NULL, &g, model_file, corpus_file};
+    runner R = {.m = m, .ids = ids, .n = n_ids, .shape = model_cache_shape(m, need), .ref = NULL, .g = &g,
+                .model_file = model_file, .corpus_file = corpus_file};
     if (validate(&R, pts, n_pts, &pl, &n_pl)) goto done;
 
     /* ---- the results folder ---- */
@@ -534,6 +537,10 @@ int cmd_sweep(int argc, char **argv) {
         free(is_done);
         goto fail_msg;
     }
+    /* the full-cache reference is the same for every point: run it once per protocol and
+     * replay its logits (up to 2 GiB each; more runs it in lockstep as before) */
+    for (int j = 0; j < SWEEP_N_PROTO; j++)
+        R.store[j] = stores[j] = j == SWEEP_PASSKEY ? NULL : ref_store_new((size_t)2 << 30);
     const char *die_env = getenv("KVC_SWEEP_DIE_AFTER"); /* test hook: simulates a kill */
     const int die_after = die_env ? atoi(die_env) : 0, tty = isatty(2);
     double t0 = kvc_now(), spent[SWEEP_N_PROTO] = {0};
@@ -597,6 +604,7 @@ fail_msg:
     cli_error("sweep", "%s", err.msg);
 done:
     cache_free(ref);
+    for (int j = 0; j < SWEEP_N_PROTO; j++) ref_store_free(stores[j]);
     sweep_table_free(&done_t);
     sweep_table_free(&peers);
     free(pl);

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "kvc/kvcache.h"
+#include "kvc/eval.h"
 #include "kvc/model.h"
 
 /* A small model-like shape: 3 layers, 4 query heads over 2 kv heads, head_dim 8. */
@@ -297,5 +298,57 @@ Test(kvcache, model_logits_identity_and_codec, .timeout = 300) {
     free(la), free(lb), free(lc), free(ids);
     run_free(r);
     cache_free(full), cache_free(kc), cache_free(ae);
+    model_free(m);
+}
+
+/* A sweep replays the reference's recorded logits instead of rerunning it: the figures must be
+ * the same as measuring in lockstep, and a different run must not replay a stale recording. */
+Test(kvcache, reference_store_replays_identical_figures, .timeout = 300) {
+    FILE *f = fopen(KVC_MODEL_PATH, "rb");
+    if (!f) cr_skip_test("model not found at %s: run scripts/setup.sh", KVC_MODEL_PATH);
+    fclose(f);
+    kvc_err err;
+    kvc_model *m = model_load(KVC_MODEL_PATH, &err);
+    cr_assert_not_null(m, "%s", err.msg);
+    char *text = NULL;
+    size_t len = 0;
+    cr_assert_eq(kvc_read_file(KVC_SOURCE_DIR "/data/corpora/eval-debian-handbook.txt", &text, &len, &err), 0);
+    if (len > 4000) len = 4000;
+    int32_t *ids = malloc(sizeof(int32_t) * 4000);
+    int64_t n = tokenizer_encode(m->tok, text, len, 0, ids, 4000, &err);
+    cr_assert(n >= 3 * 80, "%s", err.msg);
+    kvc_cache_shape s = model_cache_shape(m, 128);
+    kvc_cache *ref = cache_full_new(&s, &err);
+    kvc_cache *c = kvcache_new(&s, "int4", "h2o:budget=0.5", m->fingerprint, &err);
+    cr_assert_not_null(c, "%s", err.msg);
+    kvc_ref_store *st = ref_store_new((size_t)1 << 30);
+    kvc_measure_opts lock = {0, 16, 64, 16, 3, 0, NULL}, rec = lock;
+    rec.ref_store = st;
+    kvc_quality a, b, d;
+    cr_assert_eq(eval_context(m, c, ref, ids, n, &lock, &a, &err), 0, "%s", err.msg);
+    cr_assert_eq(ref_store_ready(st), 0);
+    cr_assert_eq(eval_context(m, c, ref, ids, n, &rec, &b, &err), 0, "%s", err.msg); /* records */
+    cr_assert_eq(ref_store_ready(st), 1);
+    cr_assert_eq(eval_context(m, c, ref, ids, n, &rec, &d, &err), 0, "%s", err.msg); /* replays */
+    const kvc_quality *q[2] = {&b, &d};
+    for (int i = 0; i < 2; i++) {
+        cr_expect_eq(q[i]->n_scored, a.n_scored);
+        cr_expect_eq(q[i]->nll, a.nll, "run %d: nll %.17g vs %.17g", i, q[i]->nll, a.nll);
+        cr_expect_eq(q[i]->nll_full, a.nll_full);
+        cr_expect_eq(q[i]->kl_mean, a.kl_mean);
+        cr_expect_eq(q[i]->kl_p99, a.kl_p99);
+        cr_expect_eq(q[i]->top1, a.top1);
+    }
+    /* other settings: the store must not replay (a fresh recording, same figures as lockstep) */
+    kvc_measure_opts other = rec, other_lock = lock;
+    other.continuation = other_lock.continuation = 12;
+    kvc_quality e, g;
+    cr_assert_eq(eval_context(m, c, ref, ids, n, &other, &e, &err), 0, "%s", err.msg);
+    cr_assert_eq(eval_context(m, c, ref, ids, n, &other_lock, &g, &err), 0, "%s", err.msg);
+    cr_expect_eq(e.nll_full, g.nll_full);
+    cr_expect_eq(e.kl_mean, g.kl_mean);
+    ref_store_free(st);
+    cache_free(c), cache_free(ref);
+    free(ids), free(text);
     model_free(m);
 }

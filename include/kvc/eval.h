@@ -39,6 +39,17 @@ void progress_end(void);
 
 /* ============================================================ measuring protocols ==== */
 
+/* The reference cache's logits of one protocol run, kept so that later runs on the same
+ * tokens and settings (a sweep's points) skip the reference forward passes: the first run
+ * records them, the next ones read them back (identical figures, about half the time). */
+typedef struct kvc_ref_store kvc_ref_store;
+/* An empty store that holds at most max_bytes of logits (a run that needs more runs the
+ * reference in lockstep, as without a store). */
+kvc_ref_store *ref_store_new(size_t max_bytes);
+void ref_store_free(kvc_ref_store *s);
+/* 1 when the store holds a complete recording. */
+int ref_store_ready(const kvc_ref_store *s);
+
 /* Settings of the protocols below (0 or NULL fields take the defaults in brackets). */
 typedef struct {
     int ctx;           /* stream: window length in tokens [512] */
@@ -47,6 +58,7 @@ typedef struct {
     int continuation;  /* context: M continuation tokens per sample [64] */
     int samples;       /* context: at most this many samples [8] */
     int progress;      /* 1: progress line with ETA on stderr */
+    kvc_ref_store *ref_store; /* NULL: run the reference in lockstep every time */
 } kvc_measure_opts;
 
 /* What a protocol measured. Quality is always against the full-precision reference run in
