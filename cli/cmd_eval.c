@@ -308,7 +308,7 @@ int cmd_eval(int argc, char **argv) {
         goto done;
     }
     const int progress = isatty(2);
-    kvc_measure_opts mo = {ctx, chunk, clen, cont, samples, progress};
+    kvc_measure_opts mo = {ctx, chunk, clen, cont, samples, progress, NULL};
     if ((set & M_STREAM) && eval_stream(m, c, ref, ids, n, &mo, &rep.stream, &err)) {
         cli_error("eval", "stream: %s", err.msg);
         goto done;

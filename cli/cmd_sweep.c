@@ -117,6 +117,8 @@ typedef struct {
     char desc[1100];     /* kvcache_describe: "repr=... keep=..." */
 } planned;
 
+#define SWEEP_MAX_PK_CELLS 4096
+
 /* Settings shared by every measurement of one run. */
 typedef struct {
     const kvc_model *m;
@@ -125,6 +127,9 @@ typedef struct {
     kvc_cache_shape shape;
     kvc_cache *ref;
     kvc_ref_store *store[SWEEP_N_PROTO]; /* the reference's logits, recorded by the first point */
+    int *pk_full;        /* (cells) the full cache's passkey successes per cell, from the first
+                            passkey point of this run (the prompts are the same for every point) */
+    int *pk_n;           /* cells in pk_full; 0 until the first passkey point ran */
     const sweep_grid *g;
     const char *model_file, *corpus_file;
 } runner;
@@ -189,7 +194,16 @@ static int measure(const runner *R, const planned *p, int proto, sweep_row *r, s
         kvc_passkey_opts po = {g->pk_len, g->n_pk_len, g->pk_depth, g->n_pk_depth, g->trials, g->seed, g->chunk, 8, 0};
         kvc_passkey_result pk;
         memset(&pk, 0, sizeof pk);
-        if (!(rc = eval_passkey(R->m, c, R->ref, &po, &pk, err))) {
+        /* the reference answers the same prompts at every point: run it once */
+        const int have_full = *R->pk_n > 0;
+        if (!(rc = eval_passkey(R->m, c, have_full ? NULL : R->ref, &po, &pk, err))) {
+            if (!have_full && pk.n_cells <= SWEEP_MAX_PK_CELLS) {
+                for (int i = 0; i < pk.n_cells; i++) R->pk_full[i] = pk.cells[i].correct_full;
+                *R->pk_n = pk.n_cells;
+            } else if (have_full && *R->pk_n == pk.n_cells) {
+                pk.correct_full = 0;
+                for (int i = 0; i < pk.n_cells; i++) pk.correct_full += pk.cells[i].correct_full = R->pk_full[i];
+            }
             sweep_row_num(r, COL_SAMPLES, "%.0f", pk.trials);
             sweep_row_num(r, COL_KEPT, "%.6g", pk.kept_frac);
             sweep_row_num(r, COL_REMOVED, "%.6g", pk.removed_frac);
@@ -457,8 +471,10 @@ int cmd_sweep(int argc, char **argv) {
     char model_file[256], corpus_file[256], slug[128], stem[128], tag[256];
     path_stem(g.model, 0, model_file, sizeof model_file);
     path_stem(g.text, 0, corpus_file, sizeof corpus_file);
+    static int pk_full[SWEEP_MAX_PK_CELLS];
+    int pk_n = 0;
     runner R = {.m = m, .ids = ids, .n = n_ids, .shape = model_cache_shape(m, need), .ref = NULL, .g = &g,
-                .model_file = model_file, .corpus_file = corpus_file};
+                .model_file = model_file, .corpus_file = corpus_file, .pk_full = pk_full, .pk_n = &pk_n};
     if (validate(&R, pts, n_pts, &pl, &n_pl)) goto done;
 
     /* ---- the results folder ---- */

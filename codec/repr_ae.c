@@ -31,7 +31,13 @@ typedef struct {
     int chunk;     /* rows per pass through a network */
     float **wt;    /* (nets * 4): [net * 4 + half * 2 + layer] that layer's W transposed (in, out)
                     * when it has no activation (the fast path), else NULL */
+    int form[2];   /* per kind (keys=, values=): FORM_AE through the codec, or stored without it */
 } ae_repr;
+
+/* How a kind is stored: through the codec, or (keys=/values= options) without it, as f16 or
+ * per-token int8 (groups of 64 channels) / int4 (groups of 32), KIVI's value form. */
+enum { FORM_AE = 0, FORM_F16, FORM_INT8, FORM_INT4 };
+static const char *const FORM_NAMES[] = {"ae", "f16", "int8", "int4"};
 
 static int prepare_fast_path(ae_repr *a, kvc_err *err);
 static void release(ae_repr *a);
@@ -107,13 +113,20 @@ static int parse_opts(const char *opts, ae_repr *a, char **path, int *reuse_give
             a->lat = found;
         } else if (eq && !strncmp(tok, "group=", 6)) {
             if (!(rc = repr_parse_int("ae", "group", eq + 1, 1, REPR_MAX_DIM, &x, err))) group = (int)x;
+        } else if (eq && (!strncmp(tok, "keys=", 5) || !strncmp(tok, "values=", 7))) {
+            const int kind = tok[0] == 'k' ? KV_K : KV_V;
+            int f = -1;
+            for (int i = 0; i < 4; i++)
+                if (!strcmp(eq + 1, FORM_NAMES[i])) f = i;
+            if (f < 0) rc = kvc_fail(err, "ae: option %s: expected ae, f16, int8 or int4", tok);
+            else a->form[kind] = f;
         } else if (eq && !strncmp(tok, "reuse=", 6)) {
             if (!strcmp(eq + 1, "on")) a->reuse = 1;
             else if (!strcmp(eq + 1, "off")) a->reuse = 0;
             else rc = kvc_fail(err, "ae: option reuse=%s: expected on or off", eq + 1);
             *reuse_given = 1;
         } else {
-            rc = kvc_fail(err, "ae: unknown option '%s' (known: f32, f16, int8, int4, group=G, reuse=on|off)", tok);
+            rc = kvc_fail(err, "ae: unknown option '%s' (known: f32, f16, int8, int4, group=G, reuse=on|off, keys=F, values=F)", tok);
         }
     }
     if (!rc && group && a->lat < LAT_INT8)
@@ -174,7 +187,10 @@ static int repr_ae_init(kvc_repr *r, const char *opts, const kvc_repr_env *env, 
     if (a->lat >= LAT_INT8 && n > 0 && (size_t)n < sizeof r->spec)
         n += snprintf(r->spec + n, sizeof r->spec - (size_t)n, ",group=%d", a->group);
     if (n > 0 && (size_t)n < sizeof r->spec)
-        snprintf(r->spec + n, sizeof r->spec - (size_t)n, ",reuse=%s", a->reuse && a->c->reuse ? "on" : "off");
+        n += snprintf(r->spec + n, sizeof r->spec - (size_t)n, ",reuse=%s", a->reuse && a->c->reuse ? "on" : "off");
+    for (int k = 0; k < 2; k++)
+        if (a->form[k] != FORM_AE && n > 0 && (size_t)n < sizeof r->spec)
+            n += snprintf(r->spec + n, sizeof r->spec - (size_t)n, ",%s=%s", k ? "values" : "keys", FORM_NAMES[a->form[k]]);
 done:
     free(path);
     if (rc) {
@@ -194,10 +210,24 @@ static void repr_ae_free(kvc_repr *r) {
     r->impl = NULL;
 }
 
+/* The storage form of (layer, kind): layers the codec did not train are f16. */
+static int form_of(const ae_repr *a, int layer, int kind) {
+    return a->c->trained[layer] ? a->form[kind] : FORM_F16;
+}
+
+/* Channels per group of the per-token int forms (KIVI's value defaults), dividing D. */
+static int plain_group(const ae_repr *a, int form) { return repr_gcd(form == FORM_INT8 ? 64 : 32, a->d); }
+
+/* Bytes of one row stored without the codec. */
+static size_t plain_bytes(const ae_repr *a, int form) {
+    if (form == FORM_F16) return (size_t)a->d * 2;
+    return repr_qrow_bytes(form == FORM_INT8 ? 8 : 4, a->d, plain_group(a, form));
+}
+
 /* 1 when (layer, head, kind) is predicted from layer - 1 by the reuse plan. */
 static int repr_ae_reused(const kvc_repr *r, int layer, int head, int kind) {
     const ae_repr *a = r->impl;
-    if (!a->reuse || !a->c->reuse || layer < 1) return 0;
+    if (!a->reuse || !a->c->reuse || layer < 1 || form_of(a, layer, kind) != FORM_AE) return 0;
     const reuse_item *it = reuse_plan_item(a->c->reuse, layer, head, kind);
     return it && it->chosen != REUSE_NONE;
 }
@@ -205,7 +235,8 @@ static int repr_ae_reused(const kvc_repr *r, int layer, int head, int kind) {
 static size_t repr_ae_row_bytes(const kvc_repr *r, int layer, int head, int kind) {
     const ae_repr *a = r->impl;
     if (repr_ae_reused(r, layer, head, kind)) return 0;
-    return a->c->trained[layer] ? lat_bytes(a) : (size_t)a->d * 2;
+    const int f = form_of(a, layer, kind);
+    return f == FORM_AE ? lat_bytes(a) : plain_bytes(a, f);
 }
 
 static int repr_ae_block_rows(const kvc_repr *r, int kind) {
@@ -290,12 +321,19 @@ static void repr_ae_encode(const kvc_repr *r, int layer, int head, int kind, con
     (void)blk;
     const ae_repr *a = r->impl;
     const int d = a->d;
-    if (!a->c->trained[layer]) {
+    const int f = form_of(a, layer, kind);
+    if (f == FORM_F16) {
         for (int i = 0; i < n; i++)
             for (int j = 0; j < d; j++) {
                 uint16_t h = kvc_f32_to_f16(x[(size_t)i * ldx + j]);
                 memcpy(rows + ((size_t)i * d + j) * 2, &h, 2);
             }
+        return;
+    }
+    if (f != FORM_AE) {
+        const size_t pb = plain_bytes(a, f);
+        for (int i = 0; i < n; i++)
+            repr_qrow_encode(x + (size_t)i * ldx, d, plain_group(a, f), f == FORM_INT8 ? 8 : 4, rows + (size_t)i * pb);
         return;
     }
     const int net = net_index(a, layer, kind, head);
@@ -319,8 +357,15 @@ static void repr_ae_decode(const kvc_repr *r, int layer, int head, int kind, con
     (void)blks;
     const ae_repr *a = r->impl;
     const int d = a->d;
-    if (!a->c->trained[layer]) {
+    const int f = form_of(a, layer, kind);
+    if (f == FORM_F16) {
         repr_f16_row(rows, (size_t)n * d, y);
+        return;
+    }
+    if (f != FORM_AE) {
+        const size_t pb = plain_bytes(a, f);
+        for (int i = 0; i < n; i++)
+            repr_qrow_decode(rows + (size_t)i * pb, d, plain_group(a, f), f == FORM_INT8 ? 8 : 4, y + (size_t)i * d);
         return;
     }
     const int net = net_index(a, layer, kind, head);
@@ -343,7 +388,7 @@ static void repr_ae_predict(const kvc_repr *r, int layer, int head, int kind, co
 /* R when the values of (layer, head) are stored as latents of a single linear decoder. */
 static int repr_ae_latent_dim(const kvc_repr *r, int layer, int head) {
     const ae_repr *a = r->impl;
-    if (!a->c->trained[layer] || repr_ae_reused(r, layer, head, KV_V)) return 0;
+    if (form_of(a, layer, KV_V) != FORM_AE || repr_ae_reused(r, layer, head, KV_V)) return 0;
     const ae_export *e = net_of(a, layer, KV_V, head);
     return e->n_dec == 1 && e->dec[0].act == AE_ACT_NONE ? a->r : 0;
 }
@@ -366,8 +411,9 @@ static void repr_ae_lift(const kvc_repr *r, int layer, int head, const float *zs
 
 const kvc_repr_ops REPR_AE = {
     .name = "ae",
-    .usage = "autoencoder latents of a codec: ae:FILE[,f16|int8|int4|f32][,group=G][,reuse=on|off] "
-             "(default f16, group = latent, reuse on; untrained layers as f16)",
+    .usage = "autoencoder latents of a codec: ae:FILE[,f16|int8|int4|f32][,group=G][,reuse=on|off]"
+             "[,keys=F][,values=F] (default f16, group = latent, reuse on; untrained layers as f16; "
+             "keys=/values= f16|int8|int4 store that kind without the codec, ae through it)",
     .init = repr_ae_init,
     .free = repr_ae_free,
     .row_bytes = repr_ae_row_bytes,

@@ -587,3 +587,62 @@ Test(repr, bad_codecs_are_clear_errors) {
     cr_assert_not_null(r, "no fingerprint given: only shapes are checked (%s)", err.msg);
     kvc_repr_free(r);
 }
+
+/* keys=/values= store one kind without the codec: int4 values per token (groups of 32) next to
+ * codec keys. Those rows round-trip within half a step of their group, take the hand-counted
+ * bytes, are never reused and offer no latent attention; the codec's kind is unchanged. */
+Test(repr, ae_kinds_stored_without_the_codec) {
+    skip_without(AE32);
+    kvc_repr_env env = model_env();
+    kvc_err err = {{0}};
+    kvc_repr *r = kvc_repr_new("ae:" AE32 ",int8,values=int4", &env, &err);
+    kvc_repr *base = kvc_repr_new("ae:" AE32 ",int8", &env, &err);
+    cr_assert(r && base, "%s", err.msg);
+    cr_assert_str_eq(r->spec, "ae:" AE32 ",int8,group=32,reuse=on,values=int4");
+    float x[NMAX * K * D], y[NMAX * D], yb[NMAX * D];
+    fill_rows(x, NMAX);
+    uint8_t rows[NMAX * 64], rb_[NMAX * 64];
+    for (int layer = 0; layer < L; layer += 7)
+        for (int head = 0; head < K; head++) {
+            /* values: 32 codes + 2 groups x (f16 scale + f16 min) */
+            cr_assert_eq(r->ops->row_bytes(r, layer, head, KV_V), 40u);
+            cr_assert_eq(r->ops->reused(r, layer, head, KV_V), 0);
+            cr_assert_eq(r->ops->latent_dim(r, layer, head), 0);
+            r->ops->encode(r, layer, head, KV_V, x + head * D, K * D, NMAX, rows, NULL);
+            r->ops->decode(r, layer, head, KV_V, rows, NULL, NMAX, y);
+            for (int t = 0; t < NMAX; t++)
+                for (int g = 0; g < 2; g++) {
+                    float mn = INFINITY, mx = -INFINITY;
+                    for (int i = g * 32; i < g * 32 + 32; i++) {
+                        float v = x[(size_t)t * K * D + head * D + i];
+                        mn = v < mn ? v : mn, mx = v > mx ? v : mx;
+                    }
+                    float step = (mx - mn) / 15.0f, tol = 0.5f * step * 1.001f + 1e-3f * (fabsf(mx) + fabsf(mn)) + 1e-6f;
+                    for (int i = g * 32; i < g * 32 + 32; i++)
+                        cr_assert(fabsf(y[t * D + i] - x[(size_t)t * K * D + head * D + i]) <= tol,
+                                  "layer %d head %d token %d channel %d", layer, head, t, i);
+                }
+            /* keys still go through the codec, byte for byte as without the option */
+            cr_assert_eq(r->ops->row_bytes(r, layer, head, KV_K), base->ops->row_bytes(base, layer, head, KV_K));
+            cr_assert_eq(r->ops->reused(r, layer, head, KV_K), base->ops->reused(base, layer, head, KV_K));
+            if (r->ops->reused(r, layer, head, KV_K)) continue;
+            r->ops->encode(r, layer, head, KV_K, x + head * D, K * D, NMAX, rows, NULL);
+            base->ops->encode(base, layer, head, KV_K, x + head * D, K * D, NMAX, rb_, NULL);
+            cr_assert_arr_eq(rows, rb_, (size_t)NMAX * r->ops->row_bytes(r, layer, head, KV_K));
+            r->ops->decode(r, layer, head, KV_K, rows, NULL, NMAX, y);
+            base->ops->decode(base, layer, head, KV_K, rb_, NULL, NMAX, yb);
+            cr_assert_arr_eq(y, yb, sizeof(float) * NMAX * D);
+        }
+    /* keys=f16: no key item is reused any more */
+    kvc_repr *kf = kvc_repr_new("ae:" AE32 ",keys=f16", &env, &err);
+    cr_assert_not_null(kf, "%s", err.msg);
+    for (int layer = 1; layer < L; layer++)
+        for (int head = 0; head < K; head++) {
+            cr_assert_eq(kf->ops->reused(kf, layer, head, KV_K), 0);
+            cr_assert_eq(kf->ops->row_bytes(kf, layer, head, KV_K), 128u);
+        }
+    expect_error("ae:" AE32 ",values=int2", &env, "expected ae, f16, int8 or int4");
+    kvc_repr_free(kf);
+    kvc_repr_free(r);
+    kvc_repr_free(base);
+}
