@@ -352,3 +352,38 @@ Test(kvcache, reference_store_replays_identical_figures, .timeout = 300) {
     free(ids), free(text);
     model_free(m);
 }
+
+/* Heads the codec predicts from the layer below keep exactly that layer's tokens: with the
+ * committed ae32 codec (25 reused key items) and an evicting policy, every step succeeds (the
+ * cache refuses a reused head whose tokens are out of step with its source), every (layer,
+ * head) holds the budget and attention stays finite. */
+Test(kvcache, reused_heads_follow_the_layer_below_under_eviction) {
+    kvc_cache_shape s = {30, 9, 3, 64, 100000.0f, 512};
+    kvc_err err;
+    char ck[512];
+    snprintf(ck, sizeof ck, "ae:%s/checkpoints/smollm2-135m-ae32.h5,int8", KVC_SOURCE_DIR);
+    kvc_cache *c = kvcache_new(&s, ck, "lsh:budget=24,sinks=2,window=4", "55d17dc8d1d9a03e", &err);
+    cr_assert_not_null(c, "%s", err.msg);
+    cr_assert_eq(cache_set_budget(c, 64, &err), 0, "%s", err.msg);
+    const int K = 3, H = 9, D = 64, chunk = 8;
+    float *k = malloc(sizeof(float) * chunk * K * D), *v = malloc(sizeof(float) * chunk * K * D);
+    float *q = malloc(sizeof(float) * chunk * H * D), *o = malloc(sizeof(float) * chunk * H * D);
+    int32_t pos[8];
+    for (int st = 0; st < 12; st++) {
+        for (int t = 0; t < chunk; t++) pos[t] = st * chunk + t;
+        for (int l = 0; l < s.n_layer; l++) {
+            for (int i = 0; i < chunk * K * D; i++) k[i] = frand(), v[i] = frand();
+            for (int i = 0; i < chunk * H * D; i++) q[i] = frand();
+            cr_assert_eq(cache_append(c, l, k, v, pos, chunk, &err), 0, "%s", err.msg);
+            cr_assert_eq(cache_attend(c, l, q, pos, chunk, o, &err), 0, "%s", err.msg);
+            for (int i = 0; i < chunk * H * D; i++) cr_assert(isfinite(o[i]), "layer %d: non-finite output", l);
+        }
+        cr_assert_eq(cache_end_step(c, &err), 0, "step %d: %s", st, err.msg);
+        kvcache_stats stt;
+        kvcache_get_stats(c, &stt);
+        int64_t want = (st + 1) * chunk < 24 ? (st + 1) * chunk : 24;
+        cr_assert_eq(stt.held, want * s.n_layer * K, "step %d: held %lld", st, (long long)stt.held);
+    }
+    free(k), free(v), free(q), free(o);
+    cache_free(c);
+}
