@@ -57,16 +57,24 @@ static int split_spec(const char *spec, char *nm, size_t cap, const char **opts,
     return 0;
 }
 
-kvc_repr *kvc_repr_new(const char *spec, const kvc_repr_env *env, kvc_err *err) {
-    char nm[32], names[256];
-    const char *opts = NULL;
-    if (split_spec(spec, nm, sizeof nm, &opts, err)) return NULL;
-    const kvc_repr_ops *ops = kvc_repr_find(nm);
+/* Splits spec into nm (cap bytes) and *opts and finds the plug-in in the representation
+ * table (repr = 1) or the policy table (0); NULL with err naming the known ones otherwise. */
+static const void *lookup(const char *spec, int repr, char *nm, size_t cap, const char **opts, kvc_err *err) {
+    char names[256];
+    if (split_spec(spec, nm, cap, opts, err)) return NULL;
+    const void *ops = repr ? (const void *)kvc_repr_find(nm) : (const void *)kvc_keep_find(nm);
     if (!ops) {
-        list_names(names, sizeof names, 1);
-        kvc_fail(err, "unknown representation '%s' (known: %s)", nm, names);
-        return NULL;
+        list_names(names, sizeof names, repr);
+        kvc_fail(err, "unknown %s '%s' (known: %s)", repr ? "representation" : "retention policy", nm, names);
     }
+    return ops;
+}
+
+kvc_repr *kvc_repr_new(const char *spec, const kvc_repr_env *env, kvc_err *err) {
+    char nm[32];
+    const char *opts = NULL;
+    const kvc_repr_ops *ops = lookup(spec, 1, nm, sizeof nm, &opts, err);
+    if (!ops) return NULL;
     kvc_repr *r = calloc(1, sizeof *r);
     if (!r) { kvc_fail(err, "out of memory"); return NULL; }
     r->ops = ops;
@@ -118,15 +126,10 @@ static int parse_budget(const char *val, kvc_keep_budget *b, kvc_err *err) {
 }
 
 kvc_keep *kvc_keep_new(const char *spec, const kvc_cache_shape *shape, kvc_err *err) {
-    char nm[32], names[256];
+    char nm[32];
     const char *opts = NULL;
-    if (split_spec(spec, nm, sizeof nm, &opts, err)) return NULL;
-    const kvc_keep_ops *ops = kvc_keep_find(nm);
-    if (!ops) {
-        list_names(names, sizeof names, 0);
-        kvc_fail(err, "unknown retention policy '%s' (known: %s)", nm, names);
-        return NULL;
-    }
+    const kvc_keep_ops *ops = lookup(spec, 0, nm, sizeof nm, &opts, err);
+    if (!ops) return NULL;
     kvc_keep *k = calloc(1, sizeof *k);
     if (!k) { kvc_fail(err, "out of memory"); return NULL; }
     k->ops = ops;

@@ -55,6 +55,17 @@ static float run_pair(kvc_cache *a, kvc_cache *b, int n_steps, int chunk, int32_
     return worst;
 }
 
+/* The default model, or a skipped test when setup has not fetched it. */
+static kvc_model *load_model_or_skip(void) {
+    FILE *f = fopen(KVC_MODEL_PATH, "rb");
+    if (!f) cr_skip_test("model not found at %s: run scripts/setup.sh", KVC_MODEL_PATH);
+    fclose(f);
+    kvc_err err;
+    kvc_model *m = model_load(KVC_MODEL_PATH, &err);
+    cr_assert_not_null(m, "%s", err.msg);
+    return m;
+}
+
 Test(kvcache, f32_full_reproduces_full_cache_exactly) {
     kvc_cache_shape s = small_shape(256);
     kvc_err err;
@@ -249,12 +260,8 @@ Test(kvcache, bad_specs_and_budgets) {
 /* The default model: the codec path with exact rows reproduces the full cache's logits bit
  * for bit, and the committed codec with reuse runs and stays close. */
 Test(kvcache, model_logits_identity_and_codec, .timeout = 300) {
-    FILE *f = fopen(KVC_MODEL_PATH, "rb");
-    if (!f) cr_skip_test("model not found at %s: run scripts/setup.sh", KVC_MODEL_PATH);
-    fclose(f);
     kvc_err err;
-    kvc_model *m = model_load(KVC_MODEL_PATH, &err);
-    cr_assert_not_null(m, "%s", err.msg);
+    kvc_model *m = load_model_or_skip();
     const char *text = "The Debian package manager keeps track of installed software, its versions and "
                        "the files each package owns, so that upgrades and removals stay consistent.";
     int32_t *ids = malloc(sizeof(int32_t) * 256);
@@ -304,12 +311,8 @@ Test(kvcache, model_logits_identity_and_codec, .timeout = 300) {
 /* A sweep replays the reference's recorded logits instead of rerunning it: the figures must be
  * the same as measuring in lockstep, and a different run must not replay a stale recording. */
 Test(kvcache, reference_store_replays_identical_figures, .timeout = 300) {
-    FILE *f = fopen(KVC_MODEL_PATH, "rb");
-    if (!f) cr_skip_test("model not found at %s: run scripts/setup.sh", KVC_MODEL_PATH);
-    fclose(f);
     kvc_err err;
-    kvc_model *m = model_load(KVC_MODEL_PATH, &err);
-    cr_assert_not_null(m, "%s", err.msg);
+    kvc_model *m = load_model_or_skip();
     char *text = NULL;
     size_t len = 0;
     cr_assert_eq(kvc_read_file(KVC_SOURCE_DIR "/data/corpora/eval-debian-handbook.txt", &text, &len, &err), 0);
