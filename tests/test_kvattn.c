@@ -13,6 +13,9 @@
 #include "kvc/kvcache.h"
 #include "kvc/ops.h"
 
+#define TEST_RNG_SEED 12345
+#include "test_rand.h"
+
 /* Attention outputs: |got - ref| <= ATTN_RTOL (|ref| + max|v|), the value scale standing in
  * where outputs cancel towards 0. Weights: |got - ref| <= PROB_ATOL + ATTN_RTOL ref. */
 #define ATTN_RTOL 1e-5
@@ -21,29 +24,6 @@
  * against the activation worked out in double: DENSE_DBL_TOL (1 + |b|). */
 #define DENSE_TOL 1e-6
 #define DENSE_DBL_TOL 1e-5
-
-static uint64_t rs = 12345;
-
-/* Standard normal (Box-Muller on a 64-bit LCG). */
-static float gauss(void) {
-    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
-    double u1 = ((rs >> 11) + 1.0) / 9007199254740993.0;
-    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
-    double u2 = (rs >> 11) / 9007199254740992.0;
-    return (float)(sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2));
-}
-
-/* Uniform integer in [0, n). */
-static int64_t urand(int64_t n) {
-    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
-    return (int64_t)((rs >> 33) % (uint64_t)n);
-}
-
-static float *randn(size_t n, float scale) {
-    float *a = malloc(n * sizeof *a);
-    for (size_t i = 0; i < n; i++) a[i] = scale * gauss();
-    return a;
-}
 
 /* ---- attention ------------------------------------------------------------------------ */
 

@@ -13,6 +13,9 @@
 #include "kvc/kvattn.h"
 #ifdef KVC_HAVE_CUDA
 #include "kvc/ops_cuda.h"
+
+#define TEST_RNG_SEED 777
+#include "test_rand.h"
 #endif
 
 /* Budgets, each |cuda - cpu| <= ABS + EPS |cpu|:
@@ -29,27 +32,6 @@
 /* top-k: the index lists must be identical (the keys are exact). */
 
 #ifdef KVC_HAVE_CUDA
-static uint64_t rs = 777;
-
-static float gauss(void) {
-    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
-    double u1 = ((rs >> 11) + 1.0) / 9007199254740993.0;
-    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
-    double u2 = (rs >> 11) / 9007199254740992.0;
-    return (float)(sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2));
-}
-
-static int64_t urand(int64_t n) {
-    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
-    return (int64_t)((rs >> 33) % (uint64_t)n);
-}
-
-static float *randn(size_t n, float scale) {
-    float *a = malloc((n ? n : 1) * sizeof *a);
-    for (size_t i = 0; i < n; i++) a[i] = scale * gauss();
-    return a;
-}
-
 static void need_gpu(void) {
     char why[256];
     if (!backend_cuda_available(why, sizeof why)) cr_skip_test("CUDA parity skipped: %s", why);

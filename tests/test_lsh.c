@@ -8,17 +8,11 @@
 
 #include "kvc/lsh.h"
 
+#define TEST_RNG_SEED 99
+#include "test_rand.h"
+
 #define PI_D 3.141592653589793
 #define ANGLE_TOL 0.03 /* |mean d/b - angle/pi| over 400 pairs at b = 64 */
-
-static uint64_t rs = 99;
-static float gauss(void) {
-    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
-    double u1 = ((rs >> 11) + 1.0) / 9007199254740993.0;
-    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
-    double u2 = (rs >> 11) / 9007199254740992.0;
-    return (float)(sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2));
-}
 
 /* Fills x and y (D) with unit vectors at angle theta. */
 static void pair_at(float *x, float *y, int d, double theta) {
