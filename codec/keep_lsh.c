@@ -20,6 +20,7 @@ typedef struct {
     int ema_given;
     uint64_t proj_seed;
     int center;          /* 1: hash keys minus their head's running mean (see lsh_on_append) */
+    int gqa_each;        /* 1: each query head of a group is its own probe; 0: their mean is */
     float *mu;           /* (L * K, D) running mean of each head's post-RoPE keys */
     int64_t *mu_n;       /* (L * K) keys in that mean */
     kvc_simhash sh;      /* (bits, D) projections */
@@ -37,7 +38,7 @@ static keep_lsh *lsh_impl(kvc_keep *k) {
     if (!k->impl) {
         keep_lsh *s = calloc(1, sizeof *s);
         if (!s) return NULL;
-        s->bits = 16, s->probe_key = 0, s->mode = LSH_CURRENT, s->ema = 0.5f, s->proj_seed = 1, s->center = 0;
+        s->bits = 16, s->probe_key = 0, s->mode = LSH_SUM, s->ema = 0.5f, s->proj_seed = 1, s->center = 0;
         k->impl = s;
     }
     return k->impl;
@@ -66,6 +67,10 @@ static int lsh_parse(keep_lsh *s, const char *key, const char *val, kvc_err *err
         if (!*val || *end || !(a > 0.0 && a < 1.0))
             return kvc_fail(err, "lsh: option ema=%s: expected a weight strictly between 0 and 1", val);
         s->ema = (float)a, s->ema_given = 1;
+    } else if (!strcmp(key, "gqa")) {
+        if (!strcmp(val, "mean")) s->gqa_each = 0;
+        else if (!strcmp(val, "each")) s->gqa_each = 1;
+        else return kvc_fail(err, "lsh: option gqa=%s: expected mean or each", val);
     } else if (!strcmp(key, "center")) {
         if (!strcmp(val, "on")) s->center = 1;
         else if (!strcmp(val, "off")) s->center = 0;
@@ -75,7 +80,7 @@ static int lsh_parse(keep_lsh *s, const char *key, const char *val, kvc_err *err
         if (!*val || *end || val[0] == '-') return kvc_fail(err, "lsh: option proj_seed=%s: expected an unsigned integer", val);
         s->proj_seed = x;
     } else {
-        return kvc_fail(err, "lsh: unknown option '%s' (options: bits, probe, score, ema, center, proj_seed)", key);
+        return kvc_fail(err, "lsh: unknown option '%s' (options: bits, probe, score, ema, gqa, center, proj_seed)", key);
     }
     return 0;
 }
@@ -144,6 +149,8 @@ static void lsh_describe(const kvc_keep *k, char *buf, size_t size) {
     if (at < 0 || (size_t)at >= size) return;
     if (s->mode == LSH_EMA) at += snprintf(buf + at, size - at, ",ema=%g", s->ema);
     if (at < 0 || (size_t)at >= size) return;
+    if (s->gqa_each) at += snprintf(buf + at, size - at, ",gqa=each");
+    if (at < 0 || (size_t)at >= size) return;
     if (s->center) at += snprintf(buf + at, size - at, ",center=on");
     if (at < 0 || (size_t)at >= size) return;
     if (s->proj_seed != 1) snprintf(buf + at, size - at, ",proj_seed=%llu", (unsigned long long)s->proj_seed);
@@ -177,6 +184,21 @@ static void accumulate(const keep_lsh *s, kvc_keep_view *v, int64_t n, uint64_t 
     for (int64_t t = 0; t < n; t++) {
         uint8_t *st = v->state + t * sb;
         float d = (float)__builtin_popcountll(code_get(s, st) ^ p), a = acc_get(s, st);
+        if (s->mode == LSH_SUM) a += d;
+        else a = a < 0.0f ? d : s->ema * d + (1.0f - s->ema) * a;
+        acc_put(s, st, a);
+    }
+}
+
+/* One step of the accumulators against m probes at once: the mean distance to them. */
+static void accumulate_mean(const keep_lsh *s, kvc_keep_view *v, int64_t n, const uint64_t *p, int m) {
+    size_t sb = (size_t)s->nb + sizeof(float);
+    for (int64_t t = 0; t < n; t++) {
+        uint8_t *st = v->state + t * sb;
+        const uint64_t c = code_get(s, st);
+        int sum = 0;
+        for (int i = 0; i < m; i++) sum += __builtin_popcountll(c ^ p[i]);
+        float d = (float)sum / (float)m, a = acc_get(s, st);
         if (s->mode == LSH_SUM) a += d;
         else a = a < 0.0f ? d : s->ema * d + (1.0f - s->ema) * a;
         acc_put(s, st, a);
@@ -231,31 +253,41 @@ static void lsh_on_attend(kvc_keep *k, kvc_keep_view *v, const float *qrot, cons
     int d = k->shape.head_dim, g = k->shape.n_head / k->shape.n_head_kv;
     size_t h = (size_t)v->layer * k->shape.n_head_kv + v->head;
     const size_t heads = (size_t)k->shape.n_layer * k->shape.n_head_kv;
-    if (s->mode == LSH_CURRENT && n_q > s->qcap) {
-        uint64_t *p = realloc(s->step, heads * (size_t)n_q * sizeof *p);
-        if (!p) n_q = s->qcap; /* out of memory: keep the probes there is room for */
+    const int per_q = s->gqa_each ? g : 1; /* probe codes each query gives */
+    if (s->mode == LSH_CURRENT && n_q * per_q > s->qcap) {
+        const int want = n_q * per_q;
+        uint64_t *p = realloc(s->step, heads * (size_t)want * sizeof *p);
+        if (!p) n_q = s->qcap / per_q; /* out of memory: keep the probes there is room for */
         else {
             /* re-lay rows for the wider stride */
             for (size_t i = heads; i-- > 0;)
-                memmove(p + i * (size_t)n_q, p + i * (size_t)s->qcap, (size_t)s->qcap * sizeof *p);
+                memmove(p + i * (size_t)want, p + i * (size_t)s->qcap, (size_t)s->qcap * sizeof *p);
             s->step = p;
-            s->qcap = n_q;
+            s->qcap = want;
         }
         if (n_q < 1) return;
     }
     float mean[d];
+    uint64_t codes[per_q];
     if (s->mode == LSH_CURRENT) s->n_step[h] = 0;
     for (int q = 0; q < n_q; q++) {
-        for (int i = 0; i < d; i++) {
-            float m = 0.0f;
-            for (int j = 0; j < g; j++) m += qrot[((size_t)q * g + j) * d + i];
-            mean[i] = m / (float)g;
+        if (s->gqa_each) {
+            simhash_codes_cpu(&s->sh, qrot + (size_t)q * g * d, d, g, codes);
+        } else {
+            for (int i = 0; i < d; i++) {
+                float m = 0.0f;
+                for (int j = 0; j < g; j++) m += qrot[((size_t)q * g + j) * d + i];
+                mean[i] = m / (float)g;
+            }
+            simhash_codes_cpu(&s->sh, mean, d, 1, codes);
         }
-        uint64_t c;
-        simhash_codes_cpu(&s->sh, mean, d, 1, &c);
-        if (s->mode != LSH_CURRENT) accumulate(s, v, v->n, c);
-        else s->step[h * (size_t)s->qcap + (size_t)s->n_step[h]++] = c;
-        s->probe[h] = c;
+        if (s->mode != LSH_CURRENT) {
+            if (per_q == 1) accumulate(s, v, v->n, codes[0]);
+            else accumulate_mean(s, v, v->n, codes, per_q);
+        } else {
+            for (int j = 0; j < per_q; j++) s->step[h * (size_t)s->qcap + (size_t)s->n_step[h]++] = codes[j];
+        }
+        s->probe[h] = codes[per_q - 1];
         s->has_probe[h] = 1;
     }
 }
@@ -294,7 +326,7 @@ static void lsh_reset(kvc_keep *k) {
 const kvc_keep_ops KEEP_LSH = {
     .name = "lsh",
     .usage = "LSH-E: evict keys whose SimHash code is farthest from the probe; bits=4..64 (16), "
-             "probe=query|key, score=current|sum|ema, ema=A (0.5), center=on|off (off), proj_seed=N (1)",
+             "probe=query|key, score=sum|current|ema (sum), ema=A (0.5), gqa=mean|each (mean), center=on|off (off), proj_seed=N (1)",
     .option = lsh_option,
     .init = lsh_init,
     .free = lsh_free,

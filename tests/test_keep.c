@@ -364,10 +364,11 @@ static void group_mean(const float *q, float *m) {
 
 Test(keep, lsh_state_bytes_and_description) {
     const struct { const char *spec; size_t bytes; const char *desc; } C[] = {
-        {"lsh:budget=16", 2, "bits=16,probe=query,score=current"},
-        {"lsh:budget=16,bits=8", 1, "bits=8,probe=query,score=current"},
-        {"lsh:budget=16,bits=13", 2, "bits=13,probe=query,score=current"},
-        {"lsh:budget=16,bits=64", 8, "bits=64,probe=query,score=current"},
+        {"lsh:budget=16", 6, "bits=16,probe=query,score=sum"}, /* the default: code + accumulator */
+        {"lsh:budget=16,bits=8,score=current", 1, "bits=8,probe=query,score=current"},
+        {"lsh:budget=16,bits=13,score=current", 2, "bits=13,probe=query,score=current"},
+        {"lsh:budget=16,bits=64,score=current", 8, "bits=64,probe=query,score=current"},
+        {"lsh:budget=16,bits=64", 12, "bits=64,probe=query,score=sum"},
         {"lsh:budget=16,score=sum,probe=key", 6, "bits=16,probe=key,score=sum"},
         {"lsh:budget=16,ema=0.25,score=ema,bits=4,proj_seed=7", 5, "bits=4,probe=query,score=ema,ema=0.25,proj_seed=7"},
     };
@@ -382,7 +383,7 @@ Test(keep, lsh_state_bytes_and_description) {
 }
 
 Test(keep, lsh_current_query_probe_evicts_the_most_differing_code) {
-    kvc_keep *k = keep_ok("lsh:budget=4,sinks=1,window=1");
+    kvc_keep *k = keep_ok("lsh:budget=4,sinks=1,window=1,score=current");
     enum { N = 6 };
     float q[2 * G * D], m[D], keys[N * D], sc[N];
     uint8_t state[N * 2] = {0}, ev[N];
@@ -448,7 +449,7 @@ Test(keep, lsh_accumulates_sums_and_emas_over_query_and_key_steps) {
     }
     kvc_keep_free(ks), kvc_keep_free(ke);
     /* key probe: each appended key is one step over the older tokens; a current probe is the newest key */
-    kvc_keep *kk = keep_ok("lsh:budget=4,probe=key,score=sum,sinks=1,window=1"), *kc = keep_ok("lsh:budget=4,probe=key,sinks=1,window=1");
+    kvc_keep *kk = keep_ok("lsh:budget=4,probe=key,score=sum,sinks=1,window=1"), *kc = keep_ok("lsh:budget=4,probe=key,sinks=1,window=1,score=current");
     uint8_t st_k[N * 6] = {0}, st_c[N * 2] = {0};
     kvc_keep_view vk = {1, 2, 3, pos, st_k}, vc = {1, 2, N, pos, st_c};
     kk->ops->on_append(kk, &vk, 0, keys); /* [0, 3), then [3, 5) */
@@ -638,7 +639,7 @@ Test(keep, lsh_codes_rank_keys_like_attention_on_real_data, .timeout = 120) {
 /* center=on hashes each key minus the running mean of its head's keys (itself included),
  * and cache_reset's hook forgets that mean. */
 Test(keep, lsh_center_hashes_keys_minus_their_running_mean) {
-    kvc_keep *k = keep_ok("lsh:budget=16,sinks=1,window=1,center=on");
+    kvc_keep *k = keep_ok("lsh:budget=16,sinks=1,window=1,center=on,score=current");
     char buf[128];
     k->ops->describe(k, buf, sizeof buf);
     cr_expect_str_eq(buf, "bits=16,probe=query,score=current,center=on");
@@ -659,6 +660,32 @@ Test(keep, lsh_center_hashes_keys_minus_their_running_mean) {
             cr_expect_eq(state[2 * t] | state[2 * t + 1] << 8, code_of(c, 16), "round %d token %d", round, t);
         }
         k->ops->reset(k); /* the second round must start from an empty mean again */
+    }
+    kvc_keep_free(k);
+}
+
+/* gqa=each: every query head of the group is a probe of its own (no averaging of vectors), so
+ * with score=current a token scores its mean distance to the step's n_q x G codes. */
+Test(keep, lsh_gqa_each_probes_every_query_head) {
+    kvc_keep *k = keep_ok("lsh:budget=16,sinks=1,window=1,score=current,gqa=each");
+    char buf[128];
+    k->ops->describe(k, buf, sizeof buf);
+    cr_expect_str_eq(buf, "bits=16,probe=query,score=current,gqa=each");
+    enum { N = 5 };
+    float q[2 * G * D], keys[N * D], sc[N];
+    uint8_t state[N * 2] = {0};
+    int32_t pos[N] = {0, 1, 2, 3, 4};
+    for (int i = 0; i < 2 * G * D; i++) q[i] = gauss();
+    for (int i = 0; i < N * D; i++) keys[i] = gauss();
+    kvc_keep_view v = {0, 0, N, pos, state};
+    k->ops->on_append(k, &v, 0, keys);
+    k->ops->on_attend(k, &v, q, NULL, 2, NULL);
+    k->ops->score(k, &v, sc);
+    for (int t = 0; t < N; t++) {
+        uint64_t c = code_of(keys + t * D, 16);
+        int sum = 0;
+        for (int j = 0; j < 2 * G; j++) sum += __builtin_popcountll(c ^ code_of(q + j * D, 16));
+        cr_expect_eq(sc[t], (float)sum / (2 * G), "token %d", t);
     }
     kvc_keep_free(k);
 }
