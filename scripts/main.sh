@@ -4,7 +4,7 @@
 # latent-32 codec on them, then sweep a small grid of compressed caches (that codec, KIVI
 # int8/int4, eviction policies) on the eval corpus and print the table and the plots' paths.
 # Outputs in out/ (git-ignored); a rerun reuses the capture, the codec and finished sweep
-# points (rm -rf out/ to start over). About 15 minutes on 2 cores.
+# points (rm -rf out/ to start over). About 6 minutes on 2 cores once set up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,7 +22,7 @@ fi
 if [ ! -f out/codec_ae32.h5 ]; then
   echo "== train: linear K/V codecs, latent 32 of 64, cross-layer reuse where the error is <= 0.25"
   ./build/kvcodec train --data out/kv_train8k.h5 --latent 32 --epochs 20 --warmup 20 --lr 3e-3 \
-    --threads "$THREADS" --reuse threshold=0.25 --out out/codec_ae32.h5 | tail -n 6
+    --threads "$THREADS" --reuse threshold=0.25 --out out/codec_ae32.h5
 fi
 echo "== sweep: configs/main.grid on data/corpora/eval-debian-handbook.txt (prefill 512, compress, score 64; 8 samples)"
 ./build/kvcodec sweep --grid configs/main.grid --out out/sweeps/main --threads "$THREADS" \
