@@ -54,7 +54,7 @@ typedef struct {
 typedef struct {
     int64_t cap;
     float *kr;             /* (cap, D) keys after RoPE */
-    float *vr;             /* (cap, D) values (when not read in latent space) */
+    const float *vr;       /* (T, D) values (when not read in latent space): the memo's rows */
     float *z;              /* (cap, R) value latents */
     float *tmp, *tmp2;     /* (cap, D) each: decoding a reuse chain */
     int64_t mask_n;        /* tokens the mask covers */
@@ -155,14 +155,16 @@ static int rope_reserve(kv_impl *im, int64_t n, float base) {
     return 0;
 }
 
-/* Rotates n rows (D floats each, in place) by their positions, exactly as rope_cpu does. */
-static void rope_rows(const kv_impl *im, float *x, const int32_t *pos, int64_t n) {
+/* y = n rows of x (D floats each) rotated by their positions, exactly as rope_cpu does;
+ * y may be x. */
+static void rope_rows(const kv_impl *im, const float *x, float *y, const int32_t *pos, int64_t n) {
     const int half = im->D / 2;
     for (int64_t t = 0; t < n; t++) {
         const float *cs = im->rcos + (size_t)pos[t] * half, *sn = im->rsin + (size_t)pos[t] * half;
-        float *v = x + (size_t)t * im->D;
+        const float *u = x + (size_t)t * im->D;
+        float *v = y + (size_t)t * im->D;
         for (int i = 0; i < half; i++) {
-            float c = cs[i], s = sn[i], a = v[2 * i], b = v[2 * i + 1];
+            float c = cs[i], s = sn[i], a = u[2 * i], b = u[2 * i + 1];
             v[2 * i] = a * c - b * s;
             v[2 * i + 1] = a * s + b * c;
         }
@@ -208,8 +210,8 @@ static int kv_append(kvc_cache *c, int layer, const float *k, const float *v, co
         s->n += n;
         s->version++;
         if (kr) {
-            for (int t = 0; t < n; t++) memcpy(kr + (size_t)t * D, k + ((size_t)t * K + h) * D, (size_t)D * sizeof(float));
-            rope_rows(im, kr, pos, n);
+            /* the new keys were just stored contiguously as exact rows: rotate from there */
+            rope_rows(im, s->raw[KK] + (size_t)(first - s->n_enc[KK]) * D, kr, pos, n);
             kvc_keep_view view = {layer, h, s->n, s->pos, s->state};
             im->keep->ops->on_append(im->keep, &view, first, kr);
         }
@@ -294,7 +296,7 @@ static int scratch_reserve(kv_impl *im, hscratch *scr, int64_t T, int n_q, int R
     const size_t D = (size_t)im->D;
     if (T > scr->cap || !scr->kr) {
         int64_t cap = T > 64 ? T : 64;
-        if (grow((void **)&scr->kr, (size_t)cap, D * sizeof(float)) || grow((void **)&scr->vr, (size_t)cap, D * sizeof(float)) ||
+        if (grow((void **)&scr->kr, (size_t)cap, D * sizeof(float)) ||
             grow((void **)&scr->tmp, (size_t)cap, D * sizeof(float)) || grow((void **)&scr->tmp2, (size_t)cap, D * sizeof(float)) ||
             grow((void **)&scr->mask, (size_t)cap, 1) ||
             grow((void **)&scr->score, (size_t)cap, sizeof(float)) || grow((void **)&scr->bp, (size_t)cap, sizeof(void *)))
@@ -339,12 +341,11 @@ static int kv_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpo
         /* the memo keeps this layer's rows (before RoPE) for a layer above that reuses them */
         const float *kp = memo_rows(im, layer, h, KK, scr);
         if (!kp) { fail |= 1; continue; }
-        memcpy(scr->kr, kp, (size_t)T * D * sizeof(float));
-        rope_rows(im, scr->kr, s->pos, T);
+        rope_rows(im, kp, scr->kr, s->pos, T);
         if (!im->latent[(size_t)layer * K + h]) {
             const float *vp = memo_rows(im, layer, h, KV, scr);
             if (!vp) { fail |= 1; continue; }
-            memcpy(scr->vr, vp, (size_t)T * D * sizeof(float));
+            scr->vr = vp; /* read in place: the memo is not touched again before phase 2 */
         } else if (s->n_enc[KV] > 0) {
             im->repr->ops->decode_latent(im->repr, layer, h, s->rows[KV], (int)s->n_enc[KV], scr->z);
         }
@@ -591,7 +592,7 @@ static void kv_free(kvc_cache *c) {
         }
         for (int h = 0; im->sc && h < im->K; h++) {
             hscratch *scr = &im->sc[h];
-            free(scr->kr), free(scr->vr), free(scr->z), free(scr->tmp), free(scr->tmp2), free(scr->mask), free(scr->score);
+            free(scr->kr), free(scr->z), free(scr->tmp), free(scr->tmp2), free(scr->mask), free(scr->score);
             free(scr->bp), free(scr->probs), free(scr->qg);
         }
         for (int i = 0; im->mm && i < im->K * 2; i++) free(im->mm[i].rows[0]), free(im->mm[i].rows[1]);

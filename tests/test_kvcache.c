@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "kvc/kvcache.h"
+#include "fixture.h"
 #include "kvc/eval.h"
 #include "kvc/model.h"
 
@@ -57,11 +58,9 @@ static float run_pair(kvc_cache *a, kvc_cache *b, int n_steps, int chunk, int32_
 
 /* The default model, or a skipped test when setup has not fetched it. */
 static kvc_model *load_model_or_skip(void) {
-    FILE *f = fopen(KVC_MODEL_PATH, "rb");
-    if (!f) cr_skip_test("model not found at %s: run scripts/setup.sh", KVC_MODEL_PATH);
-    fclose(f);
+    REQUIRE_MODEL(path);
     kvc_err err;
-    kvc_model *m = model_load(KVC_MODEL_PATH, &err);
+    kvc_model *m = model_load(path, &err);
     cr_assert_not_null(m, "%s", err.msg);
     return m;
 }
