@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "kvc/backend.h"
+#include "kvc/kernels.h"
 #include "kvc/kvattn.h"
 #include "kvc/ops.h"
 #ifdef KVC_HAVE_CUDA
@@ -51,6 +52,7 @@ typedef struct {
     int t, d, r, g, chunk, reps;
     float *k, *v, *z, *wenc, *wdec, *benc, *bdec, *q, *y, *out, *probs, *score;
     int32_t *kpos, *qpos;
+    kvc_rope_table rope;
     int64_t *idx;
 } bench;
 
@@ -60,7 +62,7 @@ static void run_cpu(bench *b, int op) {
     switch (op) {
     case 0: dense_rows_cpu(b->v, t, d, b->wenc, b->benc, r, AE_ACT_NONE, 0, b->z); break;
     case 1: dense_rows_cpu(b->z, t, r, b->wdec, b->bdec, d, AE_ACT_NONE, 0, b->y); break;
-    case 2: rope_rows_cpu(b->k, d, b->kpos, t, d, 100000.0f, b->y); break;
+    case 2: kvc_rope_rows(&b->rope, b->k, d, b->kpos, t, b->y, d); break;
     case 3: attend_head_cpu(b->q, b->qpos, 1, g, d, b->k, b->v, b->kpos, t, b->out, b->probs); break;
     case 4: attend_head_cpu(b->q, b->qpos, b->chunk, g, d, b->k, b->v, b->kpos, t, b->out, NULL); break;
     case 5: attend_latent_cpu(b->q, b->qpos, 1, g, d, b->k, b->z, r, b->wdec, b->bdec, b->kpos, t, b->out, b->probs); break;
@@ -157,6 +159,10 @@ int main(int argc, char **argv) {
     b.kpos = malloc(t * sizeof *b.kpos), b.qpos = malloc((size_t)b.chunk * sizeof *b.qpos);
     b.idx = malloc(t * sizeof *b.idx);
     for (size_t i = 0; i < t; i++) b.kpos[i] = (int32_t)(i + i / 3); /* gaps, as after eviction */
+    if (kvc_rope_table_init(&b.rope, b.d, 100000.0f) || kvc_rope_table_reserve(&b.rope, (int64_t)b.kpos[t - 1] + 1)) {
+        fprintf(stderr, "bench_kvattn: out of memory\n");
+        return 1;
+    }
     for (int j = 0; j < b.chunk; j++) b.qpos[j] = b.kpos[t - 1] + 1 + j;
 
     char why[256] = "";

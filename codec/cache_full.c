@@ -4,7 +4,7 @@
  * compressed cache is measured against. Letters: T tokens held, K kv heads, D head_dim. */
 #include "kvc/cache.h"
 #include "kvc/ops.h"
-#include "attn_core.h"
+#include "kvc/kernels.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -15,6 +15,7 @@ typedef struct {
     float *v;      /* (L, T_max, K, D) */
     int32_t *pos;  /* (L, T_max) */
     int64_t *n;    /* (L) tokens held per layer */
+    kvc_rope_table rope;
 } full_impl;
 
 static size_t row_floats(const kvc_cache *c) { return (size_t)c->shape.n_head_kv * c->shape.head_dim; }
@@ -26,11 +27,18 @@ static int full_append(kvc_cache *c, int layer, const float *k, const float *v, 
     if (im->n[layer] + n > (int64_t)tmax)
         return kvc_fail(err, "KV cache full: layer %d holds %lld tokens, %d more exceed the capacity %zu", layer,
                         (long long)im->n[layer], n, tmax);
+    int32_t pmax = 0;
+    for (int t = 0; t < n; t++) {
+        if (pos[t] < 0) return kvc_fail(err, "KV cache: negative position %d", pos[t]);
+        pmax = pos[t] > pmax ? pos[t] : pmax;
+    }
+    if (kvc_rope_table_reserve(&im->rope, (int64_t)pmax + 1))
+        return kvc_fail(err, "out of memory for RoPE angles up to position %d", pmax);
     size_t at = (size_t)layer * tmax + (size_t)im->n[layer];
     memcpy(im->k + at * rf, k, (size_t)n * rf * sizeof(float));
     memcpy(im->v + at * rf, v, (size_t)n * rf * sizeof(float));
     memcpy(im->pos + at, pos, (size_t)n * sizeof(int32_t));
-    rope_cpu(im->k + at * rf, pos, n, c->shape.n_head_kv, c->shape.head_dim, c->shape.rope_base);
+    kvc_rope_heads(&im->rope, im->k + at * rf, pos, n, c->shape.n_head_kv);
     im->n[layer] += n;
     return 0;
 }
@@ -56,7 +64,7 @@ static int full_attend(kvc_cache *c, int layer, const float *q, const int32_t *q
                 const float *qh = q + ((size_t)t * H + h) * D;
                 float *o = out + ((size_t)t * H + h) * D;
                 const int g = h / G;
-                attn_core_one(qh, kl + (size_t)g * D, rf, vl + (size_t)g * D, rf, pl, T, qpos[t], D, scale, sc, o);
+                kvc_attn_row(qh, kl + (size_t)g * D, rf, vl + (size_t)g * D, rf, pl, T, qpos[t], D, scale, sc, o);
             }
         }
         free(sc);
@@ -86,6 +94,7 @@ static void full_free(kvc_cache *c) {
         free(im->v);
         free(im->pos);
         free(im->n);
+        kvc_rope_table_free(&im->rope);
         free(im);
     }
     free(c);
@@ -123,6 +132,11 @@ kvc_cache *cache_full_new(const kvc_cache_shape *shape, kvc_err *err) {
     im->pos = kvc_malloc_array(cells, sizeof(int32_t));
     im->n = kvc_calloc_array((size_t)s->n_layer, sizeof(int64_t));
     if (!im->k || !im->v || !im->pos || !im->n) goto oom;
+    if (kvc_rope_table_init(&im->rope, s->head_dim, s->rope_base)) {
+        kvc_fail(err, "cache: RoPE base %g unusable", s->rope_base);
+        full_free(c);
+        return NULL;
+    }
     return c;
 oom:
     kvc_fail(err, "out of memory for a KV cache of %d tokens", s->max_tokens);

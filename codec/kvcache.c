@@ -8,7 +8,7 @@
  * (layer, kv head), R latent size, B block rows. */
 #include "kvc/kvcache.h"
 #include "kvc/ops.h"
-#include "attn_core.h"
+#include "kvc/kernels.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -80,8 +80,7 @@ typedef struct {
     hstore *hs;            /* (L, K) */
     memo *mm;              /* (K, 2) */
     hscratch *sc;          /* (K) */
-    float *rcos, *rsin;    /* (rope_n, D/2) RoPE table by position */
-    int64_t rope_n;
+    kvc_rope_table rope;   /* RoPE angles by position: the same kernel as the full cache */
     int64_t appended, evicted;
     int64_t ref;           /* < 0: hold every token; else fraction budgets are of ref tokens */
     int64_t budget;        /* resolved budget in tokens (when ref >= 1 and the policy evicts) */
@@ -134,43 +133,6 @@ static int32_t block_alloc(kv_impl *im, hstore *s, int l, int h, int k) {
     return at;
 }
 
-/* Grows the RoPE table to cover positions [0, n). */
-static int rope_reserve(kv_impl *im, int64_t n, float base) {
-    if (n <= im->rope_n) return 0;
-    int64_t cap = im->rope_n ? im->rope_n : 1024;
-    while (cap < n) cap *= 2;
-    const int half = im->D / 2;
-    if (grow((void **)&im->rcos, (size_t)cap * half, sizeof(float)) ||
-        grow((void **)&im->rsin, (size_t)cap * half, sizeof(float)))
-        return -1;
-    float inv[half > 0 ? half : 1];
-    for (int i = 0; i < half; i++) inv[i] = powf(base, -2.0f * (float)i / (float)im->D); /* as rope_cpu */
-    for (int64_t p = im->rope_n; p < cap; p++)
-        for (int i = 0; i < half; i++) {
-            float th = (float)p * inv[i];
-            im->rcos[p * half + i] = cosf(th);
-            im->rsin[p * half + i] = sinf(th);
-        }
-    im->rope_n = cap;
-    return 0;
-}
-
-/* y = n rows of x (D floats each) rotated by their positions, exactly as rope_cpu does;
- * y may be x. */
-static void rope_rows(const kv_impl *im, const float *x, float *y, const int32_t *pos, int64_t n) {
-    const int half = im->D / 2;
-    for (int64_t t = 0; t < n; t++) {
-        const float *cs = im->rcos + (size_t)pos[t] * half, *sn = im->rsin + (size_t)pos[t] * half;
-        const float *u = x + (size_t)t * im->D;
-        float *v = y + (size_t)t * im->D;
-        for (int i = 0; i < half; i++) {
-            float c = cs[i], s = sn[i], a = u[2 * i], b = u[2 * i + 1];
-            v[2 * i] = a * c - b * s;
-            v[2 * i + 1] = a * s + b * c;
-        }
-    }
-}
-
 /* ------------------------------------------------------------------- append ------ */
 
 static int kv_append(kvc_cache *c, int layer, const float *k, const float *v, const int32_t *pos, int n,
@@ -189,7 +151,7 @@ static int kv_append(kvc_cache *c, int layer, const float *k, const float *v, co
             return kvc_fail(err, "KV cache full: layer %d holds %lld tokens, capacity %d", layer,
                             (long long)s0->n, c->shape.max_tokens);
     }
-    if (rope_reserve(im, (int64_t)pos[n - 1] + 1, c->shape.rope_base)) return kvc_fail(err, "out of memory");
+    if (kvc_rope_table_reserve(&im->rope, (int64_t)pos[n - 1] + 1)) return kvc_fail(err, "out of memory");
     float *kr = im->keep->ops->on_append ? malloc((size_t)n * D * sizeof(float)) : NULL;
     if (im->keep->ops->on_append && !kr) return kvc_fail(err, "out of memory");
     for (int h = 0; h < K; h++) {
@@ -211,7 +173,7 @@ static int kv_append(kvc_cache *c, int layer, const float *k, const float *v, co
         s->version++;
         if (kr) {
             /* the new keys were just stored contiguously as exact rows: rotate from there */
-            rope_rows(im, s->raw[KK] + (size_t)(first - s->n_enc[KK]) * D, kr, pos, n);
+            kvc_rope_rows(&im->rope, s->raw[KK] + (size_t)(first - s->n_enc[KK]) * D, D, pos, n, kr, D);
             kvc_keep_view view = {layer, h, s->n, s->pos, s->state};
             im->keep->ops->on_append(im->keep, &view, first, kr);
         }
@@ -341,7 +303,7 @@ static int kv_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpo
         /* the memo keeps this layer's rows (before RoPE) for a layer above that reuses them */
         const float *kp = memo_rows(im, layer, h, KK, scr);
         if (!kp) { fail |= 1; continue; }
-        rope_rows(im, kp, scr->kr, s->pos, T);
+        kvc_rope_rows(&im->rope, kp, D, s->pos, T, scr->kr, D);
         if (!im->latent[(size_t)layer * K + h]) {
             const float *vp = memo_rows(im, layer, h, KV, scr);
             if (!vp) { fail |= 1; continue; }
@@ -374,11 +336,11 @@ static int kv_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpo
                 const int64_t T = s->n;
                 if (!sc || !zs) { memset(o, 0, (size_t)D * sizeof(float)); continue; }
                 if (!R) {
-                    attn_core_one(qh, scr->kr, (size_t)D, scr->vr, (size_t)D, s->pos, T, qpos[t], D, scale, sc, o);
+                    kvc_attn_row(qh, scr->kr, (size_t)D, scr->vr, (size_t)D, s->pos, T, qpos[t], D, scale, sc, o);
                 } else {
                     /* values in latent space: encoded rows through W (sum a z) + b * (sum a), the
                      * exact rows directly */
-                    attn_core_one(qh, scr->kr, (size_t)D, NULL, 0, s->pos, T, qpos[t], D, scale, sc, NULL);
+                    kvc_attn_row(qh, scr->kr, (size_t)D, NULL, 0, s->pos, T, qpos[t], D, scale, sc, NULL);
                     const int64_t ne = s->n_enc[KV];
                     float mass = 0.0f;
                     memset(zs, 0, (size_t)R * sizeof(float));
@@ -597,7 +559,7 @@ static void kv_free(kvc_cache *c) {
         }
         for (int i = 0; im->mm && i < im->K * 2; i++) free(im->mm[i].rows[0]), free(im->mm[i].rows[1]);
         free(im->hs), free(im->sc), free(im->mm), free(im->rb), free(im->bb), free(im->reused), free(im->latent);
-        free(im->rcos), free(im->rsin);
+        kvc_rope_table_free(&im->rope);
         kvc_repr_free(im->repr);
         kvc_keep_free(im->keep);
         free(im);
@@ -710,7 +672,7 @@ kvc_cache *kvcache_new(const kvc_cache_shape *shape, const char *repr, const cha
             im->latent[(size_t)l * im->K + h] = R > 0 ? R : 0;
         }
     for (int i = 0; i < im->K * 2; i++) im->mm[i].layer = -1;
-    if (rope_reserve(im, s->max_tokens, s->rope_base)) {
+    if (kvc_rope_table_init(&im->rope, im->D, s->rope_base) || kvc_rope_table_reserve(&im->rope, s->max_tokens)) {
         kvc_fail(err, "out of memory");
         goto fail;
     }

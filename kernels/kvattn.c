@@ -40,30 +40,6 @@ void dense_rows_cpu(const float *x, int64_t n, int in, const float *w, const flo
     }
 }
 
-/* ---- RoPE ----------------------------------------------------------------------------- */
-
-/* The inverse frequencies base^(-2i/d), i < d/2, as rope_cpu computes them (the CUDA twin
- * builds the same table on the host, so angles agree bit for bit). */
-static void rope_inv_freq(int d, float base, float *inv) {
-    for (int i = 0; i < d / 2; i++) inv[i] = powf(base, -2.0f * (float)i / (float)d);
-}
-
-void rope_rows_cpu(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y) {
-    float inv[d / 2 > 0 ? d / 2 : 1];
-    rope_inv_freq(d, base, inv);
-    for (int64_t t = 0; t < n; t++) {
-        const float *xr = x + t * ldx;
-        float *yr = y + t * d;
-        for (int i = 0; i < d / 2; i++) {
-            float th = (float)pos[t] * inv[i];
-            float c = cosf(th), s = sinf(th);
-            float a = xr[2 * i], bb = xr[2 * i + 1]; /* read both first: y may alias x */
-            yr[2 * i] = a * c - bb * s;
-            yr[2 * i + 1] = a * s + bb * c;
-        }
-    }
-}
-
 /* ---- attention ------------------------------------------------------------------------ */
 
 /* q . k over d floats in eight interleaved partial sums, which the compiler keeps in one

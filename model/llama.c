@@ -4,6 +4,7 @@
  * Letters: N batch tokens, V vocab, E embedding, H heads, K kv heads, D head_dim, F ffn. */
 #include "kvc/model.h"
 
+#include "kvc/kernels.h"
 #include "kvc/quant.h"
 
 #include <math.h>
@@ -241,6 +242,7 @@ struct kvc_run {
     float *hb2;  /* (N, F) */
     kvc_tap_fn tap;
     void *tap_ctx;
+    kvc_rope_table rope; /* the queries' rotation, the same function the caches use for keys */
 };
 
 void run_set_tap(kvc_run *r, kvc_tap_fn fn, void *ctx) {
@@ -255,6 +257,11 @@ kvc_run *run_new(const kvc_model *m, int max_batch, kvc_err *err) {
     if (!r) { kvc_fail(err, "out of memory"); return NULL; }
     size_t N = (size_t)max_batch, HD = (size_t)hp->n_head * hp->head_dim, KD = (size_t)hp->n_head_kv * hp->head_dim;
     r->max_batch = max_batch;
+    if (kvc_rope_table_init(&r->rope, hp->head_dim, hp->rope_base)) {
+        free(r);
+        kvc_fail(err, "RoPE: head_dim %d or base %g unusable", hp->head_dim, hp->rope_base);
+        return NULL;
+    }
     r->x = kvc_malloc_array(N * hp->n_embd, sizeof(float));
     r->xb = kvc_malloc_array(N * hp->n_embd, sizeof(float));
     r->q = kvc_malloc_array(N * HD, sizeof(float));
@@ -274,6 +281,7 @@ kvc_run *run_new(const kvc_model *m, int max_batch, kvc_err *err) {
 void run_free(kvc_run *r) {
     if (!r) return;
     free(r->x); free(r->xb); free(r->q); free(r->k); free(r->v); free(r->att); free(r->hb); free(r->hb2);
+    kvc_rope_table_free(&r->rope);
     free(r);
 }
 
@@ -299,7 +307,16 @@ static int forward_batch(const kvc_model *m, kvc_run *r, kvc_cache *c, const int
         matmul_cpu(r->k, r->xb, &L->wk, n);
         matmul_cpu(r->v, r->xb, &L->wv, n);
         if (r->tap && r->tap(r->tap_ctx, l, r->q, r->k, r->v, pos, n, err)) return -1;
-        rope_cpu(r->q, pos, n, hp->n_head, hp->head_dim, hp->rope_base);
+        if (l == 0) {
+            int32_t pmax = 0;
+            for (int t = 0; t < n; t++) {
+                if (pos[t] < 0) return kvc_fail(err, "negative position %d", pos[t]);
+                pmax = pos[t] > pmax ? pos[t] : pmax;
+            }
+            if (kvc_rope_table_reserve(&r->rope, (int64_t)pmax + 1))
+                return kvc_fail(err, "out of memory for RoPE angles up to position %d", pmax);
+        }
+        kvc_rope_heads(&r->rope, r->q, pos, n, hp->n_head);
         if (cache_append(c, l, r->k, r->v, pos, n, err)) return -1; /* keys before RoPE */
         if (cache_attend(c, l, r->q, pos, n, r->att, err)) return -1;
         matmul_cpu(r->xb, r->att, &L->wo, n);

@@ -4,6 +4,7 @@
  * hand-computed cases; bad specs; and, on the real model, LSH codes ranking keys like the
  * true attention logits, better with more bits. */
 #include <criterion/criterion.h>
+#include "kvc/kernels.h"
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -589,8 +590,8 @@ Test(keep, lsh_codes_rank_keys_like_attention_on_real_data, .timeout = 120) {
     run_set_tap(r, tap_keep, &ts);
     cr_assert_eq(model_forward(m, r, c, ids, pos, SP_TOKENS, NULL, 0, &err), 0, "%s", err.msg);
     for (int l = 0; l < L; l++) {
-        rope_cpu(ts.q + (size_t)l * SP_TOKENS * ts.nq, pos, SP_TOKENS, H, hd, m->hp.rope_base);
-        rope_cpu(ts.k + (size_t)l * SP_TOKENS * ts.nk, pos, SP_TOKENS, K, hd, m->hp.rope_base);
+        cr_assert_eq(kvc_rope_apply(ts.q + (size_t)l * SP_TOKENS * ts.nq, pos, SP_TOKENS, H, hd, m->hp.rope_base), 0);
+        cr_assert_eq(kvc_rope_apply(ts.k + (size_t)l * SP_TOKENS * ts.nk, pos, SP_TOKENS, K, hd, m->hp.rope_base), 0);
     }
     static double logit[SP_TOKENS], negham[SP_TOKENS];
     static uint64_t codes[SP_TOKENS];

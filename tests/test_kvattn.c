@@ -10,6 +10,7 @@
 
 #include "kvc/ae.h"
 #include "kvc/kvattn.h"
+#include "kvc/kernels.h"
 #include "kvc/kvcache.h"
 #include "kvc/ops.h"
 
@@ -151,21 +152,54 @@ Test(kvattn, attend_without_weights_and_without_keys) {
 
 /* ---- RoPE ----------------------------------------------------------------------------- */
 
-Test(kvattn, rope_rows_equals_rope_cpu) {
-    enum { N = 9, D = 64, LD = 80 };
-    float *x = randn(N * LD, 2.0f), a[N * D], b[N * D];
+/* The textbook rotation, each product and the sum rounded on its own (volatile stops any
+ * fusion), from the same float angles the table holds: the kernel must give exactly this on
+ * every target (gcc 12 fuses a*c - b*s into vfmaddsub when it vectorises that form). */
+static void rope_textbook(const float *x, int d, int32_t p, float base, float *y) {
+    for (int i = 0; i < d / 2; i++) {
+        float th = (float)p * powf(base, -2.0f * (float)i / (float)d), c = cosf(th), s = sinf(th);
+        volatile float ac = x[2 * i] * c, bs = x[2 * i + 1] * s, as = x[2 * i] * s, bc = x[2 * i + 1] * c;
+        y[2 * i] = ac - bs;
+        y[2 * i + 1] = as + bc;
+    }
+}
+
+Test(kvattn, rope_is_the_unfused_rotation_strided_in_place_and_by_heads) {
+    enum { N = 9, D = 64, LD = 80, H = 3 };
+    float *x = randn(N * LD, 2.0f), a[N * D], b[N * D], want[N * D];
     const int32_t pos[N] = {0, 1, 3, 7, 100, 1001, 4095, 8191, 60000}; /* gaps, as after eviction */
-    for (int t = 0; t < N; t++) memcpy(a + t * D, x + t * LD, D * sizeof(float));
-    rope_cpu(a, pos, N, 1, D, 100000.0f);
-    rope_rows_cpu(x, LD, pos, N, D, 100000.0f, b);
-    cr_assert(!memcmp(a, b, sizeof a), "rope_rows_cpu must equal rope_cpu bit for bit");
-    /* in place, contiguous */
-    memcpy(b, a, sizeof a);
-    rope_rows_cpu(b, D, pos, N, D, 10000.0f, b);
-    memcpy(x, a, sizeof a);
-    rope_cpu(x, pos, N, 1, D, 10000.0f);
-    cr_assert(!memcmp(x, b, sizeof a), "in-place rope_rows_cpu must equal rope_cpu");
-    free(x);
+    kvc_rope_table t;
+    cr_assert_eq(kvc_rope_table_init(&t, D, 100000.0f), 0);
+    cr_assert_eq(kvc_rope_table_reserve(&t, 60001), 0);
+    for (int r = 0; r < N; r++) rope_textbook(x + r * LD, D, pos[r], 100000.0f, want + r * D);
+    kvc_rope_rows(&t, x, LD, pos, N, a, D);
+    cr_assert(!memcmp(a, want, sizeof a), "strided rows must equal the unfused rotation bit for bit");
+    for (int r = 0; r < N; r++) memcpy(b + r * D, x + r * LD, D * sizeof(float));
+    kvc_rope_rows(&t, b, D, pos, N, b, D);
+    cr_assert(!memcmp(b, want, sizeof b), "in place must equal out of place");
+    /* (N, H, D) by heads, as the full cache and the queries are rotated */
+    float *xh = malloc(sizeof(float) * N * H * D);
+    for (int r = 0; r < N; r++)
+        for (int h = 0; h < H; h++) memcpy(xh + (r * H + h) * D, x + r * LD, D * sizeof(float));
+    kvc_rope_heads(&t, xh, pos, N, H);
+    for (int r = 0; r < N; r++)
+        for (int h = 0; h < H; h++)
+            cr_assert(!memcmp(xh + (r * H + h) * D, want + r * D, D * sizeof(float)), "token %d head %d", r, h);
+    /* and against a double reference: the rotation itself is right */
+    for (int r = 0; r < N; r++)
+        for (int i = 0; i < D / 2; i++) {
+            double th = (double)(float)((float)pos[r] * powf(100000.0f, -2.0f * (float)i / (float)D));
+            double c = cos(th), s = sin(th), u = x[r * LD + 2 * i], w = x[r * LD + 2 * i + 1];
+            cr_assert_float_eq(a[r * D + 2 * i], u * c - w * s, 1e-5 * (1 + fabs(u) + fabs(w)));
+            cr_assert_float_eq(a[r * D + 2 * i + 1], u * s + w * c, 1e-5 * (1 + fabs(u) + fabs(w)));
+        }
+    /* bad tables are refused */
+    kvc_rope_table bad;
+    cr_expect_eq(kvc_rope_table_init(&bad, 63, 1e4f), -1);
+    cr_expect_eq(kvc_rope_table_init(&bad, 64, 0.0f), -1);
+    cr_expect_eq(kvc_rope_table_init(&bad, 64, NAN), -1);
+    kvc_rope_table_free(&t);
+    free(x), free(xh);
 }
 
 /* ---- codec layers --------------------------------------------------------------------- */

@@ -3,6 +3,7 @@
  * edges (one key, no key, widths that are not tile multiples). Tolerance abs + eps*|ref|.
  * Runs where a GPU is present; elsewhere each test says it skipped and why. */
 #include <criterion/criterion.h>
+#include "kvc/kernels.h"
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,7 +78,11 @@ Test(kvattn_cuda, rope_rows) {
     int32_t *pos = malloc(N * sizeof *pos);
     kvc_err err = {{0}};
     for (int t = 0, p = 0; t < N; t++) pos[t] = p, p += 1 + (int)urand(16); /* gaps up to 15 */
-    rope_rows_cpu(x + 64, LD, pos, N, D, 100000.0f, a);
+    kvc_rope_table tab;
+    cr_assert_eq(kvc_rope_table_init(&tab, D, 100000.0f), 0);
+    cr_assert_eq(kvc_rope_table_reserve(&tab, (int64_t)pos[N - 1] + 1), 0);
+    kvc_rope_rows(&tab, x + 64, LD, pos, N, a, D);
+    kvc_rope_table_free(&tab);
     cr_assert_eq(rope_rows_cuda(x + 64, LD, pos, N, D, 100000.0f, b, &err), 0, "%s", err.msg);
     fprintf(stderr, "rope_rows: worst %.2e\n", expect_close(b, a, (size_t)N * D, ROPE_ABS, ROPE_EPS, "rope"));
     free(x), free(a), free(b), free(pos);

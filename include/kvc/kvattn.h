@@ -20,11 +20,6 @@ extern "C" {
 void dense_rows_cpu(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
                     float *y);
 
-/* Rotates n rows of one head (x: rows of D floats, ldx floats apart) by RoPE on adjacent pairs
- * (GGUF layout) at positions pos (n), which may have gaps, into y (n, D). The same arithmetic
- * as rope_cpu with one head; y may equal x when ldx == d. d even. */
-void rope_rows_cpu(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y);
-
 /* Attention of one KV head: queries q (Q, G, D) at positions qpos (Q) over keys k (T, D) (after
  * RoPE) at positions kpos (T), causal by position (key i visible to query j when
  * kpos[i] <= qpos[j]; kpos need not be sorted), scale 1/sqrt(D), values v (T, D):
