@@ -2,6 +2,7 @@
  * (inspect, tokenize, ppl, generate, bench; capture/train/eval/sweep come with later work). */
 #include "cli.h"
 
+#include "kvc/backend.h"
 #include "kvc/ops.h"
 
 #include <hdf5.h>
@@ -48,6 +49,12 @@ static void retune_blas(char **argv) {
 }
 
 int main(int argc, char **argv) {
+    char why[256];
+    if (kvc_cpu_check(why, sizeof why)) { /* before anything compiled for the build's -march runs */
+        const char *chk = getenv("KVC_CPU_CHECK");
+        fprintf(stderr, "kvcodec: %s%s\n", chk && !strcmp(chk, "warn") ? "warning: " : "", why);
+        if (!chk || strcmp(chk, "warn")) return 1; /* KVC_CPU_CHECK=warn: go on at the user's risk */
+    }
     retune_blas(argv);
     /* before any HDF5 use: no exit-time cleanup (HDF5 1.10 crashes in it after a failed
      * close on a full disk; every file is closed explicitly), no stack dumps on errors */
@@ -62,7 +69,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(argv[1], "--version")) {
-        printf("kvcodec 0.1.0\n");
+        printf("kvcodec 0.1.0 (C built for -march=%s)\n", KVC_BUILD_ARCH[0] ? KVC_BUILD_ARCH : "default");
         return 0;
     }
     for (size_t i = 0; i < sizeof COMMANDS / sizeof COMMANDS[0]; i++)

@@ -31,6 +31,9 @@ const char *ops_blas_core(void);
  * GEMMs 2-3x slower. Returns the core to ask for instead (via OPENBLAS_CORETYPE) when that
  * happened and the CPU supports it, else NULL. */
 const char *ops_blas_better_core(void);
+/* The instruction set of the fused decode kernels chosen for this CPU at run time: "avx512",
+ * "avx2" or "c" (the environment variable KVC_CPU_KERNELS=c|avx2|avx512 caps the choice). */
+const char *ops_cpu_kernels(void);
 
 /* y (N, O) = x (N, I) . W^T. Uses an OpenBLAS GEMM on the f32 copy for N > 1 (or when no
  * fused kernel exists for W's type) and the fused dequantize-and-dot kernel for N == 1. */
@@ -41,9 +44,6 @@ int matvec_quant_cpu(float *y, const float *x, const kvc_matrix *w);
 
 /* out (N, E) = x / rms(x) * g, per row; eps inside the root. */
 void rmsnorm_cpu(float *out, const float *x, const float *g, int64_t n, int64_t e, float eps);
-/* Rotates adjacent pairs (x[2i], x[2i+1]) of each head by pos * base^(-2i/D), in place.
- * x (N, H, D); pos (N). */
-void rope_cpu(float *x, const int32_t *pos, int64_t n, int h, int d, float base);
 /* a (N, F) = silu(a) * b, in place. */
 void swiglu_cpu(float *a, const float *b, int64_t n);
 /* In-place softmax of one row of n values; returns the log of the normaliser (logsumexp). */
