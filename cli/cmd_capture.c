@@ -104,8 +104,9 @@ int cmd_capture(int argc, char **argv) {
     const kvc_hparams *hp = &m->hp;
     info.n_layers_stored = parse_layers(layers_s, hp->n_layer, info.layers);
     if (info.n_layers_stored <= 0) {
-        free(ids); model_free(m);
-        return cli_error("capture", "bad --layers '%s' (the model has layers 0..%d)", layers_s, hp->n_layer - 1), 2;
+        cli_error("capture", "bad --layers '%s' (the model has layers 0..%d)", layers_s, hp->n_layer - 1);
+        free(ids); model_free(m); /* hp points into m: report first */
+        return 2;
     }
     snprintf(info.model_name, sizeof info.model_name, "%s", hp->name);
     snprintf(info.model_fingerprint, sizeof info.model_fingerprint, "%s", m->fingerprint);
