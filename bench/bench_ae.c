@@ -37,7 +37,7 @@ int main(int argc, char **argv) {
     int batch = 1024, steps = 200, warm = 20, threads = 2, omp = 0, blas = 0;
     uint64_t seed = 1;
     ae_config c;
-    ae_config_defaults(&c);
+    kvc_ae_config_defaults(&c);
     c.in_dim = 64, c.hidden = 64, c.latent = 32;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -59,7 +59,7 @@ int main(int argc, char **argv) {
         i++;
     }
     if (!data || batch < 2 || steps < 1 || threads < 1) { usage(); return 2; }
-    if (ae_act_parse(act, &c.act)) { fprintf(stderr, "bench_ae: unknown activation '%s'\n", act); return 2; }
+    if (kvc_ae_act_parse(act, &c.act)) { fprintf(stderr, "bench_ae: unknown activation '%s'\n", act); return 2; }
     c.norm = !strcmp(norm, "batch") ? AE_NORM_BATCH : AE_NORM_NONE;
     omp_set_num_threads(omp > 0 ? omp : threads);
     openblas_set_num_threads(blas > 0 ? blas : threads);
@@ -72,26 +72,26 @@ int main(int argc, char **argv) {
     int rows = (int)(len / row_bytes);
     if (rows < batch) { fprintf(stderr, "bench_ae: %s holds %d rows, fewer than a batch\n", data, rows); return 1; }
     const float *x = (const float *)(void *)buf; /* kvc_read_file's buffer is malloc-aligned */
-    ae_model *m = ae_new(&c, seed, &err);
+    ae_model *m = kvc_ae_new(&c, seed, &err);
     if (!m) { fprintf(stderr, "bench_ae: %s\n", err.msg); return 1; }
     ae_adam o;
-    ae_adam_defaults(&o);
+    kvc_ae_adam_defaults(&o);
     ae_loss L = {.kind = AE_LOSS_MSE};
     int n_batches = rows / batch, b = 0;
     float first = 0, last = 0;
     double t0 = 0;
     for (int s = 0; s < warm + steps; s++) {
         if (s == warm) t0 = kvc_now();
-        last = ae_forward_backward(m, x + (size_t)b * batch * c.in_dim, batch, &L);
+        last = kvc_ae_forward_backward(m, x + (size_t)b * batch * c.in_dim, batch, &L);
         if (s == 0) first = last;
-        ae_adam_step(m, &o);
+        kvc_ae_adam_step(m, &o);
         b = (b + 1) % n_batches;
     }
     double dt = kvc_now() - t0;
     printf("{\"samples_per_s\": %.1f, \"steps\": %d, \"batch\": %d, \"seconds\": %.4f, \"loss_first\": %.6f, "
            "\"loss_last\": %.6f, \"threads\": %d, \"blas_core\": \"%s\"}\n",
            (double)steps * batch / dt, steps, batch, dt, first, last, threads, openblas_get_corename());
-    ae_free(m);
+    kvc_ae_free(m);
     free(buf);
     return 0;
 }

@@ -27,7 +27,7 @@ static void usage(void) {
  * do better, restart once with the right core named, as the kvcodec binary does, so the CPU
  * times are the ones users get. */
 static void retune_blas(char **argv) {
-    const char *core = ops_blas_better_core();
+    const char *core = kvc_ops_blas_better_core();
     if (!core || getenv("OPENBLAS_CORETYPE") || getenv("KVC_BLAS_RETUNED")) return;
     setenv("OPENBLAS_CORETYPE", core, 1);
     setenv("KVC_BLAS_RETUNED", "1", 1);
@@ -60,13 +60,13 @@ typedef struct {
 static void run_cpu(bench *b, int op) {
     const int t = b->t, d = b->d, r = b->r, g = b->g;
     switch (op) {
-    case 0: dense_rows_cpu(b->v, t, d, b->wenc, b->benc, r, AE_ACT_NONE, 0, b->z); break;
-    case 1: dense_rows_cpu(b->z, t, r, b->wdec, b->bdec, d, AE_ACT_NONE, 0, b->y); break;
+    case 0: kvc_dense_rows_cpu(b->v, t, d, b->wenc, b->benc, r, AE_ACT_NONE, 0, b->z); break;
+    case 1: kvc_dense_rows_cpu(b->z, t, r, b->wdec, b->bdec, d, AE_ACT_NONE, 0, b->y); break;
     case 2: kvc_rope_rows(&b->rope, b->k, d, b->kpos, t, b->y, d); break;
-    case 3: attend_head_cpu(b->q, b->qpos, 1, g, d, b->k, b->v, b->kpos, t, b->out, b->probs); break;
-    case 4: attend_head_cpu(b->q, b->qpos, b->chunk, g, d, b->k, b->v, b->kpos, t, b->out, NULL); break;
-    case 5: attend_latent_cpu(b->q, b->qpos, 1, g, d, b->k, b->z, r, b->wdec, b->bdec, b->kpos, t, b->out, b->probs); break;
-    case 6: topk_unprotected_cpu(b->score, t, 4, 10, t / 2, b->idx); break;
+    case 3: kvc_attend_head_cpu(b->q, b->qpos, 1, g, d, b->k, b->v, b->kpos, t, b->out, b->probs); break;
+    case 4: kvc_attend_head_cpu(b->q, b->qpos, b->chunk, g, d, b->k, b->v, b->kpos, t, b->out, NULL); break;
+    case 5: kvc_attend_latent_cpu(b->q, b->qpos, 1, g, d, b->k, b->z, r, b->wdec, b->bdec, b->kpos, t, b->out, b->probs); break;
+    case 6: kvc_topk_unprotected_cpu(b->score, t, 4, 10, t / 2, b->idx); break;
     }
 }
 
@@ -116,15 +116,15 @@ static void dev_free(dev_bufs *d) {
 static int run_cuda(const bench *b, dev_bufs *dv, int op, kvc_err *err) {
     const int t = b->t, d = b->d, r = b->r, g = b->g;
     switch (op) {
-    case 0: return dense_rows_dev(dv->v, t, d, dv->wenc, dv->benc, r, AE_ACT_NONE, 0, dv->z, err);
-    case 1: return dense_rows_dev(dv->z, t, r, dv->wdec, dv->bdec, d, AE_ACT_NONE, 0, dv->y, err);
-    case 2: return rope_rows_dev(dv->k, d, dv->kpos, t, d, 100000.0f, dv->y, err);
-    case 3: return attend_head_dev(dv->q, dv->qpos, 1, g, d, dv->k, dv->v, dv->kpos, t, dv->out, dv->probs, err);
-    case 4: return attend_head_dev(dv->q, dv->qpos, b->chunk, g, d, dv->k, dv->v, dv->kpos, t, dv->out, NULL, err);
+    case 0: return kvc_dense_rows_dev(dv->v, t, d, dv->wenc, dv->benc, r, AE_ACT_NONE, 0, dv->z, err);
+    case 1: return kvc_dense_rows_dev(dv->z, t, r, dv->wdec, dv->bdec, d, AE_ACT_NONE, 0, dv->y, err);
+    case 2: return kvc_rope_rows_dev(dv->k, d, dv->kpos, t, d, 100000.0f, dv->y, err);
+    case 3: return kvc_attend_head_dev(dv->q, dv->qpos, 1, g, d, dv->k, dv->v, dv->kpos, t, dv->out, dv->probs, err);
+    case 4: return kvc_attend_head_dev(dv->q, dv->qpos, b->chunk, g, d, dv->k, dv->v, dv->kpos, t, dv->out, NULL, err);
     case 5:
-        return attend_latent_dev(dv->q, dv->qpos, 1, g, d, dv->k, dv->z, r, dv->wdec, dv->bdec, dv->kpos, t, dv->out,
+        return kvc_attend_latent_dev(dv->q, dv->qpos, 1, g, d, dv->k, dv->z, r, dv->wdec, dv->bdec, dv->kpos, t, dv->out,
                                  dv->probs, err);
-    case 6: return topk_unprotected_dev(dv->score, t, 4, 10, t / 2, dv->idx, err) < 0 ? -1 : 0;
+    case 6: return kvc_topk_unprotected_dev(dv->score, t, 4, 10, t / 2, dv->idx, err) < 0 ? -1 : 0;
     }
     return 0;
 }
@@ -166,7 +166,7 @@ int main(int argc, char **argv) {
     for (int j = 0; j < b.chunk; j++) b.qpos[j] = b.kpos[t - 1] + 1 + j;
 
     char why[256] = "";
-    int gpu = backend_cuda_available(why, sizeof why);
+    int gpu = kvc_backend_cuda_available(why, sizeof why);
     printf("bench_kvattn: one KV head, T=%d D=%d R=%d G=%d chunk=%d, %d reps, CPU %d threads; CUDA: %s%s\n", b.t, b.d,
            b.r, b.g, b.chunk, b.reps, threads, gpu ? "" : "skipped, ", why);
     printf("%-30s %12s %12s %9s\n", "kernel", "cpu ms", "cuda ms", "cpu/cuda");

@@ -128,9 +128,9 @@ const char *cli_default_model(void) {
 }
 
 kvc_model *cli_load_model(const char *path, int threads) {
-    ops_set_threads(threads);
+    kvc_ops_set_threads(threads);
     kvc_err err = {{0}};
-    kvc_model *m = model_load(path, &err);
+    kvc_model *m = kvc_model_load(path, &err);
     if (!m) {
         fprintf(stderr, "kvcodec: %s\n", err.msg);
         if (strstr(err.msg, "cannot open model"))
@@ -159,13 +159,13 @@ int cli_tokenize(const kvc_model *m, const char *text, size_t len, int parse_spe
     int64_t cap = (int64_t)len + 16;
     int32_t *buf = kvc_malloc_array((size_t)cap, sizeof *buf);
     if (!buf) { fprintf(stderr, "kvcodec: out of memory\n"); return -1; }
-    int64_t got = tokenizer_encode(m->tok, text, len, parse_special, buf, cap, &err);
+    int64_t got = kvc_tokenizer_encode(m->tok, text, len, parse_special, buf, cap, &err);
     if (got > cap) { /* cannot happen for byte-level BPE, but honour the contract */
         free(buf);
         cap = got;
         buf = kvc_malloc_array((size_t)cap, sizeof *buf);
         if (!buf) { fprintf(stderr, "kvcodec: out of memory\n"); return -1; }
-        got = tokenizer_encode(m->tok, text, len, parse_special, buf, cap, &err);
+        got = kvc_tokenizer_encode(m->tok, text, len, parse_special, buf, cap, &err);
     }
     if (got < 0) {
         fprintf(stderr, "kvcodec: tokenizer: %s\n", err.msg);
@@ -187,7 +187,7 @@ int cli_text_and_model(const char *text, const char *model, int threads, char *s
     int rc = *m ? cli_tokenize(*m, buf, len, 0, ids, n) : -1;
     free(buf);
     if (rc && *m) {
-        model_free(*m);
+        kvc_model_free(*m);
         *m = NULL;
     }
     return rc;

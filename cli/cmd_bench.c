@@ -36,24 +36,24 @@ int cmd_bench(int argc, char **argv) {
     int32_t *ids;
     int64_t n;
     if (cli_text_and_model(text, model, threads, NULL, &m, &ids, &n)) return 1;
-    if (n < prompt_tokens) { free(ids); model_free(m); return cli_error("bench", "text has only %lld tokens", (long long)n); }
+    if (n < prompt_tokens) { free(ids); kvc_model_free(m); return cli_error("bench", "text has only %lld tokens", (long long)n); }
     kvc_err err = {{0}};
-    kvc_cache_shape shape = model_cache_shape(m, prompt_tokens + gen_tokens);
-    kvc_cache *c = cache_full_new(&shape, &err);
-    kvc_run *r = run_new(m, prompt_tokens, &err);
+    kvc_cache_shape shape = kvc_model_cache_shape(m, prompt_tokens + gen_tokens);
+    kvc_cache *c = kvc_cache_full_new(&shape, &err);
+    kvc_run *r = kvc_run_new(m, prompt_tokens, &err);
     float *logits = malloc((size_t)m->hp.n_vocab * sizeof(float));
     int32_t *pos = malloc((size_t)prompt_tokens * sizeof(int32_t));
     double *pre = calloc((size_t)reps, sizeof(double)), *dec = calloc((size_t)reps, sizeof(double));
     if (!c || !r || !logits || !pos || !pre || !dec) { rc = cli_error("bench", "%s", err.msg[0] ? err.msg : "out of memory"); goto done; }
     for (int i = 0; i < prompt_tokens; i++) pos[i] = i;
     for (int rep = 0; rep < reps; rep++) {
-        cache_reset(c);
+        kvc_cache_reset(c);
         double t0 = kvc_now();
-        if (model_forward(m, r, c, ids, pos, prompt_tokens, logits, 0, &err)) { rc = cli_error("bench", "%s", err.msg); goto done; }
+        if (kvc_model_forward(m, r, c, ids, pos, prompt_tokens, logits, 0, &err)) { rc = cli_error("bench", "%s", err.msg); goto done; }
         double t1 = kvc_now();
         for (int g = 0; g < gen_tokens; g++) {
-            int32_t tok = argmax_f32(logits, m->hp.n_vocab), p = prompt_tokens + g;
-            if (model_forward(m, r, c, &tok, &p, 1, logits, 0, &err)) { rc = cli_error("bench", "%s", err.msg); goto done; }
+            int32_t tok = kvc_argmax_f32(logits, m->hp.n_vocab), p = prompt_tokens + g;
+            if (kvc_model_forward(m, r, c, &tok, &p, 1, logits, 0, &err)) { rc = cli_error("bench", "%s", err.msg); goto done; }
         }
         double t2 = kvc_now();
         pre[rep] = prompt_tokens / (t1 - t0);
@@ -75,9 +75,9 @@ done:
     free(dec);
     free(pos);
     free(logits);
-    run_free(r);
-    cache_free(c);
+    kvc_run_free(r);
+    kvc_cache_free(c);
     free(ids);
-    model_free(m);
+    kvc_model_free(m);
     return rc;
 }

@@ -105,7 +105,7 @@ int cmd_capture(int argc, char **argv) {
     info.n_layers_stored = parse_layers(layers_s, hp->n_layer, info.layers);
     if (info.n_layers_stored <= 0) {
         cli_error("capture", "bad --layers '%s' (the model has layers 0..%d)", layers_s, hp->n_layer - 1);
-        free(ids); model_free(m); /* hp points into m: report first */
+        free(ids); kvc_model_free(m); /* hp points into m: report first */
         return 2;
     }
     snprintf(info.model_name, sizeof info.model_name, "%s", hp->name);
@@ -136,34 +136,34 @@ int cmd_capture(int argc, char **argv) {
         cb.q[j] = malloc((size_t)ctx * cb.rq * sizeof(float));
         oom = !cb.k[j] || !cb.v[j] || !cb.q[j];
     }
-    kvc_cache_shape shape = model_cache_shape(m, ctx);
-    kvc_cache *c = oom ? NULL : cache_full_new(&shape, &err);
-    kvc_run *r = c ? run_new(m, ctx, &err) : NULL;
+    kvc_cache_shape shape = kvc_model_cache_shape(m, ctx);
+    kvc_cache *c = oom ? NULL : kvc_cache_full_new(&shape, &err);
+    kvc_run *r = c ? kvc_run_new(m, ctx, &err) : NULL;
     int32_t *pos = malloc((size_t)ctx * sizeof *pos);
     kvc_kv_writer *w = NULL;
     if (!r || !pos) { rc = cli_error("capture", "%s", err.msg[0] ? err.msg : "out of memory"); goto done; }
-    run_set_tap(r, capture_tap, &cb);
-    w = kv_writer_open(out, &info, chunk, gzip, &err);
+    kvc_run_set_tap(r, capture_tap, &cb);
+    w = kvc_kv_writer_open(out, &info, chunk, gzip, &err);
     if (!w) { rc = cli_error("capture", "%s", err.msg); goto done; }
     for (int i = 0; i < ctx; i++) pos[i] = i;
     double t0 = kvc_now();
     int show = isatty(2);
     for (int64_t w0 = 0; w0 < (int64_t)n_tokens; w0 += ctx) {
         int len_w = (int)((int64_t)n_tokens - w0 < ctx ? (int64_t)n_tokens - w0 : ctx);
-        cache_reset(c);
-        if (model_forward(m, r, c, ids + w0, pos, len_w, NULL, 0, &err) ||
-            kv_writer_append(w, ids + w0, pos, len_w, (const float *const *)cb.k, (const float *const *)cb.v,
+        kvc_cache_reset(c);
+        if (kvc_model_forward(m, r, c, ids + w0, pos, len_w, NULL, 0, &err) ||
+            kvc_kv_writer_append(w, ids + w0, pos, len_w, (const float *const *)cb.k, (const float *const *)cb.v,
                              (const float *const *)cb.q, &err)) {
-            if (show) progress_end();
-            kv_writer_close(w, 0, NULL);
+            if (show) kvc_progress_end();
+            kvc_kv_writer_close(w, 0, NULL);
             w = NULL;
             rc = cli_error("capture", "%s (nothing was written to %s)", err.msg, out);
             goto done;
         }
-        if (show) progress_draw("capture", (double)(w0 + len_w), (double)n_tokens, "tok", t0);
+        if (show) kvc_progress_draw("capture", (double)(w0 + len_w), (double)n_tokens, "tok", t0);
     }
-    if (show) progress_end();
-    if (kv_writer_close(w, 1, &err)) { w = NULL; rc = cli_error("capture", "%s", err.msg); goto done; }
+    if (show) kvc_progress_end();
+    if (kvc_kv_writer_close(w, 1, &err)) { w = NULL; rc = cli_error("capture", "%s", err.msg); goto done; }
     w = NULL;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
@@ -172,10 +172,10 @@ int cmd_capture(int argc, char **argv) {
            (unsigned long long)n_tokens, J, dtype, info.corpus_name, out, el, (double)n_tokens / el,
            ru.ru_maxrss / 1024.0);
 done:
-    if (w) kv_writer_close(w, 0, NULL);
+    if (w) kvc_kv_writer_close(w, 0, NULL);
     free(pos);
-    run_free(r);
-    cache_free(c);
+    kvc_run_free(r);
+    kvc_cache_free(c);
     for (int j = 0; j < J; j++) {
         if (cb.k) free(cb.k[j]);
         if (cb.v) free(cb.v[j]);
@@ -183,6 +183,6 @@ done:
     }
     free(cb.k); free(cb.v); free(cb.q);
     free(ids);
-    model_free(m);
+    kvc_model_free(m);
     return rc;
 }

@@ -187,7 +187,7 @@ static void print_passkey(const kvc_passkey_result *p, int n_depths) {
 /* After the options, --help lists every representation and policy a spec may name. */
 static void eval_help_extra(void) {
     printf("\n");
-    kvcache_list(stdout);
+    kvc_kvcache_list(stdout);
 }
 
 int cmd_eval(int argc, char **argv) {
@@ -275,50 +275,50 @@ int cmd_eval(int argc, char **argv) {
                 fprintf(stderr, "kvcodec eval: note: passkey length %d skipped (model context %d)\n", lens[i], ctx_train);
             else if (lens[i] + 8 > need) need = lens[i] + 8;
         }
-    kvc_cache_shape shape = model_cache_shape(m, need);
-    if (!(c = kvcache_new(&shape, repr, keep, m->fingerprint, &err)) || !(ref = cache_full_new(&shape, &err))) {
+    kvc_cache_shape shape = kvc_model_cache_shape(m, need);
+    if (!(c = kvc_kvcache_new(&shape, repr, keep, m->fingerprint, &err)) || !(ref = kvc_cache_full_new(&shape, &err))) {
         cli_error("eval", "%s", err.msg);
         goto done;
     }
-    rep.cache = kvcache_describe(c);
+    rep.cache = kvc_kvcache_describe(c);
     /* a budget that cannot fit fails here, not after minutes of work */
-    if ((set & M_STREAM) && cache_set_budget(c, ctx, &err)) {
+    if ((set & M_STREAM) && kvc_cache_set_budget(c, ctx, &err)) {
         cli_error("eval", "stream window %d: %s", ctx, err.msg);
         goto done;
     }
-    if ((set & M_CONTEXT) && cache_set_budget(c, clen, &err)) {
+    if ((set & M_CONTEXT) && kvc_cache_set_budget(c, clen, &err)) {
         cli_error("eval", "context of %d tokens: %s", clen, err.msg);
         goto done;
     }
     for (int i = 0; (set & M_PASSKEY) && i < n_len; i++) {
         kvc_passkey_prompt p;
         if (lens[i] > ctx_train) continue;
-        int bad = passkey_build(m->tok, lens[i], 0.0, "12345", &p, &err);
+        int bad = kvc_passkey_build(m->tok, lens[i], 0.0, "12345", &p, &err);
         if (!bad) {
-            bad = cache_set_budget(c, p.n_context, &err);
-            passkey_prompt_free(&p);
+            bad = kvc_cache_set_budget(c, p.n_context, &err);
+            kvc_passkey_prompt_free(&p);
         }
         if (bad) {
             cli_error("eval", "passkey length %d: %s", lens[i], err.msg);
             goto done;
         }
     }
-    if (cache_set_budget(c, -1, &err)) {
+    if (kvc_cache_set_budget(c, -1, &err)) {
         cli_error("eval", "%s", err.msg);
         goto done;
     }
     const int progress = isatty(2);
     kvc_measure_opts mo = {ctx, chunk, clen, cont, samples, progress, NULL};
-    if ((set & M_STREAM) && eval_stream(m, c, ref, ids, n, &mo, &rep.stream, &err)) {
+    if ((set & M_STREAM) && kvc_eval_stream(m, c, ref, ids, n, &mo, &rep.stream, &err)) {
         cli_error("eval", "stream: %s", err.msg);
         goto done;
     }
-    if ((set & M_CONTEXT) && eval_context(m, c, ref, ids, n, &mo, &rep.context, &err)) {
+    if ((set & M_CONTEXT) && kvc_eval_context(m, c, ref, ids, n, &mo, &rep.context, &err)) {
         cli_error("eval", "%s", err.msg);
         goto done;
     }
     kvc_passkey_opts po = {lens, n_len, depths, n_dep, trials, seed, chunk, 8, progress};
-    if ((set & M_PASSKEY) && eval_passkey(m, c, ref, &po, &rep.pk, &err)) {
+    if ((set & M_PASSKEY) && kvc_eval_passkey(m, c, ref, &po, &rep.pk, &err)) {
         cli_error("eval", "passkey: %s", err.msg);
         goto done;
     }
@@ -349,10 +349,10 @@ int cmd_eval(int argc, char **argv) {
     if (set & M_PASSKEY) print_passkey(&rep.pk, n_dep);
     status = json && write_json(json, &rep) ? 1 : 0;
 done:
-    passkey_result_free(&rep.pk);
-    cache_free(c);
-    cache_free(ref);
+    kvc_passkey_result_free(&rep.pk);
+    kvc_cache_free(c);
+    kvc_cache_free(ref);
     free(ids);
-    model_free(m);
+    kvc_model_free(m);
     return status;
 }

@@ -53,20 +53,20 @@ int cmd_generate(int argc, char **argv) {
     int64_t n;
     rc = cli_tokenize(m, text, strlen(text), chat, &ids, &n);
     if (chat) free(text);
-    if (rc) { model_free(m); return 1; }
-    int add_bos = tokenizer_add_bos(m->tok) && tokenizer_bos(m->tok) >= 0;
+    if (rc) { kvc_model_free(m); return 1; }
+    int add_bos = kvc_tokenizer_add_bos(m->tok) && kvc_tokenizer_bos(m->tok) >= 0;
     if (add_bos) {
         int32_t *nb = malloc((size_t)(n + 1) * sizeof *nb);
-        nb[0] = tokenizer_bos(m->tok);
+        nb[0] = kvc_tokenizer_bos(m->tok);
         memcpy(nb + 1, ids, (size_t)n * sizeof *ids);
         free(ids);
         ids = nb;
         n++;
     }
-    if (n == 0) { free(ids); model_free(m); return cli_error("generate", "the prompt is empty"), 2; }
+    if (n == 0) { free(ids); kvc_model_free(m); return cli_error("generate", "the prompt is empty"), 2; }
     if (n >= ctx) {
         free(ids);
-        model_free(m);
+        kvc_model_free(m);
         return cli_error("generate", "prompt is %lld tokens, longer than the context of %d tokens", (long long)n, ctx);
     }
     if (n + max_tokens > ctx) {
@@ -74,17 +74,17 @@ int cmd_generate(int argc, char **argv) {
         max_tokens = ctx - (int)n;
     }
     kvc_err err = {{0}};
-    kvc_cache_shape shape = model_cache_shape(m, (int)n + max_tokens);
-    kvc_cache *c = repr || keep ? kvcache_new(&shape, repr, keep, m->fingerprint, &err) : cache_full_new(&shape, &err);
-    if (c && cache_set_budget(c, n, &err)) {
-        cache_free(c);
+    kvc_cache_shape shape = kvc_model_cache_shape(m, (int)n + max_tokens);
+    kvc_cache *c = repr || keep ? kvc_kvcache_new(&shape, repr, keep, m->fingerprint, &err) : kvc_cache_full_new(&shape, &err);
+    if (c && kvc_cache_set_budget(c, n, &err)) {
+        kvc_cache_free(c);
         c = NULL;
     }
-    kvc_run *r = c ? run_new(m, n < 512 ? (int)n : 512, &err) : NULL;
+    kvc_run *r = c ? kvc_run_new(m, n < 512 ? (int)n : 512, &err) : NULL;
     float *logits = malloc((size_t)m->hp.n_vocab * sizeof(float));
     int32_t *pos = malloc((size_t)n * sizeof(int32_t));
     kvc_sampler smp = {0};
-    if (!c || !r || !logits || !pos || sampler_init(&smp, m->hp.n_vocab, temp, top_p, seed, &err)) {
+    if (!c || !r || !logits || !pos || kvc_sampler_init(&smp, m->hp.n_vocab, temp, top_p, seed, &err)) {
         rc = cli_error("generate", "%s", err.msg[0] ? err.msg : "out of memory");
         goto done;
     }
@@ -92,20 +92,20 @@ int cmd_generate(int argc, char **argv) {
     fwrite(prompt, 1, plen, stdout);
     fflush(stdout);
     double t0 = kvc_now();
-    if (model_forward(m, r, c, ids, pos, (int)n, logits, 0, &err)) { rc = cli_error("generate", "%s", err.msg); goto done; }
+    if (kvc_model_forward(m, r, c, ids, pos, (int)n, logits, 0, &err)) { rc = cli_error("generate", "%s", err.msg); goto done; }
     double t1 = kvc_now();
     int gen = 0;
-    const int32_t eos = tokenizer_eos(m->tok);
+    const int32_t eos = kvc_tokenizer_eos(m->tok);
     for (; gen < max_tokens; gen++) {
-        int32_t tok = sampler_sample(&smp, logits);
+        int32_t tok = kvc_sampler_sample(&smp, logits);
         if (tok == eos && !ignore_eos) break;
         size_t pl;
-        const char *piece = tokenizer_piece(m->tok, tok, &pl);
+        const char *piece = kvc_tokenizer_piece(m->tok, tok, &pl);
         fwrite(piece, 1, pl, stdout);
         fflush(stdout);
         if (gen + 1 == max_tokens) { gen++; break; }
         int32_t p = (int32_t)(n + gen);
-        if (model_forward(m, r, c, &tok, &p, 1, logits, 0, &err)) { rc = cli_error("generate", "%s", err.msg); goto done; }
+        if (kvc_model_forward(m, r, c, &tok, &p, 1, logits, 0, &err)) { rc = cli_error("generate", "%s", err.msg); goto done; }
     }
     putchar('\n');
     fflush(stdout);
@@ -114,15 +114,15 @@ int cmd_generate(int argc, char **argv) {
         fprintf(stderr, "prompt %lld tokens in %.3f s (%.1f tok/s); generated %d tokens in %.3f s (%.1f tok/s)\n",
                 (long long)n, t1 - t0, n / (t1 - t0), gen, t2 - t1, gen > 1 ? (gen - 1) / (t2 - t1) : 0.0);
     if (show_stats)
-        fprintf(stderr, "KV cache (%s): %zu bytes for %lld tokens held in layer 0\n", kvcache_describe(c), cache_bytes(c),
-                (long long)cache_n_tokens(c, 0));
+        fprintf(stderr, "KV cache (%s): %zu bytes for %lld tokens held in layer 0\n", kvc_kvcache_describe(c), kvc_cache_bytes(c),
+                (long long)kvc_cache_n_tokens(c, 0));
 done:
-    sampler_free(&smp);
+    kvc_sampler_free(&smp);
     free(pos);
     free(logits);
-    run_free(r);
-    cache_free(c);
+    kvc_run_free(r);
+    kvc_cache_free(c);
     free(ids);
-    model_free(m);
+    kvc_model_free(m);
     return rc;
 }

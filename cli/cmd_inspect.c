@@ -54,7 +54,7 @@ static size_t scalar_size(gguf_vtype t) {
 
 static int inspect_gguf(const char *path, int all) {
     kvc_err err = {{0}};
-    gguf_file *f = gguf_open(path, &err);
+    gguf_file *f = kvc_gguf_open(path, &err);
     if (!f) return cli_error("inspect", "%s", err.msg);
     printf("file: %s\nformat: GGUF v%u, %llu metadata keys, %llu tensors, alignment %llu, data at offset %llu\n\n",
            path, f->version, (unsigned long long)f->n_kv, (unsigned long long)f->n_tensors,
@@ -69,7 +69,7 @@ static int inspect_gguf(const char *path, int all) {
             print_escaped(kv->strs[0], all ? SIZE_MAX : 120);
             printf("\"\n");
         } else if (kv->type == GGUF_VT_ARRAY) {
-            printf("arr[%s; %llu] [", gguf_vtype_name(kv->arr_type), (unsigned long long)kv->n);
+            printf("arr[%s; %llu] [", kvc_gguf_vtype_name(kv->arr_type), (unsigned long long)kv->n);
             size_t n = kv->n < shown ? (size_t)kv->n : shown;
             for (size_t j = 0; j < n; j++) {
                 if (j) printf(", ");
@@ -82,7 +82,7 @@ static int inspect_gguf(const char *path, int all) {
             }
             printf("%s]\n", n < kv->n ? ", ..." : "");
         } else {
-            printf("%-4s ", gguf_vtype_name(kv->type));
+            printf("%-4s ", kvc_gguf_vtype_name(kv->type));
             print_number(kv->type, kv->data);
             putchar('\n');
         }
@@ -96,13 +96,13 @@ static int inspect_gguf(const char *path, int all) {
         for (uint32_t d = 0; d < t->n_dims; d++)
             o += snprintf(shape + o, sizeof shape - (size_t)o, "%s%llu", d ? ", " : "", (unsigned long long)t->ne[d]);
         snprintf(shape + o, sizeof shape - (size_t)o, "]");
-        printf("  %-32.*s %-6s %-24s %12llu %12llu\n", (int)t->name.len, t->name.ptr, ggml_type_name(t->type), shape,
+        printf("  %-32.*s %-6s %-24s %12llu %12llu\n", (int)t->name.len, t->name.ptr, kvc_ggml_type_name(t->type), shape,
                (unsigned long long)t->nbytes, (unsigned long long)t->offset);
         total += t->n_elements;
     }
     printf("\n%llu parameters, %.1f MiB of tensor data\n", (unsigned long long)total,
            (double)(f->size - f->data_offset) / (1 << 20));
-    gguf_close(f);
+    kvc_gguf_close(f);
     return 0;
 }
 
@@ -255,19 +255,19 @@ int cmd_tokenize(int argc, char **argv) {
     char *buf = NULL;
     size_t len;
     if (file) {
-        if (cli_read_text(file, &buf, &len)) { model_free(m); return 1; }
+        if (cli_read_text(file, &buf, &len)) { kvc_model_free(m); return 1; }
     } else {
         len = strlen(text);
         size_t bad;
-        if (!kvc_utf8_valid(text, len, &bad)) { model_free(m); return cli_error("tokenize", "prompt is not valid UTF-8"); }
+        if (!kvc_utf8_valid(text, len, &bad)) { kvc_model_free(m); return cli_error("tokenize", "prompt is not valid UTF-8"); }
     }
     int32_t *ids;
     int64_t n;
-    if (cli_tokenize(m, file ? buf : text, len, special, &ids, &n)) { free(buf); model_free(m); return 1; }
+    if (cli_tokenize(m, file ? buf : text, len, special, &ids, &n)) { free(buf); kvc_model_free(m); return 1; }
     for (int64_t i = 0; i < n; i++) {
         if (pieces) {
             size_t pl;
-            const char *p = tokenizer_piece(m->tok, ids[i], &pl);
+            const char *p = kvc_tokenizer_piece(m->tok, ids[i], &pl);
             printf("%d\t", ids[i]);
             print_escaped((gguf_str){pl, p}, 64);
             putchar('\n');
@@ -277,6 +277,6 @@ int cmd_tokenize(int argc, char **argv) {
     fprintf(stderr, "%lld tokens\n", (long long)n);
     free(ids);
     free(buf);
-    model_free(m);
+    kvc_model_free(m);
     return 0;
 }

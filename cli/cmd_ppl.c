@@ -37,16 +37,16 @@ int cmd_ppl(int argc, char **argv) {
     if (ctx > m->hp.n_ctx_train)
         fprintf(stderr, "kvcodec ppl: warning: --ctx %d exceeds the model's training context %d\n", ctx, m->hp.n_ctx_train);
     if (max_tokens && (int64_t)max_tokens < n) n = (int64_t)max_tokens;
-    if (n < 2) { free(ids); model_free(m); return cli_error("ppl", "text has %lld tokens; need at least 2", (long long)n); }
+    if (n < 2) { free(ids); kvc_model_free(m); return cli_error("ppl", "text has %lld tokens; need at least 2", (long long)n); }
     kvc_err err = {{0}};
-    kvc_cache_shape shape = model_cache_shape(m, ctx);
-    kvc_cache *c = cache_full_new(&shape, &err);
+    kvc_cache_shape shape = kvc_model_cache_shape(m, ctx);
+    kvc_cache *c = kvc_cache_full_new(&shape, &err);
     kvc_ppl_opts opts = {ctx, batch, isatty(2)};
     kvc_ppl_result res;
-    if (!c || eval_perplexity(m, c, ids, n, &opts, &res, &err)) {
-        cache_free(c);
+    if (!c || kvc_eval_perplexity(m, c, ids, n, &opts, &res, &err)) {
+        kvc_cache_free(c);
         free(ids);
-        model_free(m);
+        kvc_model_free(m);
         return cli_error("ppl", "%s", err.msg);
     }
     if (json)
@@ -60,8 +60,8 @@ int cmd_ppl(int argc, char **argv) {
                " %d threads)\n",
                (long long)res.n_tokens, (long long)res.n_scored, res.n_windows, ctx, res.nll,
                res.nll / (double)res.n_scored, res.ppl, res.seconds, res.n_tokens / res.seconds, threads);
-    cache_free(c);
+    kvc_cache_free(c);
     free(ids);
-    model_free(m);
+    kvc_model_free(m);
     return 0;
 }

@@ -47,8 +47,8 @@ static void path_stem(const char *path, int strip_ext, char *out, size_t size) {
 static void model_slug(const kvc_model *m, const char *path, char *out, size_t size) {
     char base[64] = "", sz[32] = "";
     kvc_err e;
-    if (!gguf_get_str(m->gguf, "general.basename", base, sizeof base, &e) && base[0]) {
-        if (gguf_get_str(m->gguf, "general.size_label", sz, sizeof sz, &e)) sz[0] = '\0';
+    if (!kvc_gguf_get_str(m->gguf, "general.basename", base, sizeof base, &e) && base[0]) {
+        if (kvc_gguf_get_str(m->gguf, "general.size_label", sz, sizeof sz, &e)) sz[0] = '\0';
         snprintf(out, size, "%s%s%s", base, sz[0] ? "-" : "", sz);
     } else {
         path_stem(path, 1, out, size);
@@ -82,7 +82,7 @@ static int write_config(const char *path, const sweep_grid *g) {
     snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
     FILE *f = fopen(tmp, "w");
     if (!f) return cli_error("sweep", "cannot write '%s': %s", tmp, strerror(errno)), -1;
-    sweep_grid_write(g, f);
+    kvc_sweep_grid_write(g, f);
     int bad = ferror(f) | (fflush(f) != 0) | (fsync(fileno(f)) != 0);
     bad |= fclose(f) != 0;
     if (bad || rename(tmp, path)) {
@@ -103,10 +103,10 @@ static int rebuild_json(const char *dir) {
     sweep_cell *cells = NULL;
     int nc = 0;
     kvc_err err = {{0}};
-    int rc = sweep_csv_read(csv, &t, &err);
-    if (!rc && !(rc = sweep_cells_read(cells_p, &cells, &nc, &err))) rc = sweep_json_write(json, &t, cells, nc, cfg, &err);
+    int rc = kvc_sweep_csv_read(csv, &t, &err);
+    if (!rc && !(rc = kvc_sweep_cells_read(cells_p, &cells, &nc, &err))) rc = kvc_sweep_json_write(json, &t, cells, nc, cfg, &err);
     if (rc) cli_error("sweep", "%s", err.msg);
-    sweep_table_free(&t);
+    kvc_sweep_table_free(&t);
     free(cells);
     return rc;
 }
@@ -114,7 +114,7 @@ static int rebuild_json(const char *dir) {
 /* What one point needs at run time. */
 typedef struct {
     sweep_point pt;
-    char desc[1100];     /* kvcache_describe: "repr=... keep=..." */
+    char desc[1100];     /* kvc_kvcache_describe: "repr=... keep=..." */
 } planned;
 
 #define SWEEP_MAX_PK_CELLS 4096
@@ -139,36 +139,36 @@ static void row_common(sweep_row *r, const runner *R, const planned *p, int prot
     const char *k = strstr(p->desc, " keep=");
     char repr[600];
     snprintf(repr, sizeof repr, "%.*s", k ? (int)(k - p->desc - 5) : 0, p->desc + 5);
-    sweep_row_set(r, COL_TOOL, "kvcodec");
-    sweep_row_set(r, COL_METHOD, p->pt.method);
-    sweep_row_set(r, COL_REPR, repr);
-    sweep_row_set(r, COL_KEEP, k ? k + 6 : "");
-    sweep_row_num(r, COL_BUDGET, "%.6g", p->pt.budget);
-    sweep_row_num(r, COL_LATENT, "%.0f", p->pt.latent > 0 ? p->pt.latent : NAN);
-    sweep_row_set(r, COL_PROTOCOL, sweep_protocol_name(proto));
-    sweep_row_set(r, COL_MODEL, R->model_file);
-    sweep_row_set(r, COL_CORPUS, proto == SWEEP_PASSKEY ? "" : R->corpus_file);
+    kvc_sweep_row_set(r, COL_TOOL, "kvcodec");
+    kvc_sweep_row_set(r, COL_METHOD, p->pt.method);
+    kvc_sweep_row_set(r, COL_REPR, repr);
+    kvc_sweep_row_set(r, COL_KEEP, k ? k + 6 : "");
+    kvc_sweep_row_num(r, COL_BUDGET, "%.6g", p->pt.budget);
+    kvc_sweep_row_num(r, COL_LATENT, "%.0f", p->pt.latent > 0 ? p->pt.latent : NAN);
+    kvc_sweep_row_set(r, COL_PROTOCOL, kvc_sweep_protocol_name(proto));
+    kvc_sweep_row_set(r, COL_MODEL, R->model_file);
+    kvc_sweep_row_set(r, COL_CORPUS, proto == SWEEP_PASSKEY ? "" : R->corpus_file);
     for (int c = COL_CTX; c < SWEEP_N_COLS; c++)
-        if (!r->f[c]) sweep_row_set(r, c, "");
+        if (!r->f[c]) kvc_sweep_row_set(r, c, "");
 }
 
 /* Fills the quality and memory columns from a context or stream measurement. */
 static void row_quality(sweep_row *r, const kvc_quality *q) {
-    sweep_row_num(r, COL_SAMPLES, "%.0f", q->n_units);
-    sweep_row_num(r, COL_N_SCORED, "%.0f", (double)q->n_scored);
-    sweep_row_num(r, COL_NLL, "%.6g", q->nll);
-    sweep_row_num(r, COL_PPL, "%.6g", q->ppl);
-    sweep_row_num(r, COL_PPL_FULL, "%.6g", q->ppl_full);
-    sweep_row_num(r, COL_PPL_RISE, "%.6g", q->rise_pct);
-    sweep_row_num(r, COL_KL_MEAN, "%.6g", q->kl_mean);
-    sweep_row_num(r, COL_KL_P99, "%.6g", q->kl_p99);
-    sweep_row_num(r, COL_TOP1, "%.6g", q->top1);
-    sweep_row_num(r, COL_KEPT, "%.6g", q->kept_frac);
-    sweep_row_num(r, COL_REMOVED, "%.6g", q->removed_frac);
-    sweep_row_num(r, COL_BPT, "%.6g", q->bytes_per_token);
-    sweep_row_num(r, COL_RATIO, "%.6g", q->compression);
-    sweep_row_num(r, COL_TOK_S, "%.6g", q->seconds_cache > 0 ? q->n_tokens / q->seconds_cache : NAN);
-    sweep_row_num(r, COL_SECONDS, "%.3f", q->seconds);
+    kvc_sweep_row_num(r, COL_SAMPLES, "%.0f", q->n_units);
+    kvc_sweep_row_num(r, COL_N_SCORED, "%.0f", (double)q->n_scored);
+    kvc_sweep_row_num(r, COL_NLL, "%.6g", q->nll);
+    kvc_sweep_row_num(r, COL_PPL, "%.6g", q->ppl);
+    kvc_sweep_row_num(r, COL_PPL_FULL, "%.6g", q->ppl_full);
+    kvc_sweep_row_num(r, COL_PPL_RISE, "%.6g", q->rise_pct);
+    kvc_sweep_row_num(r, COL_KL_MEAN, "%.6g", q->kl_mean);
+    kvc_sweep_row_num(r, COL_KL_P99, "%.6g", q->kl_p99);
+    kvc_sweep_row_num(r, COL_TOP1, "%.6g", q->top1);
+    kvc_sweep_row_num(r, COL_KEPT, "%.6g", q->kept_frac);
+    kvc_sweep_row_num(r, COL_REMOVED, "%.6g", q->removed_frac);
+    kvc_sweep_row_num(r, COL_BPT, "%.6g", q->bytes_per_token);
+    kvc_sweep_row_num(r, COL_RATIO, "%.6g", q->compression);
+    kvc_sweep_row_num(r, COL_TOK_S, "%.6g", q->seconds_cache > 0 ? q->n_tokens / q->seconds_cache : NAN);
+    kvc_sweep_row_num(r, COL_SECONDS, "%.3f", q->seconds);
 }
 
 /* Measures one point with one protocol into row r (and passkey cells into *cells, *n_cells
@@ -176,19 +176,19 @@ static void row_quality(sweep_row *r, const kvc_quality *q) {
 static int measure(const runner *R, const planned *p, int proto, sweep_row *r, sweep_cell **cells, int *n_cells,
                    kvc_err *err) {
     const sweep_grid *g = R->g;
-    kvc_cache *c = kvcache_new(&R->shape, p->pt.repr, p->pt.keep, R->m->fingerprint, err);
+    kvc_cache *c = kvc_kvcache_new(&R->shape, p->pt.repr, p->pt.keep, R->m->fingerprint, err);
     if (!c) return -1;
     kvc_measure_opts mo = {g->ctx, g->chunk, g->context_len, g->continuation, g->samples, 0, R->store[proto]};
     kvc_quality q;
     int rc = 0;
     memset(r, 0, sizeof *r);
     *cells = NULL, *n_cells = 0;
-    if (proto == SWEEP_CONTEXT && !(rc = eval_context(R->m, c, R->ref, R->ids, R->n, &mo, &q, err))) {
-        sweep_row_num(r, COL_CONTEXT_LEN, "%.0f", g->context_len);
-        sweep_row_num(r, COL_CONTINUATION, "%.0f", g->continuation);
+    if (proto == SWEEP_CONTEXT && !(rc = kvc_eval_context(R->m, c, R->ref, R->ids, R->n, &mo, &q, err))) {
+        kvc_sweep_row_num(r, COL_CONTEXT_LEN, "%.0f", g->context_len);
+        kvc_sweep_row_num(r, COL_CONTINUATION, "%.0f", g->continuation);
         row_quality(r, &q);
-    } else if (proto == SWEEP_STREAM && !(rc = eval_stream(R->m, c, R->ref, R->ids, R->n, &mo, &q, err))) {
-        sweep_row_num(r, COL_CTX, "%.0f", g->ctx);
+    } else if (proto == SWEEP_STREAM && !(rc = kvc_eval_stream(R->m, c, R->ref, R->ids, R->n, &mo, &q, err))) {
+        kvc_sweep_row_num(r, COL_CTX, "%.0f", g->ctx);
         row_quality(r, &q);
     } else if (proto == SWEEP_PASSKEY) {
         kvc_passkey_opts po = {g->pk_len, g->n_pk_len, g->pk_depth, g->n_pk_depth, g->trials, g->seed, g->chunk, 8, 0};
@@ -196,7 +196,7 @@ static int measure(const runner *R, const planned *p, int proto, sweep_row *r, s
         memset(&pk, 0, sizeof pk);
         /* the reference answers the same prompts at every point: run it once */
         const int have_full = *R->pk_n > 0;
-        if (!(rc = eval_passkey(R->m, c, have_full ? NULL : R->ref, &po, &pk, err))) {
+        if (!(rc = kvc_eval_passkey(R->m, c, have_full ? NULL : R->ref, &po, &pk, err))) {
             if (!have_full && pk.n_cells <= SWEEP_MAX_PK_CELLS) {
                 for (int i = 0; i < pk.n_cells; i++) R->pk_full[i] = pk.cells[i].correct_full;
                 *R->pk_n = pk.n_cells;
@@ -204,14 +204,14 @@ static int measure(const runner *R, const planned *p, int proto, sweep_row *r, s
                 pk.correct_full = 0;
                 for (int i = 0; i < pk.n_cells; i++) pk.correct_full += pk.cells[i].correct_full = R->pk_full[i];
             }
-            sweep_row_num(r, COL_SAMPLES, "%.0f", pk.trials);
-            sweep_row_num(r, COL_KEPT, "%.6g", pk.kept_frac);
-            sweep_row_num(r, COL_REMOVED, "%.6g", pk.removed_frac);
-            sweep_row_num(r, COL_BPT, "%.6g", pk.bytes_per_token);
-            sweep_row_num(r, COL_RATIO, "%.6g", pk.compression);
-            sweep_row_num(r, COL_PASSKEY_ACC, "%.6g", pk.trials ? (double)pk.correct / pk.trials : NAN);
-            sweep_row_num(r, COL_TOK_S, "%.6g", pk.seconds_cache > 0 ? pk.n_tokens / pk.seconds_cache : NAN);
-            sweep_row_num(r, COL_SECONDS, "%.3f", pk.seconds);
+            kvc_sweep_row_num(r, COL_SAMPLES, "%.0f", pk.trials);
+            kvc_sweep_row_num(r, COL_KEPT, "%.6g", pk.kept_frac);
+            kvc_sweep_row_num(r, COL_REMOVED, "%.6g", pk.removed_frac);
+            kvc_sweep_row_num(r, COL_BPT, "%.6g", pk.bytes_per_token);
+            kvc_sweep_row_num(r, COL_RATIO, "%.6g", pk.compression);
+            kvc_sweep_row_num(r, COL_PASSKEY_ACC, "%.6g", pk.trials ? (double)pk.correct / pk.trials : NAN);
+            kvc_sweep_row_num(r, COL_TOK_S, "%.6g", pk.seconds_cache > 0 ? pk.n_tokens / pk.seconds_cache : NAN);
+            kvc_sweep_row_num(r, COL_SECONDS, "%.3f", pk.seconds);
             *cells = calloc((size_t)(pk.n_cells ? pk.n_cells : 1), sizeof **cells);
             if (!*cells) rc = kvc_fail(err, "out of memory");
             for (int i = 0; !rc && i < pk.n_cells; i++) {
@@ -220,16 +220,16 @@ static int measure(const runner *R, const planned *p, int proto, sweep_row *r, s
             }
             if (!rc) *n_cells = pk.n_cells;
         }
-        passkey_result_free(&pk);
+        kvc_passkey_result_free(&pk);
     }
-    cache_free(c);
+    kvc_cache_free(c);
     if (!rc) {
         row_common(r, R, p, proto);
         char key[1100];
-        sweep_row_key(r, key, sizeof key);
+        kvc_sweep_row_key(r, key, sizeof key);
         for (int i = 0; i < *n_cells; i++) snprintf((*cells)[i].key, sizeof (*cells)[i].key, "%s", key);
     } else {
-        sweep_row_free(r);
+        kvc_sweep_row_free(r);
         free(*cells);
         *cells = NULL;
     }
@@ -248,33 +248,33 @@ static int validate(const runner *R, const sweep_point *pts, int n, planned **ou
         if (g->protocol[i] == SWEEP_STREAM) refs[n_refs++] = g->ctx;
         for (int j = 0; g->protocol[i] == SWEEP_PASSKEY && j < g->n_pk_len; j++) {
             kvc_passkey_prompt pp;
-            if (passkey_build(R->m->tok, g->pk_len[j], 0.0, "12345", &pp, &err))
+            if (kvc_passkey_build(R->m->tok, g->pk_len[j], 0.0, "12345", &pp, &err))
                 return cli_error("sweep", "passkey length %d: %s", g->pk_len[j], err.msg), -1;
             refs[n_refs++] = pp.n_context;
-            passkey_prompt_free(&pp);
+            kvc_passkey_prompt_free(&pp);
         }
     }
     planned *pl = calloc((size_t)n, sizeof *pl);
     if (!pl) return cli_error("sweep", "out of memory"), -1;
     int k = 0;
     for (int i = 0; i < n; i++) {
-        kvc_cache *c = kvcache_new(&R->shape, pts[i].repr, pts[i].keep, R->m->fingerprint, &err);
+        kvc_cache *c = kvc_kvcache_new(&R->shape, pts[i].repr, pts[i].keep, R->m->fingerprint, &err);
         int bad = !c;
-        for (int j = 0; !bad && j < n_refs; j++) bad = cache_set_budget(c, refs[j], &err) != 0;
+        for (int j = 0; !bad && j < n_refs; j++) bad = kvc_cache_set_budget(c, refs[j], &err) != 0;
         if (bad) {
             cli_error("sweep", "point %s | %s (%s): %s", pts[i].repr, pts[i].keep, pts[i].src, err.msg);
-            cache_free(c);
+            kvc_cache_free(c);
             free(pl);
             return -1;
         }
         int dup = 0;
-        for (int j = 0; j < k && !dup; j++) dup = !strcmp(pl[j].desc, kvcache_describe(c));
+        for (int j = 0; j < k && !dup; j++) dup = !strcmp(pl[j].desc, kvc_kvcache_describe(c));
         if (!dup) {
             pl[k].pt = pts[i];
-            snprintf(pl[k].desc, sizeof pl[k].desc, "%s", kvcache_describe(c));
+            snprintf(pl[k].desc, sizeof pl[k].desc, "%s", kvc_kvcache_describe(c));
             k++;
         }
-        cache_free(c);
+        kvc_cache_free(c);
     }
     *out = pl;
     *n_out = k;
@@ -288,11 +288,11 @@ static void print_table(const sweep_table *t) {
     for (int p = 0; p < SWEEP_N_PROTO; p++)
         for (int i = 0; i < t->n; i++) {
             const sweep_row *r = &t->rows[i];
-            if (strcmp(r->f[COL_PROTOCOL], sweep_protocol_name(p))) continue;
+            if (strcmp(r->f[COL_PROTOCOL], kvc_sweep_protocol_name(p))) continue;
             char c[6][24];
-            const double v[6] = {sweep_cell_num(r, COL_PPL_RISE), sweep_cell_num(r, COL_KL_MEAN),
-                                 sweep_cell_num(r, COL_TOP1), sweep_cell_num(r, COL_BPT), sweep_cell_num(r, COL_RATIO),
-                                 sweep_cell_num(r, COL_PASSKEY_ACC)};
+            const double v[6] = {kvc_sweep_cell_num(r, COL_PPL_RISE), kvc_sweep_cell_num(r, COL_KL_MEAN),
+                                 kvc_sweep_cell_num(r, COL_TOP1), kvc_sweep_cell_num(r, COL_BPT), kvc_sweep_cell_num(r, COL_RATIO),
+                                 kvc_sweep_cell_num(r, COL_PASSKEY_ACC)};
             const char *f[6] = {"%+.2f", "%.5f", "%.4f", "%.0f", "%.2f", "%.3f"};
             for (int j = 0; j < 6; j++) {
                 if (isfinite(v[j])) snprintf(c[j], sizeof c[j], f[j], v[j]);
@@ -313,12 +313,12 @@ static void draw_plots(const char *dir, const sweep_table *peers) {
     sweep_cell *cells = NULL;
     int nc = 0;
     kvc_err err = {{0}};
-    if (sweep_csv_read(csv, &t, &err) || sweep_cells_read(cells_p, &cells, &nc, &err)) {
+    if (kvc_sweep_csv_read(csv, &t, &err) || kvc_sweep_cells_read(cells_p, &cells, &nc, &err)) {
         cli_error("sweep", "%s", err.msg);
         return;
     }
     print_table(&t);
-    if (!sweep_gnuplot_terminal()) {
+    if (!kvc_sweep_gnuplot_terminal()) {
         printf("\nno plots: gnuplot with a png terminal was not found (install gnuplot-nox; "
                "scripts/setup.sh does); %s and results.json are complete\n", csv);
     } else {
@@ -328,16 +328,16 @@ static void draw_plots(const char *dir, const sweep_table *peers) {
             char gp[PATH_CAP + 32], png[PATH_CAP + 32];
             snprintf(gp, sizeof gp, "%s/%s.gp", dir, first ? "pareto" : "pareto_stream");
             snprintf(png, sizeof png, "%s/%s.png", dir, first ? "pareto" : "pareto_stream");
-            int rc = sweep_plot_pareto(&t, peers, protos[i], gp, png, &err);
+            int rc = kvc_sweep_plot_pareto(&t, peers, protos[i], gp, png, &err);
             if (rc < 0) cli_error("sweep", "%s", err.msg);
             else if (rc == 0) printf("%s %s (%s protocol)\n", first ? "\nplots:" : "      ", png, protos[i]), first = 0;
         }
         char *paths[64];
-        int n = sweep_plot_passkey(&t, cells, nc, dir, paths, 64, &err);
+        int n = kvc_sweep_plot_passkey(&t, cells, nc, dir, paths, 64, &err);
         if (n < 0) cli_error("sweep", "%s", err.msg);
         for (int i = 0; i < n; i++) printf("%s %s\n", first ? "\nplots:" : "      ", paths[i]), first = 0, free(paths[i]);
     }
-    sweep_table_free(&t);
+    kvc_sweep_table_free(&t);
     free(cells);
 }
 
@@ -350,10 +350,10 @@ static int read_peers(const char *list, sweep_table *peers) {
     for (char *save = NULL, *p = strtok_r(buf, ";", &save); p; p = strtok_r(NULL, ";", &save)) {
         sweep_table t;
         if (access(p, R_OK)) return cli_error("sweep", "--peers: cannot read '%s': %s", p, strerror(errno)), -1;
-        if (sweep_csv_read(p, &t, &err)) return cli_error("sweep", "--peers: %s", err.msg), -1;
+        if (kvc_sweep_csv_read(p, &t, &err)) return cli_error("sweep", "--peers: %s", err.msg), -1;
         for (int i = 0; i < t.n; i++)
-            if (sweep_table_add(peers, &t.rows[i])) return cli_error("sweep", "out of memory"), -1;
-        sweep_table_free(&t);
+            if (kvc_sweep_table_add(peers, &t.rows[i])) return cli_error("sweep", "out of memory"), -1;
+        kvc_sweep_table_free(&t);
     }
     return 0;
 }
@@ -361,7 +361,7 @@ static int read_peers(const char *list, sweep_table *peers) {
 static void sweep_help_extra(void) {
     printf("\ngrid file: one `key value...` per line, # comments; repr, keep and point lines may repeat\n"
            "(see docs/sweep.md and configs/sweep-default.grid). Flags replace the file's lists.\n\n");
-    kvcache_list(stdout);
+    kvc_kvcache_list(stdout);
 }
 
 int cmd_sweep(int argc, char **argv) {
@@ -411,7 +411,7 @@ int cmd_sweep(int argc, char **argv) {
 
     /* ---- the grid: file, then flags; every point checked before any work ---- */
     sweep_grid g;
-    sweep_grid_init(&g);
+    kvc_sweep_grid_init(&g);
     kvc_err err = {{0}};
     sweep_point *pts = NULL;
     planned *pl = NULL;
@@ -422,15 +422,15 @@ int cmd_sweep(int argc, char **argv) {
     kvc_cache *ref = NULL;
     kvc_ref_store *stores[SWEEP_N_PROTO] = {0};
     sweep_table peers = {0}, done_t = {0};
-    if (grid_path && sweep_grid_load(&g, grid_path, &err)) goto fail_msg;
+    if (grid_path && kvc_sweep_grid_load(&g, grid_path, &err)) goto fail_msg;
     for (int i = 0; FLAG_KEYS[i]; i++) {
         char src[64];
         snprintf(src, sizeof src, "--%s", FLAG_KEYS[i]);
-        if (fv[i] && sweep_grid_set(&g, FLAG_KEYS[i], fv[i], 1, src, &err)) goto fail_msg;
+        if (fv[i] && kvc_sweep_grid_set(&g, FLAG_KEYS[i], fv[i], 1, src, &err)) goto fail_msg;
     }
     if (!g.model[0]) snprintf(g.model, sizeof g.model, "%s", cli_default_model());
     if (!g.text[0]) snprintf(g.text, sizeof g.text, "data/corpora/eval-debian-handbook.txt");
-    if (sweep_expand(&g, &pts, &n_pts, &err)) goto fail_msg;
+    if (kvc_sweep_expand(&g, &pts, &n_pts, &err)) goto fail_msg;
     if (read_peers(peers_s, &peers)) goto done;
     int uses_text = 0, need = 0;
     for (int i = 0; i < g.n_protocol; i++) uses_text |= g.protocol[i] != SWEEP_PASSKEY;
@@ -457,7 +457,7 @@ int cmd_sweep(int argc, char **argv) {
         for (int j = 0; p == SWEEP_PASSKEY && j < g.n_pk_len; j++)
             if (g.pk_len[j] + 8 > len) len = g.pk_len[j] + 8;
         if (len > ctx_train) {
-            cli_error("sweep", "%s protocol needs %d tokens, more than the model's context of %d", sweep_protocol_name(p),
+            cli_error("sweep", "%s protocol needs %d tokens, more than the model's context of %d", kvc_sweep_protocol_name(p),
                       len, ctx_train);
             goto done;
         }
@@ -473,7 +473,7 @@ int cmd_sweep(int argc, char **argv) {
     path_stem(g.text, 0, corpus_file, sizeof corpus_file);
     static int pk_full[SWEEP_MAX_PK_CELLS];
     int pk_n = 0;
-    runner R = {.m = m, .ids = ids, .n = n_ids, .shape = model_cache_shape(m, need), .ref = NULL, .g = &g,
+    runner R = {.m = m, .ids = ids, .n = n_ids, .shape = kvc_model_cache_shape(m, need), .ref = NULL, .g = &g,
                 .model_file = model_file, .corpus_file = corpus_file, .pk_full = pk_full, .pk_n = &pk_n};
     if (validate(&R, pts, n_pts, &pl, &n_pl)) goto done;
 
@@ -490,12 +490,12 @@ int cmd_sweep(int argc, char **argv) {
     const int had_cfg = access(cfg, F_OK) == 0, had_csv = access(csv, F_OK) == 0;
     if (had_cfg || had_csv) {
         sweep_grid saved;
-        sweep_grid_init(&saved);
+        kvc_sweep_grid_init(&saved);
         int differs = !had_cfg;
         if (!had_cfg) snprintf(err.msg, sizeof err.msg, "it has results.csv but no config.txt");
-        else if (sweep_grid_load(&saved, cfg, &err)) differs = 1;
-        else differs = sweep_grid_compare(&saved, &g, &err) != 0;
-        sweep_grid_free(&saved);
+        else if (kvc_sweep_grid_load(&saved, cfg, &err)) differs = 1;
+        else differs = kvc_sweep_grid_compare(&saved, &g, &err) != 0;
+        kvc_sweep_grid_free(&saved);
         if (differs && !force) {
             cli_error("sweep", "%s holds a sweep with a different config (%s): pick another --out, or pass --force "
                       "to start it over", dir, err.msg);
@@ -514,7 +514,7 @@ int cmd_sweep(int argc, char **argv) {
             }
         }
     }
-    if (sweep_csv_read(csv, &done_t, &err)) goto fail_msg;
+    if (kvc_sweep_csv_read(csv, &done_t, &err)) goto fail_msg;
     /* which (point, protocol) pairs are already in the CSV */
     const int total = n_pl * g.n_protocol;
     char *is_done = calloc((size_t)total, 1);
@@ -523,9 +523,9 @@ int cmd_sweep(int argc, char **argv) {
     for (int i = 0; i < n_pl; i++)
         for (int j = 0; j < g.n_protocol; j++) {
             char want[1200], key[1100];
-            snprintf(want, sizeof want, "%s %s", sweep_protocol_name(g.protocol[j]), pl[i].desc);
+            snprintf(want, sizeof want, "%s %s", kvc_sweep_protocol_name(g.protocol[j]), pl[i].desc);
             for (int r = 0; r < done_t.n && !is_done[i * g.n_protocol + j]; r++) {
-                sweep_row_key(&done_t.rows[r], key, sizeof key);
+                kvc_sweep_row_key(&done_t.rows[r], key, sizeof key);
                 is_done[i * g.n_protocol + j] = !strcmp(key, want);
             }
             n_done += is_done[i * g.n_protocol + j];
@@ -549,14 +549,14 @@ int cmd_sweep(int argc, char **argv) {
     fflush(stdout);
 
     /* ---- measure ---- */
-    if (!(R.ref = ref = cache_full_new(&R.shape, &err))) {
+    if (!(R.ref = ref = kvc_cache_full_new(&R.shape, &err))) {
         free(is_done);
         goto fail_msg;
     }
     /* the full-cache reference is the same for every point: run it once per protocol and
      * replay its logits (up to 2 GiB each; more runs it in lockstep as before) */
     for (int j = 0; j < SWEEP_N_PROTO; j++)
-        R.store[j] = stores[j] = j == SWEEP_PASSKEY ? NULL : ref_store_new((size_t)2 << 30);
+        R.store[j] = stores[j] = j == SWEEP_PASSKEY ? NULL : kvc_ref_store_new((size_t)2 << 30);
     const char *die_env = getenv("KVC_SWEEP_DIE_AFTER"); /* test hook: simulates a kill */
     const int die_after = die_env ? atoi(die_env) : 0, tty = isatty(2);
     double t0 = kvc_now(), spent[SWEEP_N_PROTO] = {0};
@@ -565,26 +565,26 @@ int cmd_sweep(int argc, char **argv) {
         for (int j = 0; j < g.n_protocol && !failed; j++) {
             if (is_done[i * g.n_protocol + j]) continue;
             const int proto = g.protocol[j];
-            if (tty) progress_draw("sweep", k, todo, "pt", t0);
+            if (tty) kvc_progress_draw("sweep", k, todo, "pt", t0);
             sweep_row row;
             sweep_cell *cells = NULL;
             int n_cells = 0;
             double ts = kvc_now();
             if (measure(&R, &pl[i], proto, &row, &cells, &n_cells, &err)) {
-                if (tty) progress_end();
-                cli_error("sweep", "%s %s: %s", sweep_protocol_name(proto), pl[i].desc, err.msg);
+                if (tty) kvc_progress_end();
+                cli_error("sweep", "%s %s: %s", kvc_sweep_protocol_name(proto), pl[i].desc, err.msg);
                 failed = 1;
                 break;
             }
             /* the cells first: a kill between the two leaves cells without a row, which are
              * replaced when the point is redone; a row never lacks its cells */
-            if (sweep_cells_append(cells_p, cells, n_cells, &err) || sweep_csv_append(csv, &row, &err)) {
+            if (kvc_sweep_cells_append(cells_p, cells, n_cells, &err) || kvc_sweep_csv_append(csv, &row, &err)) {
                 cli_error("sweep", "%s", err.msg);
                 failed = 1;
             }
             free(cells);
             if (failed) {
-                sweep_row_free(&row);
+                kvc_sweep_row_free(&row);
                 break;
             }
             spent[proto] += kvc_now() - ts, ran[proto]++, k++;
@@ -599,17 +599,17 @@ int cmd_sweep(int argc, char **argv) {
                     eta += ran[p] ? spent[p] / ran[p] : mean_all;
                 }
             if (tty) fputc('\r', stderr), fprintf(stderr, "%-100s\r", ""), fflush(stderr);
-            printf("[%d/%d] %-7s %-24s budget %-6s ", k, todo, sweep_protocol_name(proto), pl[i].pt.method,
+            printf("[%d/%d] %-7s %-24s budget %-6s ", k, todo, kvc_sweep_protocol_name(proto), pl[i].pt.method,
                    row.f[COL_BUDGET]);
-            if (proto == SWEEP_PASSKEY) printf("passkey acc %.3f", sweep_cell_num(&row, COL_PASSKEY_ACC));
-            else printf("rise %+8.2f%%  KL %.4f  top1 %.3f", sweep_cell_num(&row, COL_PPL_RISE),
-                        sweep_cell_num(&row, COL_KL_MEAN), sweep_cell_num(&row, COL_TOP1));
-            printf("  %7.0f B/tok  x%.2f  %6.1f s  ETA %02d:%02d\n", sweep_cell_num(&row, COL_BPT),
-                   sweep_cell_num(&row, COL_RATIO), kvc_now() - ts, (int)eta / 60, (int)eta % 60);
+            if (proto == SWEEP_PASSKEY) printf("passkey acc %.3f", kvc_sweep_cell_num(&row, COL_PASSKEY_ACC));
+            else printf("rise %+8.2f%%  KL %.4f  top1 %.3f", kvc_sweep_cell_num(&row, COL_PPL_RISE),
+                        kvc_sweep_cell_num(&row, COL_KL_MEAN), kvc_sweep_cell_num(&row, COL_TOP1));
+            printf("  %7.0f B/tok  x%.2f  %6.1f s  ETA %02d:%02d\n", kvc_sweep_cell_num(&row, COL_BPT),
+                   kvc_sweep_cell_num(&row, COL_RATIO), kvc_now() - ts, (int)eta / 60, (int)eta % 60);
             fflush(stdout);
-            sweep_row_free(&row);
+            kvc_sweep_row_free(&row);
         }
-    if (tty && k) progress_draw("sweep", k, todo, "pt", t0), progress_end();
+    if (tty && k) kvc_progress_draw("sweep", k, todo, "pt", t0), kvc_progress_end();
     free(is_done);
     if (rebuild_json(dir)) goto done;
     draw_plots(dir, &peers);
@@ -619,14 +619,14 @@ int cmd_sweep(int argc, char **argv) {
 fail_msg:
     cli_error("sweep", "%s", err.msg);
 done:
-    cache_free(ref);
-    for (int j = 0; j < SWEEP_N_PROTO; j++) ref_store_free(stores[j]);
-    sweep_table_free(&done_t);
-    sweep_table_free(&peers);
+    kvc_cache_free(ref);
+    for (int j = 0; j < SWEEP_N_PROTO; j++) kvc_ref_store_free(stores[j]);
+    kvc_sweep_table_free(&done_t);
+    kvc_sweep_table_free(&peers);
     free(pl);
     free(pts);
     free(ids);
-    model_free(m);
-    sweep_grid_free(&g);
+    kvc_model_free(m);
+    kvc_sweep_grid_free(&g);
     return status;
 }

@@ -1,5 +1,5 @@
 /* cmd_train.c - `kvcodec train`: parses the options of a codec training run (architecture,
- * loss, optimiser, schedule, device, reuse) and hands them to train_codec (train/trainer.c). */
+ * loss, optimiser, schedule, device, reuse) and hands them to kvc_train_codec (train/trainer.c). */
 #include "cli.h"
 
 #include "kvc/ops.h"
@@ -13,7 +13,7 @@
 
 int cmd_train(int argc, char **argv) {
     kvc_train_opts o;
-    train_opts_defaults(&o);
+    kvc_train_opts_defaults(&o);
     const char *data = NULL, *act = "leaky_relu", *norm = "none", *share = "layer", *loss = "mse", *curve = NULL;
     int latent = 0, threads = cli_default_threads(), quiet = 0;
     const arg_spec specs[] = {
@@ -64,7 +64,7 @@ int cmd_train(int argc, char **argv) {
     if (rc) return rc == 1 ? 0 : 2;
     o.val_frac = val_frac;
     o.ae.latent = latent;
-    if (ae_act_parse(act, &o.ae.act)) return cli_error("train", "unknown --act '%s' (relu, leaky_relu, gelu, silu, none)", act), 2;
+    if (kvc_ae_act_parse(act, &o.ae.act)) return cli_error("train", "unknown --act '%s' (relu, leaky_relu, gelu, silu, none)", act), 2;
     if (strcmp(norm, "none") && strcmp(norm, "batch")) return cli_error("train", "--norm must be none or batch"), 2;
     o.ae.norm = !strcmp(norm, "batch") ? AE_NORM_BATCH : AE_NORM_NONE;
     if (o.ae.hidden == 0) { /* a linear encoder/decoder has no activation or norm to record */
@@ -79,7 +79,7 @@ int cmd_train(int argc, char **argv) {
     if (o.patience < 1 || threads < 1) return cli_error("train", "--patience and --threads must be >= 1"), 2;
     kvc_err perr = {{0}};
     reuse_option ro;
-    if (o.reuse && reuse_option_parse(o.reuse, &ro, &perr)) return cli_error("train", "--reuse: %s", perr.msg), 2;
+    if (o.reuse && kvc_reuse_option_parse(o.reuse, &ro, &perr)) return cli_error("train", "--reuse: %s", perr.msg), 2;
     /* the data list */
     char *list = strdup(data);
     const char *paths[64];
@@ -98,10 +98,10 @@ int cmd_train(int argc, char **argv) {
     o.curve_csv = curve;
     o.progress = isatty(2);
     o.quiet = quiet;
-    ops_set_threads(threads);
+    kvc_ops_set_threads(threads);
     kvc_err err = {{0}};
     double t0 = kvc_now();
-    rc = train_codec(&o, &err);
+    rc = kvc_train_codec(&o, &err);
     free(list);
     if (rc < 0) return cli_error("train", "%s", err.msg);
     if (rc == 1) return 0;

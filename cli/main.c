@@ -40,7 +40,7 @@ static void usage(FILE *to) {
  * generic kernels on a CPU that can do better, restart once with the right core named.
  * A user's own OPENBLAS_CORETYPE is always respected. */
 static void retune_blas(char **argv) {
-    const char *core = ops_blas_better_core();
+    const char *core = kvc_ops_blas_better_core();
     if (!core || getenv("OPENBLAS_CORETYPE") || getenv("KVC_BLAS_RETUNED")) return;
     setenv("OPENBLAS_CORETYPE", core, 1);
     setenv("KVC_BLAS_RETUNED", "1", 1);

@@ -111,7 +111,7 @@ static const kvc_cache_ops FULL_OPS = {
     .free = full_free,
 };
 
-kvc_cache *cache_full_new(const kvc_cache_shape *shape, kvc_err *err) {
+kvc_cache *kvc_cache_full_new(const kvc_cache_shape *shape, kvc_err *err) {
     const kvc_cache_shape *s = shape;
     if (s->n_layer < 1 || s->n_head < 1 || s->n_head_kv < 1 || s->head_dim < 2 || s->head_dim % 2 ||
         s->n_head % s->n_head_kv || s->max_tokens < 1) {

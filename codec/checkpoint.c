@@ -12,7 +12,7 @@
 
 static const char *KIND_NAME[2] = {"k", "v"};
 
-kvc_codec *codec_new(const kvc_codec_meta *meta, kvc_err *err) {
+kvc_codec *kvc_codec_new(const kvc_codec_meta *meta, kvc_err *err) {
     kvc_codec *c = calloc(1, sizeof *c);
     if (!c) { kvc_fail(err, "out of memory"); return NULL; }
     c->meta = *meta;
@@ -21,18 +21,18 @@ kvc_codec *codec_new(const kvc_codec_meta *meta, kvc_err *err) {
     c->ae = calloc(n, sizeof *c->ae);
     c->rel_err = calloc(n, sizeof *c->rel_err);
     c->trained = calloc((size_t)meta->n_layer, 1);
-    if (!c->ae || !c->rel_err || !c->trained) { codec_free(c); kvc_fail(err, "out of memory"); return NULL; }
+    if (!c->ae || !c->rel_err || !c->trained) { kvc_codec_free(c); kvc_fail(err, "out of memory"); return NULL; }
     return c;
 }
 
-void codec_free(kvc_codec *c) {
+void kvc_codec_free(kvc_codec *c) {
     if (!c) return;
     if (c->ae)
-        for (int i = 0; i < c->meta.n_layer * 2 * c->slots; i++) ae_export_free(&c->ae[i]);
+        for (int i = 0; i < c->meta.n_layer * 2 * c->slots; i++) kvc_ae_export_free(&c->ae[i]);
     free(c->ae);
     free(c->rel_err);
     free(c->trained);
-    reuse_plan_free(c->reuse);
+    kvc_reuse_plan_free(c->reuse);
     free(c);
 }
 
@@ -52,54 +52,54 @@ static hid_t group_create(hid_t loc, const char *path) {
 /* Writes the dense layers of one half ("enc" or "dec") of an exported network. */
 static int write_dense(hid_t g, const char *half, const ae_dense *L, int n) {
     char nm[64];
-    if (h5_attr_i32(g, half[0] == 'e' ? "n_enc" : "n_dec", n) < 0) return -1;
+    if (kvc_h5_attr_i32(g, half[0] == 'e' ? "n_enc" : "n_dec", n) < 0) return -1;
     for (int i = 0; i < n; i++) {
         snprintf(nm, sizeof nm, "%s_%d_weight", half, i);
-        if (h5_write_f32(g, nm, L[i].w, (hsize_t)L[i].out, (hsize_t)L[i].in) < 0) return -1;
+        if (kvc_h5_write_f32(g, nm, L[i].w, (hsize_t)L[i].out, (hsize_t)L[i].in) < 0) return -1;
         snprintf(nm, sizeof nm, "%s_%d_bias", half, i);
-        if (h5_write_f32(g, nm, L[i].b, (hsize_t)L[i].out, 0) < 0) return -1;
+        if (kvc_h5_write_f32(g, nm, L[i].b, (hsize_t)L[i].out, 0) < 0) return -1;
         snprintf(nm, sizeof nm, "%s_%d_act", half, i);
-        if (h5_attr_str(g, nm, ae_act_name((ae_act)L[i].act)) < 0) return -1;
+        if (kvc_h5_attr_str(g, nm, kvc_ae_act_name((ae_act)L[i].act)) < 0) return -1;
     }
     return 0;
 }
 
 static int write_meta(hid_t f, const kvc_codec_meta *m) {
     int bad = 0;
-    bad |= h5_attr_str(f, "format", KVC_CODEC_FORMAT);
-    bad |= h5_attr_i32(f, "format_version", KVC_CODEC_FORMAT_VERSION);
-    bad |= h5_attr_str(f, "model_name", m->model_name);
-    bad |= h5_attr_str(f, "model_fingerprint", m->model_fingerprint);
-    bad |= h5_attr_i32(f, "n_layer", m->n_layer);
-    bad |= h5_attr_i32(f, "n_head_kv", m->n_head_kv);
-    bad |= h5_attr_i32(f, "head_dim", m->head_dim);
-    bad |= h5_attr_i32(f, "latent", m->ae.latent);
-    bad |= h5_attr_i32(f, "hidden", m->ae.hidden);
-    bad |= h5_attr_str(f, "activation", ae_act_name(m->ae.act));
-    bad |= h5_attr_str(f, "norm", m->ae.norm == AE_NORM_BATCH ? "batch" : "none");
-    bad |= h5_attr_f32(f, "leaky_slope", m->ae.leaky_slope);
-    bad |= h5_attr_f32(f, "bn_eps", m->ae.bn_eps);
-    bad |= h5_attr_f32(f, "bn_momentum", m->ae.bn_momentum);
-    bad |= h5_attr_str(f, "share", m->per_head ? "head" : "layer");
-    bad |= h5_attr_str(f, "loss", m->loss);
-    bad |= h5_attr_f32(f, "mse_mix", m->mse_mix);
-    bad |= h5_attr_str(f, "latent_quant", m->latent_quant[0] ? m->latent_quant : "none");
-    bad |= h5_attr_str(f, "train_data", m->data);
-    bad |= h5_attr_str(f, "corpus_sha256", m->corpus_sha256);
-    bad |= h5_attr_i64(f, "n_train_tokens", m->n_train_tokens);
-    bad |= h5_attr_i64(f, "n_val_tokens", m->n_val_tokens);
-    bad |= h5_attr_i32(f, "epochs", m->epochs);
-    bad |= h5_attr_i32(f, "epochs_run", m->epochs_run);
-    bad |= h5_attr_i32(f, "best_epoch", m->best_epoch);
-    bad |= h5_attr_f64(f, "best_val_rel_err", m->best_val);
-    bad |= h5_attr_i64(f, "seed", (int64_t)m->seed);
-    bad |= h5_attr_i32(f, "batch_tokens", m->batch_tokens);
-    bad |= h5_attr_f32(f, "lr", m->lr);
-    bad |= h5_attr_f32(f, "weight_decay", m->weight_decay);
-    bad |= h5_attr_f32(f, "clip", m->clip);
-    bad |= h5_attr_str(f, "device", m->device);
-    bad |= h5_attr_f64(f, "train_seconds", m->train_seconds);
-    bad |= h5_attr_str(f, "created_by", "kvcodec 0.1.0");
+    bad |= kvc_h5_attr_str(f, "format", KVC_CODEC_FORMAT);
+    bad |= kvc_h5_attr_i32(f, "format_version", KVC_CODEC_FORMAT_VERSION);
+    bad |= kvc_h5_attr_str(f, "model_name", m->model_name);
+    bad |= kvc_h5_attr_str(f, "model_fingerprint", m->model_fingerprint);
+    bad |= kvc_h5_attr_i32(f, "n_layer", m->n_layer);
+    bad |= kvc_h5_attr_i32(f, "n_head_kv", m->n_head_kv);
+    bad |= kvc_h5_attr_i32(f, "head_dim", m->head_dim);
+    bad |= kvc_h5_attr_i32(f, "latent", m->ae.latent);
+    bad |= kvc_h5_attr_i32(f, "hidden", m->ae.hidden);
+    bad |= kvc_h5_attr_str(f, "activation", kvc_ae_act_name(m->ae.act));
+    bad |= kvc_h5_attr_str(f, "norm", m->ae.norm == AE_NORM_BATCH ? "batch" : "none");
+    bad |= kvc_h5_attr_f32(f, "leaky_slope", m->ae.leaky_slope);
+    bad |= kvc_h5_attr_f32(f, "bn_eps", m->ae.bn_eps);
+    bad |= kvc_h5_attr_f32(f, "bn_momentum", m->ae.bn_momentum);
+    bad |= kvc_h5_attr_str(f, "share", m->per_head ? "head" : "layer");
+    bad |= kvc_h5_attr_str(f, "loss", m->loss);
+    bad |= kvc_h5_attr_f32(f, "mse_mix", m->mse_mix);
+    bad |= kvc_h5_attr_str(f, "latent_quant", m->latent_quant[0] ? m->latent_quant : "none");
+    bad |= kvc_h5_attr_str(f, "train_data", m->data);
+    bad |= kvc_h5_attr_str(f, "corpus_sha256", m->corpus_sha256);
+    bad |= kvc_h5_attr_i64(f, "n_train_tokens", m->n_train_tokens);
+    bad |= kvc_h5_attr_i64(f, "n_val_tokens", m->n_val_tokens);
+    bad |= kvc_h5_attr_i32(f, "epochs", m->epochs);
+    bad |= kvc_h5_attr_i32(f, "epochs_run", m->epochs_run);
+    bad |= kvc_h5_attr_i32(f, "best_epoch", m->best_epoch);
+    bad |= kvc_h5_attr_f64(f, "best_val_rel_err", m->best_val);
+    bad |= kvc_h5_attr_i64(f, "seed", (int64_t)m->seed);
+    bad |= kvc_h5_attr_i32(f, "batch_tokens", m->batch_tokens);
+    bad |= kvc_h5_attr_f32(f, "lr", m->lr);
+    bad |= kvc_h5_attr_f32(f, "weight_decay", m->weight_decay);
+    bad |= kvc_h5_attr_f32(f, "clip", m->clip);
+    bad |= kvc_h5_attr_str(f, "device", m->device);
+    bad |= kvc_h5_attr_f64(f, "train_seconds", m->train_seconds);
+    bad |= kvc_h5_attr_str(f, "created_by", "kvcodec 0.1.0");
     return bad ? -1 : 0;
 }
 
@@ -111,9 +111,9 @@ static int write_reuse(hid_t f, const reuse_plan *p) {
     float *cols = malloc((size_t)n * 7 * sizeof(float));
     int rc = cols ? 0 : -1;
     char opt[64];
-    reuse_option_format(&p->option, opt, sizeof opt);
-    rc |= h5_attr_str(g, "option", p->chosen_set ? opt : "");
-    rc |= h5_attr_f64(g, "ridge", p->ridge);
+    kvc_reuse_option_format(&p->option, opt, sizeof opt);
+    rc |= kvc_h5_attr_str(g, "option", p->chosen_set ? opt : "");
+    rc |= kvc_h5_attr_f64(g, "ridge", p->ridge);
     /* one row per item: layer, head, kind (0 k, 1 v), analysed, chosen, cos, err_identity, err_linear */
     for (int i = 0; cols && i < n; i++) {
         const reuse_item *it = &p->items[i];
@@ -122,12 +122,12 @@ static int write_reuse(hid_t f, const reuse_plan *p) {
         r[4] = (float)it->chosen; r[5] = (float)it->err_identity; r[6] = (float)it->err_linear;
     }
     if (cols) {
-        rc |= h5_write_f32(g, "items", cols, (hsize_t)n, 7);
+        rc |= kvc_h5_write_f32(g, "items", cols, (hsize_t)n, 7);
         for (int i = 0; i < n; i++) cols[i] = (float)p->items[i].cos_identity;
-        rc |= h5_write_f32(g, "cos_identity", cols, (hsize_t)n, 0);
-        rc |= h5_attr_str(g, "items_columns", "layer,head,kind(0=k;1=v),analysed,chosen(0=none;1=identity;2=linear),err_identity,err_linear");
+        rc |= kvc_h5_write_f32(g, "cos_identity", cols, (hsize_t)n, 0);
+        rc |= kvc_h5_attr_str(g, "items_columns", "layer,head,kind(0=k;1=v),analysed,chosen(0=none;1=identity;2=linear),err_identity,err_linear");
     }
-    rc |= h5_write_f32(g, "maps", p->maps, (hsize_t)n, (hsize_t)(D * D + D));
+    rc |= kvc_h5_write_f32(g, "maps", p->maps, (hsize_t)n, (hsize_t)(D * D + D));
     free(cols);
     H5Gclose(g);
     return rc ? -1 : 0;
@@ -138,11 +138,11 @@ static int write_state(hid_t f, const kvc_codec *c, ae_model *const *models, con
     hid_t g = H5Gcreate2(f, "train_state", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     if (g < 0) return -1;
     int rc = 0;
-    rc |= h5_attr_i32(g, "epoch", st->epoch);
-    rc |= h5_attr_i64(g, "step", st->step);
-    rc |= h5_attr_i32(g, "bad_epochs", st->bad_epochs);
-    rc |= h5_attr_f64(g, "best_val", st->best_val);
-    rc |= h5_attr_i32(g, "best_epoch", st->best_epoch);
+    rc |= kvc_h5_attr_i32(g, "epoch", st->epoch);
+    rc |= kvc_h5_attr_i64(g, "step", st->step);
+    rc |= kvc_h5_attr_i32(g, "bad_epochs", st->bad_epochs);
+    rc |= kvc_h5_attr_f64(g, "best_val", st->best_val);
+    rc |= kvc_h5_attr_i32(g, "best_epoch", st->best_epoch);
     char path[96], nm[128];
     for (int l = 0; l < c->meta.n_layer && !rc; l++)
         for (int kind = 0; kind < 2; kind++)
@@ -152,16 +152,16 @@ static int write_state(hid_t f, const kvc_codec *c, ae_model *const *models, con
                 net_path(path, sizeof path, l, kind, s);
                 hid_t ng = group_create(g, path);
                 if (ng < 0) { rc = -1; break; }
-                rc |= h5_attr_i64(ng, "adam_steps", ae_adam_steps(m));
-                for (int i = 0; i < ae_n_tensors(m); i++) {
-                    ae_tensor t = ae_tensor_at(m, i);
-                    rc |= h5_write_f32(ng, t.name, t.data, (hsize_t)t.rows, (hsize_t)t.cols);
+                rc |= kvc_h5_attr_i64(ng, "adam_steps", kvc_ae_adam_steps(m));
+                for (int i = 0; i < kvc_ae_n_tensors(m); i++) {
+                    ae_tensor t = kvc_ae_tensor_at(m, i);
+                    rc |= kvc_h5_write_f32(ng, t.name, t.data, (hsize_t)t.rows, (hsize_t)t.cols);
                     if (!t.trainable) continue;
-                    ae_tensor am = ae_adam_m_at(m, i), av = ae_adam_v_at(m, i);
+                    ae_tensor am = kvc_ae_adam_m_at(m, i), av = kvc_ae_adam_v_at(m, i);
                     snprintf(nm, sizeof nm, "%s.adam_m", t.name);
-                    rc |= h5_write_f32(ng, nm, am.data, (hsize_t)t.rows, (hsize_t)t.cols);
+                    rc |= kvc_h5_write_f32(ng, nm, am.data, (hsize_t)t.rows, (hsize_t)t.cols);
                     snprintf(nm, sizeof nm, "%s.adam_v", t.name);
-                    rc |= h5_write_f32(ng, nm, av.data, (hsize_t)t.rows, (hsize_t)t.cols);
+                    rc |= kvc_h5_write_f32(ng, nm, av.data, (hsize_t)t.rows, (hsize_t)t.cols);
                 }
                 H5Gclose(ng);
             }
@@ -169,9 +169,9 @@ static int write_state(hid_t f, const kvc_codec *c, ae_model *const *models, con
     return rc ? -1 : 0;
 }
 
-int codec_save(const char *path, const kvc_codec *c, ae_model *const *models, const kvc_train_state *st,
+int kvc_codec_save(const char *path, const kvc_codec *c, ae_model *const *models, const kvc_train_state *st,
                kvc_err *err) {
-    h5_quiet();
+    kvc_h5_quiet();
     char tmp[1100];
     if (strlen(path) > 1000) return kvc_fail(err, "checkpoint path too long");
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
@@ -189,7 +189,7 @@ int codec_save(const char *path, const kvc_codec *c, ae_model *const *models, co
                 H5_CHECK(g, err, "writing '%s' failed (disk full?)", tmp);
                 int bad = write_dense(g, "enc", c->ae[i].enc, c->ae[i].n_enc) ||
                           write_dense(g, "dec", c->ae[i].dec, c->ae[i].n_dec) ||
-                          h5_attr_f32(g, "val_rel_err", c->rel_err[i]) < 0;
+                          kvc_h5_attr_f32(g, "val_rel_err", c->rel_err[i]) < 0;
                 H5Gclose(g);
                 H5_CHECK(bad ? -1 : 0, err, "writing '%s' failed (disk full?)", tmp);
             }
@@ -199,7 +199,7 @@ int codec_save(const char *path, const kvc_codec *c, ae_model *const *models, co
     herr_t closed = H5Fclose(f);
     f = -1; /* a failed close has still released the handle: never close it twice */
     H5_CHECK(closed, err, "closing '%s' failed (disk full?)", tmp);
-    if (h5_commit_file(tmp, path, err)) { unlink(tmp); return -1; }
+    if (kvc_h5_commit_file(tmp, path, err)) { unlink(tmp); return -1; }
     return 0;
 fail:
     if (f >= 0) H5Fclose(f);
@@ -212,47 +212,47 @@ fail:
 static int read_meta(hid_t f, kvc_codec_meta *m, const char *path, kvc_err *err) {
     char fmt[32] = "", s[64];
     int32_t v = 0;
-    if (h5_get_str(f, "format", fmt, sizeof fmt) || strcmp(fmt, KVC_CODEC_FORMAT))
+    if (kvc_h5_get_str(f, "format", fmt, sizeof fmt) || strcmp(fmt, KVC_CODEC_FORMAT))
         return kvc_fail(err, "'%s' is not a kvcodec codec checkpoint (format '%s')", path, fmt);
-    if (h5_get_i32(f, "format_version", &v) || v != KVC_CODEC_FORMAT_VERSION)
+    if (kvc_h5_get_i32(f, "format_version", &v) || v != KVC_CODEC_FORMAT_VERSION)
         return kvc_fail(err, "'%s' is codec format version %d; this kvcodec reads version %d (retrain or convert it)",
                         path, v, KVC_CODEC_FORMAT_VERSION);
     int bad = 0;
-    bad |= h5_get_str(f, "model_name", m->model_name, sizeof m->model_name);
-    bad |= h5_get_str(f, "model_fingerprint", m->model_fingerprint, sizeof m->model_fingerprint);
-    bad |= h5_get_i32(f, "n_layer", &m->n_layer) | h5_get_i32(f, "n_head_kv", &m->n_head_kv);
-    bad |= h5_get_i32(f, "head_dim", &m->head_dim) | h5_get_i32(f, "latent", &m->ae.latent);
-    bad |= h5_get_i32(f, "hidden", &m->ae.hidden);
-    bad |= h5_get_str(f, "activation", s, sizeof s);
-    if (!bad && ae_act_parse(s, &m->ae.act)) bad = 1;
-    bad |= h5_get_str(f, "norm", s, sizeof s);
+    bad |= kvc_h5_get_str(f, "model_name", m->model_name, sizeof m->model_name);
+    bad |= kvc_h5_get_str(f, "model_fingerprint", m->model_fingerprint, sizeof m->model_fingerprint);
+    bad |= kvc_h5_get_i32(f, "n_layer", &m->n_layer) | kvc_h5_get_i32(f, "n_head_kv", &m->n_head_kv);
+    bad |= kvc_h5_get_i32(f, "head_dim", &m->head_dim) | kvc_h5_get_i32(f, "latent", &m->ae.latent);
+    bad |= kvc_h5_get_i32(f, "hidden", &m->ae.hidden);
+    bad |= kvc_h5_get_str(f, "activation", s, sizeof s);
+    if (!bad && kvc_ae_act_parse(s, &m->ae.act)) bad = 1;
+    bad |= kvc_h5_get_str(f, "norm", s, sizeof s);
     m->ae.norm = !strcmp(s, "batch") ? AE_NORM_BATCH : AE_NORM_NONE;
-    bad |= h5_get_f32(f, "leaky_slope", &m->ae.leaky_slope) | h5_get_f32(f, "bn_eps", &m->ae.bn_eps);
-    bad |= h5_get_f32(f, "bn_momentum", &m->ae.bn_momentum);
-    bad |= h5_get_str(f, "share", s, sizeof s);
+    bad |= kvc_h5_get_f32(f, "leaky_slope", &m->ae.leaky_slope) | kvc_h5_get_f32(f, "bn_eps", &m->ae.bn_eps);
+    bad |= kvc_h5_get_f32(f, "bn_momentum", &m->ae.bn_momentum);
+    bad |= kvc_h5_get_str(f, "share", s, sizeof s);
     m->per_head = !strcmp(s, "head");
     m->ae.in_dim = m->head_dim;
-    bad |= h5_get_str(f, "loss", m->loss, sizeof m->loss);
+    bad |= kvc_h5_get_str(f, "loss", m->loss, sizeof m->loss);
     if (bad) return kvc_fail(err, "'%s' lacks required codec attributes (corrupt or truncated?)", path);
-    h5_get_f32(f, "mse_mix", &m->mse_mix);
-    h5_get_str(f, "latent_quant", m->latent_quant, sizeof m->latent_quant);
-    h5_get_str(f, "train_data", m->data, sizeof m->data);
-    h5_get_str(f, "corpus_sha256", m->corpus_sha256, sizeof m->corpus_sha256);
-    h5_get_i64(f, "n_train_tokens", &m->n_train_tokens);
-    h5_get_i64(f, "n_val_tokens", &m->n_val_tokens);
-    h5_get_i32(f, "epochs", &m->epochs);
-    h5_get_i32(f, "epochs_run", &m->epochs_run);
-    h5_get_i32(f, "best_epoch", &m->best_epoch);
-    h5_get_f64(f, "best_val_rel_err", &m->best_val);
+    kvc_h5_get_f32(f, "mse_mix", &m->mse_mix);
+    kvc_h5_get_str(f, "latent_quant", m->latent_quant, sizeof m->latent_quant);
+    kvc_h5_get_str(f, "train_data", m->data, sizeof m->data);
+    kvc_h5_get_str(f, "corpus_sha256", m->corpus_sha256, sizeof m->corpus_sha256);
+    kvc_h5_get_i64(f, "n_train_tokens", &m->n_train_tokens);
+    kvc_h5_get_i64(f, "n_val_tokens", &m->n_val_tokens);
+    kvc_h5_get_i32(f, "epochs", &m->epochs);
+    kvc_h5_get_i32(f, "epochs_run", &m->epochs_run);
+    kvc_h5_get_i32(f, "best_epoch", &m->best_epoch);
+    kvc_h5_get_f64(f, "best_val_rel_err", &m->best_val);
     int64_t seed = 0;
-    h5_get_i64(f, "seed", &seed);
+    kvc_h5_get_i64(f, "seed", &seed);
     m->seed = (uint64_t)seed;
-    h5_get_i32(f, "batch_tokens", &m->batch_tokens);
-    h5_get_f32(f, "lr", &m->lr);
-    h5_get_f32(f, "weight_decay", &m->weight_decay);
-    h5_get_f32(f, "clip", &m->clip);
-    h5_get_str(f, "device", m->device, sizeof m->device);
-    h5_get_f64(f, "train_seconds", &m->train_seconds);
+    kvc_h5_get_i32(f, "batch_tokens", &m->batch_tokens);
+    kvc_h5_get_f32(f, "lr", &m->lr);
+    kvc_h5_get_f32(f, "weight_decay", &m->weight_decay);
+    kvc_h5_get_f32(f, "clip", &m->clip);
+    kvc_h5_get_str(f, "device", m->device, sizeof m->device);
+    kvc_h5_get_f64(f, "train_seconds", &m->train_seconds);
     if (m->n_layer < 1 || m->n_layer > 1024 || m->n_head_kv < 1 || m->head_dim < 2 || m->ae.latent < 1 ||
         m->ae.latent >= m->head_dim || m->ae.hidden < 0)
         return kvc_fail(err, "'%s' has inconsistent codec dimensions", path);
@@ -263,13 +263,13 @@ static int read_meta(hid_t f, kvc_codec_meta *m, const char *path, kvc_err *err)
 static int read_dense(hid_t g, const char *half, ae_dense *L, int *n_out, int D, int R, kvc_err *err) {
     char nm[64], act[32];
     int32_t n = 0;
-    if (h5_get_i32(g, half[0] == 'e' ? "n_enc" : "n_dec", &n) || n < 1 || n > 2)
+    if (kvc_h5_get_i32(g, half[0] == 'e' ? "n_enc" : "n_dec", &n) || n < 1 || n > 2)
         return kvc_fail(err, "network lacks a valid layer count");
     int in = half[0] == 'e' ? D : R;
     for (int i = 0; i < n; i++) {
         snprintf(nm, sizeof nm, "%s_%d_weight", half, i);
         hsize_t dims[2] = {0, 0};
-        int rank = h5_dims(g, nm, dims);
+        int rank = kvc_h5_dims(g, nm, dims);
         if (rank < 0) return kvc_fail(err, "dataset %s is missing", nm);
         if (rank != 2 || dims[1] != (hsize_t)in || dims[0] < 1 || dims[0] > 65536)
             return kvc_fail(err, "%s has shape [%llu, %llu], expected [*, %d]", nm, (unsigned long long)dims[0],
@@ -279,12 +279,12 @@ static int read_dense(hid_t g, const char *half, ae_dense *L, int *n_out, int D,
         L[i].w = malloc((size_t)L[i].in * L[i].out * sizeof(float));
         L[i].b = malloc((size_t)L[i].out * sizeof(float));
         if (!L[i].w || !L[i].b) return kvc_fail(err, "out of memory");
-        if (h5_read_f32(g, nm, L[i].w, dims[0], dims[1], err)) return -1;
+        if (kvc_h5_read_f32(g, nm, L[i].w, dims[0], dims[1], err)) return -1;
         snprintf(nm, sizeof nm, "%s_%d_bias", half, i);
-        if (h5_read_f32(g, nm, L[i].b, dims[0], 0, err)) return -1;
+        if (kvc_h5_read_f32(g, nm, L[i].b, dims[0], 0, err)) return -1;
         snprintf(nm, sizeof nm, "%s_%d_act", half, i);
         ae_act a;
-        if (h5_get_str(g, nm, act, sizeof act) || ae_act_parse(act, &a)) return kvc_fail(err, "%s is missing or unknown", nm);
+        if (kvc_h5_get_str(g, nm, act, sizeof act) || kvc_ae_act_parse(act, &a)) return kvc_fail(err, "%s is missing or unknown", nm);
         L[i].act = a;
         in = L[i].out;
     }
@@ -298,16 +298,16 @@ static int read_reuse(hid_t f, kvc_codec *c, kvc_err *err) {
     if (H5Lexists(f, "reuse", H5P_DEFAULT) <= 0) return 0;
     hid_t g = H5Gopen2(f, "reuse", H5P_DEFAULT);
     const int D = c->meta.head_dim;
-    reuse_plan *p = reuse_plan_new(c->meta.n_layer, c->meta.n_head_kv, D, err);
+    reuse_plan *p = kvc_reuse_plan_new(c->meta.n_layer, c->meta.n_head_kv, D, err);
     if (!p || c->meta.n_layer < 2) { H5Gclose(g); return p ? 0 : -1; }
     float *cols = malloc((size_t)p->n_items * 7 * sizeof(float)), *cosv = malloc((size_t)p->n_items * sizeof(float));
     int rc = !cols || !cosv ? kvc_fail(err, "out of memory") : 0;
-    if (!rc) rc = h5_read_f32(g, "items", cols, (hsize_t)p->n_items, 7, err);
-    if (!rc) rc = h5_read_f32(g, "cos_identity", cosv, (hsize_t)p->n_items, 0, err);
-    if (!rc) rc = h5_read_f32(g, "maps", p->maps, (hsize_t)p->n_items, (hsize_t)(D * D + D), err);
+    if (!rc) rc = kvc_h5_read_f32(g, "items", cols, (hsize_t)p->n_items, 7, err);
+    if (!rc) rc = kvc_h5_read_f32(g, "cos_identity", cosv, (hsize_t)p->n_items, 0, err);
+    if (!rc) rc = kvc_h5_read_f32(g, "maps", p->maps, (hsize_t)p->n_items, (hsize_t)(D * D + D), err);
     for (int i = 0; !rc && i < p->n_items; i++) {
         const float *r = cols + (size_t)i * 7;
-        reuse_item *it = reuse_plan_item(p, (int)r[0], (int)r[1], (int)r[2]);
+        reuse_item *it = kvc_reuse_plan_item(p, (int)r[0], (int)r[1], (int)r[2]);
         if (!it || r[4] < 0 || r[4] > 2) { rc = kvc_fail(err, "reuse item %d is out of range", i); break; }
         it->analysed = (int)r[3];
         it->chosen = (reuse_choice)(int)r[4];
@@ -316,25 +316,25 @@ static int read_reuse(hid_t f, kvc_codec *c, kvc_err *err) {
         it->cos_identity = cosv[i];
     }
     char opt[64] = "";
-    h5_get_str(g, "option", opt, sizeof opt);
-    if (!rc && opt[0] && reuse_option_parse(opt, &p->option, NULL) == 0) p->chosen_set = 1;
-    h5_get_f64(g, "ridge", &p->ridge);
+    kvc_h5_get_str(g, "option", opt, sizeof opt);
+    if (!rc && opt[0] && kvc_reuse_option_parse(opt, &p->option, NULL) == 0) p->chosen_set = 1;
+    kvc_h5_get_f64(g, "ridge", &p->ridge);
     free(cols);
     free(cosv);
     H5Gclose(g);
-    if (rc) { reuse_plan_free(p); return -1; }
+    if (rc) { kvc_reuse_plan_free(p); return -1; }
     c->reuse = p;
     return 0;
 }
 
-kvc_codec *codec_load(const char *path, kvc_err *err) {
-    h5_quiet();
+kvc_codec *kvc_codec_load(const char *path, kvc_err *err) {
+    kvc_h5_quiet();
     if (access(path, R_OK) != 0) { kvc_fail(err, "cannot open codec '%s'", path); return NULL; }
     hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
     if (f < 0) { kvc_fail(err, "'%s' is not a readable HDF5 file (corrupt or truncated?)", path); return NULL; }
     kvc_codec_meta meta = {0};
     kvc_codec *c = NULL;
-    if (read_meta(f, &meta, path, err) || !(c = codec_new(&meta, err))) goto fail;
+    if (read_meta(f, &meta, path, err) || !(c = kvc_codec_new(&meta, err))) goto fail;
     char gp[96];
     for (int l = 0; l < meta.n_layer; l++) {
         net_path(gp, sizeof gp, l, 0, 0);
@@ -357,7 +357,7 @@ kvc_codec *codec_load(const char *path, kvc_err *err) {
                 int bad = read_dense(g, "enc", c->ae[i].enc, &c->ae[i].n_enc, meta.head_dim, meta.ae.latent, &e2) ||
                           read_dense(g, "dec", c->ae[i].dec, &c->ae[i].n_dec, meta.head_dim, meta.ae.latent, &e2);
                 c->ae[i].leaky_slope = meta.ae.leaky_slope;
-                h5_get_f32(g, "val_rel_err", &c->rel_err[i]);
+                kvc_h5_get_f32(g, "val_rel_err", &c->rel_err[i]);
                 H5Gclose(g);
                 if (bad) { kvc_fail(err, "'%s' %s: %s", path, gp, e2.msg); goto fail; }
             }
@@ -367,14 +367,14 @@ kvc_codec *codec_load(const char *path, kvc_err *err) {
     H5Fclose(f);
     return c;
 fail:
-    codec_free(c);
+    kvc_codec_free(c);
     H5Fclose(f);
     return NULL;
 }
 
-int codec_load_train_state(const char *path, const kvc_codec *c, ae_model **models, kvc_train_state *st,
+int kvc_codec_load_train_state(const char *path, const kvc_codec *c, ae_model **models, kvc_train_state *st,
                            kvc_err *err) {
-    h5_quiet();
+    kvc_h5_quiet();
     hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
     if (f < 0) return kvc_fail(err, "cannot open '%s' to resume", path);
     int rc = 0;
@@ -384,8 +384,8 @@ int codec_load_train_state(const char *path, const kvc_codec *c, ae_model **mode
     }
     hid_t g = H5Gopen2(f, "train_state", H5P_DEFAULT);
     int64_t step = 0;
-    if (h5_get_i32(g, "epoch", &st->epoch) || h5_get_i64(g, "step", &step) || h5_get_i32(g, "bad_epochs", &st->bad_epochs) ||
-        h5_get_f64(g, "best_val", &st->best_val) || h5_get_i32(g, "best_epoch", &st->best_epoch))
+    if (kvc_h5_get_i32(g, "epoch", &st->epoch) || kvc_h5_get_i64(g, "step", &step) || kvc_h5_get_i32(g, "bad_epochs", &st->bad_epochs) ||
+        kvc_h5_get_f64(g, "best_val", &st->best_val) || kvc_h5_get_i32(g, "best_epoch", &st->best_epoch))
         rc = kvc_fail(err, "'%s': trainer state is incomplete", path);
     st->step = step;
     char gp[96], nm[128];
@@ -398,17 +398,17 @@ int codec_load_train_state(const char *path, const kvc_codec *c, ae_model **mode
                 hid_t ng = H5Gopen2(g, gp, H5P_DEFAULT);
                 if (ng < 0) { rc = kvc_fail(err, "'%s': no trainer state for %s", path, gp); break; }
                 int64_t t = 0;
-                h5_get_i64(ng, "adam_steps", &t);
-                ae_set_adam_steps(m, t);
-                for (int i = 0; !rc && i < ae_n_tensors(m); i++) {
-                    ae_tensor tt = ae_tensor_at(m, i);
-                    rc = h5_read_f32(ng, tt.name, tt.data, (hsize_t)tt.rows, (hsize_t)tt.cols, err);
+                kvc_h5_get_i64(ng, "adam_steps", &t);
+                kvc_ae_set_adam_steps(m, t);
+                for (int i = 0; !rc && i < kvc_ae_n_tensors(m); i++) {
+                    ae_tensor tt = kvc_ae_tensor_at(m, i);
+                    rc = kvc_h5_read_f32(ng, tt.name, tt.data, (hsize_t)tt.rows, (hsize_t)tt.cols, err);
                     if (rc || !tt.trainable) continue;
-                    ae_tensor am = ae_adam_m_at(m, i), av = ae_adam_v_at(m, i);
+                    ae_tensor am = kvc_ae_adam_m_at(m, i), av = kvc_ae_adam_v_at(m, i);
                     snprintf(nm, sizeof nm, "%s.adam_m", tt.name);
-                    rc = h5_read_f32(ng, nm, am.data, (hsize_t)tt.rows, (hsize_t)tt.cols, err);
+                    rc = kvc_h5_read_f32(ng, nm, am.data, (hsize_t)tt.rows, (hsize_t)tt.cols, err);
                     snprintf(nm, sizeof nm, "%s.adam_v", tt.name);
-                    if (!rc) rc = h5_read_f32(ng, nm, av.data, (hsize_t)tt.rows, (hsize_t)tt.cols, err);
+                    if (!rc) rc = kvc_h5_read_f32(ng, nm, av.data, (hsize_t)tt.rows, (hsize_t)tt.cols, err);
                 }
                 H5Gclose(ng);
             }
@@ -417,7 +417,7 @@ int codec_load_train_state(const char *path, const kvc_codec *c, ae_model **mode
     return rc;
 }
 
-int codec_check_model(const kvc_codec *c, const char *fingerprint, int n_layer, int n_head_kv, int head_dim,
+int kvc_codec_check_model(const kvc_codec *c, const char *fingerprint, int n_layer, int n_head_kv, int head_dim,
                       kvc_err *err) {
     const kvc_codec_meta *m = &c->meta;
     if (strcmp(m->model_fingerprint, fingerprint) != 0)

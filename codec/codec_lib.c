@@ -1,6 +1,6 @@
 /* codec_lib.c - the codec library for other engines (kvc/codec.h): a thin, self-contained
  * face over the autoencoder representation (codec/repr_ae.c), the LSH code (kernels/lsh.c)
- * and the eviction choice (kvcache_select), with char-buffer errors so a caller needs no
+ * and the eviction choice (kvc_kvcache_select), with char-buffer errors so a caller needs no
  * kvcodec header but codec.h. */
 #include "kvc/codec.h"
 #include "kvc/checkpoint.h"
@@ -38,14 +38,14 @@ kvcl_codec *kvcl_open(const char *path, const char *storage, int reuse, char *er
         if (err) snprintf(err, KVCL_ERR_SIZE, "kvcl_open: storage '%s' is not f32, f16, int8 or int4", storage);
         return NULL;
     }
-    kvc_codec *ck = codec_load(path, &e); /* for the shape; the representation loads it again */
+    kvc_codec *ck = kvc_codec_load(path, &e); /* for the shape; the representation loads it again */
     if (!ck) {
         put_err(err, &e);
         return NULL;
     }
     kvcl_codec *c = calloc(1, sizeof *c);
     if (!c) {
-        codec_free(ck);
+        kvc_codec_free(ck);
         if (err) snprintf(err, KVCL_ERR_SIZE, "out of memory");
         return NULL;
     }
@@ -55,7 +55,7 @@ kvcl_codec *kvcl_open(const char *path, const char *storage, int reuse, char *er
     snprintf(in->model_name, sizeof in->model_name, "%s", ck->meta.model_name);
     snprintf(in->model_fingerprint, sizeof in->model_fingerprint, "%s", ck->meta.model_fingerprint);
     snprintf(in->storage, sizeof in->storage, "%s", storage);
-    codec_free(ck);
+    kvc_codec_free(ck);
     char spec[1200];
     if (strchr(path, ',') || strlen(path) > 1000) {
         free(c);
@@ -184,7 +184,7 @@ kvcl_lsh *kvcl_lsh_new(int dim, int bits, uint64_t seed, char *err) {
         if (err) snprintf(err, KVCL_ERR_SIZE, "out of memory");
         return NULL;
     }
-    if (simhash_init(&h->h, dim, bits, seed, &e)) {
+    if (kvc_simhash_init(&h->h, dim, bits, seed, &e)) {
         put_err(err, &e);
         free(h);
         return NULL;
@@ -194,12 +194,12 @@ kvcl_lsh *kvcl_lsh_new(int dim, int bits, uint64_t seed, char *err) {
 
 void kvcl_lsh_free(kvcl_lsh *h) {
     if (!h) return;
-    simhash_free(&h->h);
+    kvc_simhash_free(&h->h);
     free(h);
 }
 
 void kvcl_lsh_hash(const kvcl_lsh *h, const float *x, int64_t ld, int64_t n, uint64_t *codes) {
-    simhash_codes_cpu(&h->h, x, ld, n, codes);
+    kvc_simhash_codes_cpu(&h->h, x, ld, n, codes);
 }
 
 void kvcl_lsh_score(const uint64_t *codes, int64_t n, uint64_t probe, float *score) {
@@ -207,5 +207,5 @@ void kvcl_lsh_score(const uint64_t *codes, int64_t n, uint64_t probe, float *sco
 }
 
 int64_t kvcl_select(const float *score, int64_t n, int64_t keep, int sinks, int window, uint8_t *evict) {
-    return kvcache_select(score, n, keep, sinks, window, evict);
+    return kvc_kvcache_select(score, n, keep, sinks, window, evict);
 }

@@ -16,7 +16,7 @@ static void full_describe(const kvc_keep *k, char *buf, size_t size) {
     (void)k, (void)buf, (void)size;
 }
 
-const kvc_keep_ops KEEP_FULL = {
+const kvc_keep_ops KVC_KEEP_FULL = {
     .name = "full",
     .usage = "keep every token (no options; the baseline)",
     .option = NULL,

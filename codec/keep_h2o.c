@@ -45,7 +45,7 @@ static void h2o_score(kvc_keep *k, kvc_keep_view *v, float *score) {
     }
 }
 
-const kvc_keep_ops KEEP_H2O = {
+const kvc_keep_ops KVC_KEEP_H2O = {
     .name = "h2o",
     .usage = "H2O: keep the tokens with the most accumulated attention (no options)",
     .option = NULL,

@@ -38,7 +38,7 @@ static void l2_score(kvc_keep *k, kvc_keep_view *v, float *score) {
     for (int64_t t = 0; t < v->n; t++) memcpy(&score[t], v->state + t * sizeof(float), sizeof(float));
 }
 
-const kvc_keep_ops KEEP_L2 = {
+const kvc_keep_ops KVC_KEEP_L2 = {
     .name = "l2",
     .usage = "keep keys of low L2 norm, evict the largest (no options)",
     .option = NULL,

@@ -103,7 +103,7 @@ static int lsh_option(kvc_keep *k, const char *key, const char *val, kvc_err *er
 static void lsh_free(kvc_keep *k) {
     keep_lsh *s = k->impl;
     if (!s) return;
-    simhash_free(&s->sh);
+    kvc_simhash_free(&s->sh);
     free(s->probe);
     free(s->has_probe);
     free(s->step);
@@ -122,7 +122,7 @@ static int lsh_init(kvc_keep *k, kvc_err *err) {
         lsh_free(k);
         return kvc_fail(err, "lsh: option ema= needs score=ema");
     }
-    if (simhash_init(&s->sh, k->shape.head_dim, s->bits, s->proj_seed, err)) {
+    if (kvc_simhash_init(&s->sh, k->shape.head_dim, s->bits, s->proj_seed, err)) {
         lsh_free(k);
         return -1;
     }
@@ -229,7 +229,7 @@ static void lsh_on_append(kvc_keep *k, kvc_keep_view *v, int64_t first, const fl
             }
             kt = kc;
         }
-        simhash_codes_cpu(&s->sh, kt, d, 1, &c);
+        kvc_simhash_codes_cpu(&s->sh, kt, d, 1, &c);
         code_put(s, v->state + t * sb, c);
         if (s->mode == LSH_EMA) acc_put(s, v->state + t * sb, -1.0f);
         if (s->probe_key) {
@@ -272,14 +272,14 @@ static void lsh_on_attend(kvc_keep *k, kvc_keep_view *v, const float *qrot, cons
     if (s->mode == LSH_CURRENT) s->n_step[h] = 0;
     for (int q = 0; q < n_q; q++) {
         if (s->gqa_each) {
-            simhash_codes_cpu(&s->sh, qrot + (size_t)q * g * d, d, g, codes);
+            kvc_simhash_codes_cpu(&s->sh, qrot + (size_t)q * g * d, d, g, codes);
         } else {
             for (int i = 0; i < d; i++) {
                 float m = 0.0f;
                 for (int j = 0; j < g; j++) m += qrot[((size_t)q * g + j) * d + i];
                 mean[i] = m / (float)g;
             }
-            simhash_codes_cpu(&s->sh, mean, d, 1, codes);
+            kvc_simhash_codes_cpu(&s->sh, mean, d, 1, codes);
         }
         if (s->mode != LSH_CURRENT) {
             if (per_q == 1) accumulate(s, v, v->n, codes[0]);
@@ -323,7 +323,7 @@ static void lsh_reset(kvc_keep *k) {
     memset(s->mu_n, 0, heads * sizeof *s->mu_n);
 }
 
-const kvc_keep_ops KEEP_LSH = {
+const kvc_keep_ops KVC_KEEP_LSH = {
     .name = "lsh",
     .usage = "LSH-E: evict keys whose SimHash code is farthest from the probe; bits=4..64 (16), "
              "probe=query|key, score=sum|current|ema (sum), ema=A (0.5), gqa=mean|each (mean), center=on|off (off), proj_seed=N (1)",

@@ -57,7 +57,7 @@ static void random_score(kvc_keep *k, kvc_keep_view *v, float *score) {
     for (int64_t t = 0; t < v->n; t++) score[t] = (float)(mix64(base ^ (uint64_t)(uint32_t)v->pos[t]) >> 40) * 0x1p-24f;
 }
 
-const kvc_keep_ops KEEP_RANDOM = {
+const kvc_keep_ops KVC_KEEP_RANDOM = {
     .name = "random",
     .usage = "evict uniformly at random (the floor); seed=N makes it repeatable",
     .option = NULL,

@@ -25,7 +25,7 @@ static void streaming_score(kvc_keep *k, kvc_keep_view *v, float *score) {
     for (int64_t i = 0; i < v->n; i++) score[i] = -(float)v->pos[i];
 }
 
-const kvc_keep_ops KEEP_STREAMING = {
+const kvc_keep_ops KVC_KEEP_STREAMING = {
     .name = "streaming",
     .usage = "StreamingLLM: keep the sinks and the newest tokens, evict the oldest (no options)",
     .option = NULL,

@@ -478,7 +478,7 @@ static int kv_end_step(kvc_cache *c, kvc_err *err) {
                     if (s->n > im->budget) {
                         kvc_keep_view view = {l, h, s->n, s->pos, s->state};
                         im->keep->ops->score(im->keep, &view, scr->score);
-                        kvcache_select(scr->score, s->n, im->budget, b->sinks, b->window, scr->mask);
+                        kvc_kvcache_select(scr->score, s->n, im->budget, b->sinks, b->window, scr->mask);
                     }
                     scr->mask_n = s->n;
                 }
@@ -602,7 +602,7 @@ static const kvc_cache_ops KV_OPS = {
 
 /* ----------------------------------------------------------------- creation ------ */
 
-kvc_cache *kvcache_new(const kvc_cache_shape *shape, const char *repr, const char *keep, const char *fingerprint,
+kvc_cache *kvc_kvcache_new(const kvc_cache_shape *shape, const char *repr, const char *keep, const char *fingerprint,
                        kvc_err *err) {
     const kvc_cache_shape *s = shape;
     if (s->n_layer < 1 || s->n_head < 1 || s->n_head_kv < 1 || s->head_dim < 2 || s->head_dim % 2 ||
@@ -694,16 +694,16 @@ fail:
     return NULL;
 }
 
-const char *kvcache_describe(const kvc_cache *c) {
+const char *kvc_kvcache_describe(const kvc_cache *c) {
     if (c->ops != &KV_OPS) return c->ops->name;
     return ((const kv_impl *)c->impl)->desc;
 }
 
-void kvcache_get_stats(const kvc_cache *c, kvcache_stats *st) {
+void kvc_kvcache_get_stats(const kvc_cache *c, kvcache_stats *st) {
     memset(st, 0, sizeof *st);
-    st->bytes = cache_bytes(c);
+    st->bytes = kvc_cache_bytes(c);
     if (c->ops != &KV_OPS) {
-        st->appended = cache_n_tokens(c, 0);
+        st->appended = kvc_cache_n_tokens(c, 0);
         st->held = st->appended * c->shape.n_layer * c->shape.n_head_kv;
         return;
     }

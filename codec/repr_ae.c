@@ -57,7 +57,7 @@ static size_t lat_bytes(const ae_repr *a) {
     switch (a->lat) {
     case LAT_F32: return (size_t)a->r * 4;
     case LAT_F16: return (size_t)a->r * 2;
-    default: return repr_qrow_bytes(a->bits, a->r, a->group);
+    default: return kvc_repr_qrow_bytes(a->bits, a->r, a->group);
     }
 }
 
@@ -71,7 +71,7 @@ static void lat_encode(const ae_repr *a, const float *z, uint8_t *row) {
             memcpy(row + 2 * j, &h, 2);
         }
     } else {
-        repr_qrow_encode(z, a->r, a->group, a->bits, row);
+        kvc_repr_qrow_encode(z, a->r, a->group, a->bits, row);
     }
 }
 
@@ -82,7 +82,7 @@ static void lat_decode(const ae_repr *a, const uint8_t *row, float *z) {
     } else if (a->lat == LAT_F16) {
         repr_f16_row(row, (size_t)a->r, z);
     } else {
-        repr_qrow_decode(row, a->r, a->group, a->bits, z);
+        kvc_repr_qrow_decode(row, a->r, a->group, a->bits, z);
     }
 }
 
@@ -112,7 +112,7 @@ static int parse_opts(const char *opts, ae_repr *a, char **path, int *reuse_give
         if (found >= 0) {
             a->lat = found;
         } else if (eq && !strncmp(tok, "group=", 6)) {
-            if (!(rc = repr_parse_int("ae", "group", eq + 1, 1, REPR_MAX_DIM, &x, err))) group = (int)x;
+            if (!(rc = kvc_repr_parse_int("ae", "group", eq + 1, 1, REPR_MAX_DIM, &x, err))) group = (int)x;
         } else if (eq && (!strncmp(tok, "keys=", 5) || !strncmp(tok, "values=", 7))) {
             const int kind = tok[0] == 'k' ? KV_K : KV_V;
             int f = -1;
@@ -161,9 +161,9 @@ static int repr_ae_init(kvc_repr *r, const char *opts, const kvc_repr_env *env, 
     if (!a) return kvc_fail(err, "out of memory");
     const kvc_cache_shape *s = &env->shape;
     if ((rc = parse_opts(opts, a, &path, &reuse_given, err))) goto done;
-    if (!(a->c = codec_load(path, err))) { rc = -1; goto done; }
+    if (!(a->c = kvc_codec_load(path, err))) { rc = -1; goto done; }
     const char *fp = env->fingerprint ? env->fingerprint : a->c->meta.model_fingerprint;
-    if ((rc = codec_check_model(a->c, fp, s->n_layer, s->n_head_kv, s->head_dim, err))) goto done;
+    if ((rc = kvc_codec_check_model(a->c, fp, s->n_layer, s->n_head_kv, s->head_dim, err))) goto done;
     a->d = s->head_dim, a->r = a->c->meta.ae.latent;
     if (a->d > REPR_MAX_DIM) { rc = kvc_fail(err, "ae: head_dim %d exceeds %d", a->d, REPR_MAX_DIM); goto done; }
     if ((rc = check_group(a, err))) goto done;
@@ -216,19 +216,19 @@ static int form_of(const ae_repr *a, int layer, int kind) {
 }
 
 /* Channels per group of the per-token int forms (KIVI's value defaults), dividing D. */
-static int plain_group(const ae_repr *a, int form) { return repr_gcd(form == FORM_INT8 ? 64 : 32, a->d); }
+static int plain_group(const ae_repr *a, int form) { return kvc_repr_gcd(form == FORM_INT8 ? 64 : 32, a->d); }
 
 /* Bytes of one row stored without the codec. */
 static size_t plain_bytes(const ae_repr *a, int form) {
     if (form == FORM_F16) return (size_t)a->d * 2;
-    return repr_qrow_bytes(form == FORM_INT8 ? 8 : 4, a->d, plain_group(a, form));
+    return kvc_repr_qrow_bytes(form == FORM_INT8 ? 8 : 4, a->d, plain_group(a, form));
 }
 
 /* 1 when (layer, head, kind) is predicted from layer - 1 by the reuse plan. */
 static int repr_ae_reused(const kvc_repr *r, int layer, int head, int kind) {
     const ae_repr *a = r->impl;
     if (!a->reuse || !a->c->reuse || layer < 1 || form_of(a, layer, kind) != FORM_AE) return 0;
-    const reuse_item *it = reuse_plan_item(a->c->reuse, layer, head, kind);
+    const reuse_item *it = kvc_reuse_plan_item(a->c->reuse, layer, head, kind);
     return it && it->chosen != REUSE_NONE;
 }
 
@@ -265,7 +265,7 @@ static void dense_t(const float *wt, const float *b, int in, int out, const floa
 
 /* Runs n rows through one half (0 encoder, 1 decoder) of network `net`, one Linear at a time:
  * layer 0 reads in and writes s1, layer 1 writes s2, the last layer writes out when out is
- * non-NULL. Layers without activation use dense_t; others ae_export_run (which allocates
+ * non-NULL. Layers without activation use dense_t; others kvc_ae_export_run (which allocates
  * nothing for a single layer). Returns where the result is. in may alias s2, never s1. */
 static const float *run_half(const ae_repr *a, int net, int half, const float *in, int n, float *s1, float *s2,
                              float *out) {
@@ -277,7 +277,7 @@ static const float *run_half(const ae_repr *a, int net, int half, const float *i
         float *dst = l == nl - 1 && out ? out : (l % 2 == 0 ? s1 : s2);
         const float *wt = a->wt[(size_t)net * 4 + half * 2 + l];
         if (wt) dense_t(wt, layers[l].b, layers[l].in, layers[l].out, cur, n, dst);
-        else ae_export_run(&layers[l], 1, e->leaky_slope, cur, n, dst);
+        else kvc_ae_export_run(&layers[l], 1, e->leaky_slope, cur, n, dst);
         cur = dst;
     }
     return cur;
@@ -310,7 +310,7 @@ static void release(ae_repr *a) {
     if (a->wt && a->c)
         for (int i = 0; i < a->c->meta.n_layer * 2 * a->c->slots * 4; i++) free(a->wt[i]);
     free(a->wt);
-    codec_free(a->c);
+    kvc_codec_free(a->c);
     a->wt = NULL, a->c = NULL;
 }
 
@@ -333,7 +333,7 @@ static void repr_ae_encode(const kvc_repr *r, int layer, int head, int kind, con
     if (f != FORM_AE) {
         const size_t pb = plain_bytes(a, f);
         for (int i = 0; i < n; i++)
-            repr_qrow_encode(x + (size_t)i * ldx, d, plain_group(a, f), f == FORM_INT8 ? 8 : 4, rows + (size_t)i * pb);
+            kvc_repr_qrow_encode(x + (size_t)i * ldx, d, plain_group(a, f), f == FORM_INT8 ? 8 : 4, rows + (size_t)i * pb);
         return;
     }
     const int net = net_index(a, layer, kind, head);
@@ -365,7 +365,7 @@ static void repr_ae_decode(const kvc_repr *r, int layer, int head, int kind, con
     if (f != FORM_AE) {
         const size_t pb = plain_bytes(a, f);
         for (int i = 0; i < n; i++)
-            repr_qrow_decode(rows + (size_t)i * pb, d, plain_group(a, f), f == FORM_INT8 ? 8 : 4, y + (size_t)i * d);
+            kvc_repr_qrow_decode(rows + (size_t)i * pb, d, plain_group(a, f), f == FORM_INT8 ? 8 : 4, y + (size_t)i * d);
         return;
     }
     const int net = net_index(a, layer, kind, head);
@@ -381,8 +381,8 @@ static void repr_ae_decode(const kvc_repr *r, int layer, int head, int kind, con
 /* y (n, D) = the reuse plan's prediction of (layer, head, kind) from layer - 1's rows src. */
 static void repr_ae_predict(const kvc_repr *r, int layer, int head, int kind, const float *src, int n, float *y) {
     const ae_repr *a = r->impl;
-    const reuse_item *it = reuse_plan_item(a->c->reuse, layer, head, kind);
-    reuse_item_predict(a->c->reuse, it, src, a->d, y, a->d, n);
+    const reuse_item *it = kvc_reuse_plan_item(a->c->reuse, layer, head, kind);
+    kvc_reuse_item_predict(a->c->reuse, it, src, a->d, y, a->d, n);
 }
 
 /* R when the values of (layer, head) are stored as latents of a single linear decoder. */
@@ -409,7 +409,7 @@ static void repr_ae_lift(const kvc_repr *r, int layer, int head, const float *zs
     dense_t(a->wt[(size_t)net * 4 + 2], dl->b, dl->in, dl->out, zs, 1, out);
 }
 
-const kvc_repr_ops REPR_AE = {
+const kvc_repr_ops KVC_REPR_AE = {
     .name = "ae",
     .usage = "autoencoder latents of a codec: ae:FILE[,f16|int8|int4|f32][,group=G][,reuse=on|off]"
              "[,keys=F][,values=F] (default f16, group = latent, reuse on; untrained layers as f16; "

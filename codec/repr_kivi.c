@@ -20,12 +20,12 @@
 
 /* ---- packed rows (repr_quant.h) --------------------------------------------------------- */
 
-size_t repr_qrow_bytes(int bits, int c, int g) { return kvq_code_bytes(bits, c) + (size_t)(c / g) * 4; }
+size_t kvc_repr_qrow_bytes(int bits, int c, int g) { return kvc_kvq_code_bytes(bits, c) + (size_t)(c / g) * 4; }
 
-void repr_qrow_encode(const float *x, int c, int g, int bits, uint8_t *row) {
+void kvc_repr_qrow_encode(const float *x, int c, int g, int bits, uint8_t *row) {
     uint16_t sc[REPR_MAX_DIM], mn[REPR_MAX_DIM];
-    const size_t cb = kvq_code_bytes(bits, c), ng = (size_t)(c / g);
-    kvq_quant_tokens_cpu(x, 1, c, g, bits, row, sc, mn);
+    const size_t cb = kvc_kvq_code_bytes(bits, c), ng = (size_t)(c / g);
+    kvc_kvq_quant_tokens_cpu(x, 1, c, g, bits, row, sc, mn);
     memcpy(row + cb, sc, ng * 2);
     memcpy(row + cb + ng * 2, mn, ng * 2);
 }
@@ -39,10 +39,10 @@ static void unpack4(const uint8_t *codes, int c, float *out) {
     }
 }
 
-/* x = min + code * scale exactly as kvq_dequant_tokens_cpu computes it, inlined here since
+/* x = min + code * scale exactly as kvc_kvq_dequant_tokens_cpu computes it, inlined here since
  * decode runs over every held row at every attention step. */
-void repr_qrow_decode(const uint8_t *row, int c, int g, int bits, float *y) {
-    const size_t cb = kvq_code_bytes(bits, c), ng = (size_t)(c / g);
+void kvc_repr_qrow_decode(const uint8_t *row, int c, int g, int bits, float *y) {
+    const size_t cb = kvc_kvq_code_bytes(bits, c), ng = (size_t)(c / g);
     float cf[REPR_MAX_DIM];
     if (bits == 4) unpack4(row, c, cf);
     for (size_t k = 0; k < ng; k++) {
@@ -60,7 +60,7 @@ void repr_qrow_decode(const uint8_t *row, int c, int g, int bits, float *y) {
     }
 }
 
-int repr_parse_int(const char *repr, const char *key, const char *val, long lo, long hi, long *out, kvc_err *err) {
+int kvc_repr_parse_int(const char *repr, const char *key, const char *val, long lo, long hi, long *out, kvc_err *err) {
     char *end;
     errno = 0;
     long x = strtol(val, &end, 10);
@@ -70,7 +70,7 @@ int repr_parse_int(const char *repr, const char *key, const char *val, long lo, 
     return 0;
 }
 
-int repr_gcd(int a, int b) {
+int kvc_repr_gcd(int a, int b) {
     while (b) {
         int t = a % b;
         a = b;
@@ -98,7 +98,7 @@ static int kivi_init(kvc_repr *r, const char *opts, const kvc_repr_env *env, kvc
     const int bits = !strcmp(nm, "int4") ? 4 : 8, d = env->shape.head_dim;
     if (d < 1 || d > REPR_MAX_DIM) return kvc_fail(err, "%s: head_dim %d is out of range [1, %d]", nm, d, REPR_MAX_DIM);
     if (bits == 4 && d % 2) return kvc_fail(err, "%s: head_dim %d is odd; 4-bit codes pack in pairs", nm, d);
-    int group = repr_gcd(bits == 4 ? 32 : 64, d), kgroup = 32, keys_channel = 1, have_kgroup = 0;
+    int group = kvc_repr_gcd(bits == 4 ? 32 : 64, d), kgroup = 32, keys_channel = 1, have_kgroup = 0;
     char buf[256];
     if (opts && strlen(opts) >= sizeof buf) return kvc_fail(err, "%s: option text too long", nm);
     if (opts) {
@@ -110,12 +110,12 @@ static int kivi_init(kvc_repr *r, const char *opts, const kvc_repr_env *env, kvc
             *eq = '\0';
             const char *key = tok, *val = eq + 1;
             if (!strcmp(key, "group")) {
-                if (repr_parse_int(nm, key, val, 1, d, &x, err)) return -1;
+                if (kvc_repr_parse_int(nm, key, val, 1, d, &x, err)) return -1;
                 if (d % x) return kvc_fail(err, "%s: group=%ld does not divide head_dim %d", nm, x, d);
                 if (bits == 4 && x % 2) return kvc_fail(err, "%s: group=%ld is odd; 4-bit groups must be even", nm, x);
                 group = (int)x;
             } else if (!strcmp(key, "kgroup")) {
-                if (repr_parse_int(nm, key, val, 1, KGROUP_MAX, &x, err)) return -1;
+                if (kvc_repr_parse_int(nm, key, val, 1, KGROUP_MAX, &x, err)) return -1;
                 kgroup = (int)x, have_kgroup = 1;
             } else if (!strcmp(key, "keys")) {
                 if (!strcmp(val, "channel")) keys_channel = 1;
@@ -148,7 +148,7 @@ static int is_channel(const kivi *q, int kind) { return kind == KV_K && q->keys_
 static size_t kivi_row_bytes(const kvc_repr *r, int layer, int head, int kind) {
     (void)layer, (void)head;
     const kivi *q = r->impl;
-    return is_channel(q, kind) ? kvq_code_bytes(q->bits, q->d) : repr_qrow_bytes(q->bits, q->d, q->group);
+    return is_channel(q, kind) ? kvc_kvq_code_bytes(q->bits, q->d) : kvc_repr_qrow_bytes(q->bits, q->d, q->group);
 }
 
 static int kivi_block_rows(const kvc_repr *r, int kind) {
@@ -169,19 +169,19 @@ static void encode_key_block(const kivi *q, const float *x, int64_t ldx, int n, 
     const int d = q->d, bits = q->bits;
     uint16_t sc[REPR_MAX_DIM], mn[REPR_MAX_DIM];
     if (ldx == d) {
-        kvq_quant_channels_cpu(x, n, d, bits, rows, sc, mn);
+        kvc_kvq_quant_channels_cpu(x, n, d, bits, rows, sc, mn);
     } else {
         float buf[CH_SCRATCH];
         uint8_t cbuf[CH_SCRATCH];
-        const size_t rb = kvq_code_bytes(bits, d);
+        const size_t rb = kvc_kvq_code_bytes(bits, d);
         int cc = CH_SCRATCH / n;
         cc -= cc % 2; /* even, so 4-bit chunks start on a byte */
         if (cc > d) cc = d;
         for (int c0 = 0; c0 < d; c0 += cc) {
             const int w = d - c0 < cc ? d - c0 : cc;
-            const size_t wb = kvq_code_bytes(bits, w), off = kvq_code_bytes(bits, c0);
+            const size_t wb = kvc_kvq_code_bytes(bits, w), off = kvc_kvq_code_bytes(bits, c0);
             for (int t = 0; t < n; t++) memcpy(buf + (size_t)t * w, x + (size_t)t * ldx + c0, (size_t)w * sizeof(float));
-            kvq_quant_channels_cpu(buf, n, w, bits, cbuf, sc + c0, mn + c0);
+            kvc_kvq_quant_channels_cpu(buf, n, w, bits, cbuf, sc + c0, mn + c0);
             for (int t = 0; t < n; t++) memcpy(rows + (size_t)t * rb + off, cbuf + (size_t)t * wb, wb);
         }
     }
@@ -198,8 +198,8 @@ static void kivi_encode(const kvc_repr *r, int layer, int head, int kind, const 
         encode_key_block(q, x, ldx, n, rows, blk);
         return;
     }
-    const size_t rb = repr_qrow_bytes(q->bits, q->d, q->group);
-    for (int i = 0; i < n; i++) repr_qrow_encode(x + (size_t)i * ldx, q->d, q->group, q->bits, rows + (size_t)i * rb);
+    const size_t rb = kvc_repr_qrow_bytes(q->bits, q->d, q->group);
+    for (int i = 0; i < n; i++) kvc_repr_qrow_encode(x + (size_t)i * ldx, q->d, q->group, q->bits, rows + (size_t)i * rb);
 }
 
 /* Decodes n rows into y (n, D); channel keys read each row's block (consecutive rows of one
@@ -210,15 +210,15 @@ static void kivi_decode(const kvc_repr *r, int layer, int head, int kind, const 
     const kivi *q = r->impl;
     const int d = q->d;
     if (!is_channel(q, kind)) {
-        const size_t rb = repr_qrow_bytes(q->bits, d, q->group);
-        for (int i = 0; i < n; i++) repr_qrow_decode(rows + (size_t)i * rb, d, q->group, q->bits, y + (size_t)i * d);
+        const size_t rb = kvc_repr_qrow_bytes(q->bits, d, q->group);
+        for (int i = 0; i < n; i++) kvc_repr_qrow_decode(rows + (size_t)i * rb, d, q->group, q->bits, y + (size_t)i * d);
         return;
     }
-    /* x = min + code * scale as kvq_dequant_channels_cpu computes it, with the block's f16
+    /* x = min + code * scale as kvc_kvq_dequant_channels_cpu computes it, with the block's f16
      * scales widened once per block rather than twice per value */
     float sc[REPR_MAX_DIM], mn[REPR_MAX_DIM];
     const uint8_t *have = NULL;
-    const size_t rb = kvq_code_bytes(q->bits, d);
+    const size_t rb = kvc_kvq_code_bytes(q->bits, d);
     for (int i = 0; i < n; i++) {
         if (blks[i] != have) {
             have = blks[i];
@@ -237,7 +237,7 @@ static void kivi_decode(const kvc_repr *r, int layer, int head, int kind, const 
     }
 }
 
-const kvc_repr_ops REPR_INT8 = {
+const kvc_repr_ops KVC_REPR_INT8 = {
     .name = "int8",
     .usage = "8-bit KIVI: values per token in groups (group=G, default 64), keys per channel over "
              "kgroup=T tokens (default 32) or keys=token; f16 scale+min per group",
@@ -250,7 +250,7 @@ const kvc_repr_ops REPR_INT8 = {
     .decode = kivi_decode,
 };
 
-const kvc_repr_ops REPR_INT4 = {
+const kvc_repr_ops KVC_REPR_INT4 = {
     .name = "int4",
     .usage = "4-bit KIVI: as int8 with group default 32 (even groups; two codes a byte)",
     .init = kivi_init,

@@ -52,7 +52,7 @@ static void f32_decode(const kvc_repr *r, int layer, int head, int kind, const u
     memcpy(y, rows, (size_t)n * r->shape.head_dim * sizeof(float));
 }
 
-const kvc_repr_ops REPR_F32 = {
+const kvc_repr_ops KVC_REPR_F32 = {
     .name = "f32",
     .usage = "exact: 4 bytes a value (no options)",
     .init = plain_init,
@@ -93,7 +93,7 @@ static void f16_decode(const kvc_repr *r, int layer, int head, int kind, const u
     repr_f16_row(rows, (size_t)n * r->shape.head_dim, y);
 }
 
-const kvc_repr_ops REPR_F16 = {
+const kvc_repr_ops KVC_REPR_F16 = {
     .name = "f16",
     .usage = "half precision: 2 bytes a value (no options)",
     .init = plain_init,

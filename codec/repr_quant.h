@@ -39,16 +39,16 @@ static inline void repr_f16_row(const uint8_t *src, size_t n, float *y) {
 
 /* Bytes of one packed row: codes for c values at `bits` plus 4 bytes (scale and minimum) per
  * group of g channels. */
-size_t repr_qrow_bytes(int bits, int c, int g);
-/* Quantises x (c) into a packed row (repr_qrow_bytes bytes). c <= REPR_MAX_DIM, g divides c. */
-void repr_qrow_encode(const float *x, int c, int g, int bits, uint8_t *row);
+size_t kvc_repr_qrow_bytes(int bits, int c, int g);
+/* Quantises x (c) into a packed row (kvc_repr_qrow_bytes bytes). c <= REPR_MAX_DIM, g divides c. */
+void kvc_repr_qrow_encode(const float *x, int c, int g, int bits, uint8_t *row);
 /* Dequantises a packed row into y (c). */
-void repr_qrow_decode(const uint8_t *row, int c, int g, int bits, float *y);
+void kvc_repr_qrow_decode(const uint8_t *row, int c, int g, int bits, float *y);
 /* Parses a decimal integer in [lo, hi] for option key into *out; -1 with err naming the
  * representation, the option and the range otherwise. */
-int repr_parse_int(const char *repr, const char *key, const char *val, long lo, long hi, long *out, kvc_err *err);
+int kvc_repr_parse_int(const char *repr, const char *key, const char *val, long lo, long hi, long *out, kvc_err *err);
 
 /* Largest common divisor (defaults that must divide a row length). */
-int repr_gcd(int a, int b);
+int kvc_repr_gcd(int a, int b);
 
 #endif

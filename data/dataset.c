@@ -40,7 +40,7 @@ static int attr_int(hid_t loc, const char *where, const char *name, int64_t lo, 
                     kvc_err *err) {
     if (H5Aexists(loc, name) <= 0)
         return kvc_fail(err, "%s: missing attribute '%s' (not a complete kvcodec KV capture)", where, name);
-    if (h5_get_i64(loc, name, v)) return kvc_fail(err, "%s: attribute '%s' is not a single number", where, name);
+    if (kvc_h5_get_i64(loc, name, v)) return kvc_fail(err, "%s: attribute '%s' is not a single number", where, name);
     if (*v < lo || *v > hi)
         return kvc_fail(err, "%s: attribute '%s' = %lld is out of range [%lld, %lld]", where, name, (long long)*v,
                         (long long)lo, (long long)hi);
@@ -54,7 +54,7 @@ static int attr_str(hid_t loc, const char *where, const char *name, char *buf, s
     char tmp[1024];
     if (H5Aexists(loc, name) <= 0)
         return kvc_fail(err, "%s: missing attribute '%s' (not a complete kvcodec KV capture)", where, name);
-    if (h5_get_str(loc, name, tmp, sizeof tmp))
+    if (kvc_h5_get_str(loc, name, tmp, sizeof tmp))
         return kvc_fail(err, "%s: attribute '%s' is not a fixed-length string", where, name);
     if (must_fit && strlen(tmp) >= cap)
         return kvc_fail(err, "%s: attribute '%s' is %zu characters long (at most %zu)", where, name, strlen(tmp),
@@ -112,12 +112,12 @@ static int info_read(hid_t fid, const char *path, kvc_kv_info *in, kvc_err *err)
     in->head_dim = (int)v;
     if (attr_int(fid, path, "ctx", 1, INT32_MAX, &v, err)) return -1;
     in->ctx = (int)v;
-    if (H5Aexists(fid, "rope_base") <= 0 || h5_get_f32(fid, "rope_base", &in->rope_base) ||
+    if (H5Aexists(fid, "rope_base") <= 0 || kvc_h5_get_f32(fid, "rope_base", &in->rope_base) ||
         !(in->rope_base > 0.0f && in->rope_base < 1e30f))
         return kvc_fail(err, "%s: attribute 'rope_base' is missing or not a positive finite number", path);
     if (H5Aexists(fid, "layers") <= 0)
         return kvc_fail(err, "%s: missing attribute 'layers' (not a complete kvcodec KV capture)", path);
-    in->n_layers_stored = h5_get_i32s(fid, "layers", in->layers, KVC_MAX_LAYERS);
+    in->n_layers_stored = kvc_h5_get_i32s(fid, "layers", in->layers, KVC_MAX_LAYERS);
     if (in->n_layers_stored < 1)
         return kvc_fail(err, "%s: attribute 'layers' must list 1 to %d layer indices", path, KVC_MAX_LAYERS);
     for (int j = 0; j < in->n_layers_stored; j++)
@@ -306,7 +306,7 @@ static int file_open(kv_file *f, const char *path, kvc_kv_info *in, kvc_err *err
         if (H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_chunk(dcpl, 3, cd) == 3 && cd[0] > 0) f->chunk = (int64_t)cd[0];
         /* f16 in the standard layout is read raw and converted here: HDF5's own soft
          * conversion to float runs at about 30 MB/s, ~100x slower. Other layouts use it. */
-        H5_CHECK(f->half_type = h5_f16_type(), err, "cannot make the HDF5 half type");
+        H5_CHECK(f->half_type = kvc_h5_f16_type(), err, "cannot make the HDF5 half type");
         f->half = 1;
         for (int i = 0; f->half && i < n_x; i++) {
             htri_t eq;
@@ -329,12 +329,12 @@ fail:
     return -1;
 }
 
-kvc_dataset *dataset_open(const char *const *paths, int n_paths, kvc_err *err) {
+kvc_dataset *kvc_dataset_open(const char *const *paths, int n_paths, kvc_err *err) {
     if (!paths || n_paths <= 0) {
         kvc_fail(err, "no KV dataset files given");
         return NULL;
     }
-    h5_quiet();
+    kvc_h5_quiet();
     kvc_dataset *d = calloc(1, sizeof *d);
     if (!d || !(d->f = calloc((size_t)n_paths, sizeof *d->f))) {
         free(d);
@@ -366,11 +366,11 @@ kvc_dataset *dataset_open(const char *const *paths, int n_paths, kvc_err *err) {
     }
     return d;
 fail:
-    dataset_close(d);
+    kvc_dataset_close(d);
     return NULL;
 }
 
-void dataset_close(kvc_dataset *d) {
+void kvc_dataset_close(kvc_dataset *d) {
     if (!d) return;
     for (int i = 0; i < d->n_files; i++) file_close(&d->f[i]);
     free(d->f);
@@ -378,7 +378,7 @@ void dataset_close(kvc_dataset *d) {
     free(d);
 }
 
-const kvc_kv_info *dataset_info(const kvc_dataset *d) { return &d->info; }
+const kvc_kv_info *kvc_dataset_info(const kvc_dataset *d) { return &d->info; }
 
 /* ---- reads -------------------------------------------------------------------------- */
 
@@ -491,7 +491,7 @@ static int range_check(const kvc_dataset *d, int64_t t0, int64_t n, kvc_err *err
     return 0;
 }
 
-int dataset_read(kvc_dataset *d, int j, int kind, int64_t t0, int64_t n, float *out, kvc_err *err) {
+int kvc_dataset_read(kvc_dataset *d, int j, int kind, int64_t t0, int64_t n, float *out, kvc_err *err) {
     if (j < 0 || j >= d->info.n_layers_stored || kind < KV_K || kind > KV_Q)
         return kvc_fail(err, "no stored layer %d kind %d (the dataset stores %d layers; kinds are 0..2)", j, kind,
                         d->info.n_layers_stored);
@@ -506,7 +506,7 @@ int dataset_read(kvc_dataset *d, int j, int kind, int64_t t0, int64_t n, float *
     return rc;
 }
 
-int dataset_read_positions(kvc_dataset *d, int64_t t0, int64_t n, int32_t *out, kvc_err *err) {
+int kvc_dataset_read_positions(kvc_dataset *d, int64_t t0, int64_t n, int32_t *out, kvc_err *err) {
     if (range_check(d, t0, n, err)) return -1;
     int rc = 0;
     for (int i = 0; i < d->n_files && rc == 0; i++) {
@@ -533,7 +533,7 @@ static void split_consider(int64_t cut, double target, int64_t n, int64_t *best,
     if (cut > 0 && (*above < 0 || cut < *above)) *above = cut;
 }
 
-void dataset_split(const kvc_dataset *d, double val_frac, int64_t *train_end, int64_t *val_begin) {
+void kvc_dataset_split(const kvc_dataset *d, double val_frac, int64_t *train_end, int64_t *val_begin) {
     /* candidate cuts: every capture window start of every file (windows restart per file), and the end */
     int64_t n = d->info.n_tokens, best = n, below = -1, above = -1;
     double target = (double)n * (1.0 - (val_frac < 0 ? 0 : val_frac > 1 ? 1 : val_frac));
@@ -636,9 +636,9 @@ static int batcher_fill(kvc_batcher *bt, kvc_err *err) {
         do len += bt->blk_n[bt->group[i++]];
         while (i < g && bt->blk[bt->group[i]] == s + len);
         for (int x = 0; x < bt->n_x; x++)
-            if (bt->want[x] && dataset_read(bt->d, x / 3, x % 3, s, len, bt->buf_x[x] + row * bt->rowe[x], err))
+            if (bt->want[x] && kvc_dataset_read(bt->d, x / 3, x % 3, s, len, bt->buf_x[x] + row * bt->rowe[x], err))
                 return -1;
-        if (dataset_read_positions(bt->d, s, len, bt->buf_pos + row, err)) return -1;
+        if (kvc_dataset_read_positions(bt->d, s, len, bt->buf_pos + row, err)) return -1;
         for (int64_t r = 0; r < len; r++) bt->buf_tok[row + r] = s + r;
         row += len;
     }
@@ -655,7 +655,7 @@ static int batcher_fill(kvc_batcher *bt, kvc_err *err) {
     return 0;
 }
 
-kvc_batcher *batcher_new(kvc_dataset *d, const kvc_batch_opts *o, kvc_err *err) {
+kvc_batcher *kvc_batcher_new(kvc_dataset *d, const kvc_batch_opts *o, kvc_err *err) {
     const kvc_kv_info *in = &d->info;
     kvc_batch_opts op = *o;
     if (op.block_tokens == 0) op.block_tokens = d->f[0].chunk > 1 ? (int)d->f[0].chunk : DEFAULT_BLOCK;
@@ -738,11 +738,11 @@ oom:
     kvc_fail(err, "out of memory for the batch buffer (%lld rows of %d blocks x %d tokens per layer and kind)",
              (long long)bt->cap, op.buffer_blocks, op.block_tokens);
 fail:
-    batcher_free(bt);
+    kvc_batcher_free(bt);
     return NULL;
 }
 
-int batcher_next(kvc_batcher *bt, kvc_batch *b, kvc_err *err) {
+int kvc_batcher_next(kvc_batcher *bt, kvc_batch *b, kvc_err *err) {
     int64_t n = 0, want = bt->o.batch_tokens;
     while (n < want) {
         if (bt->cursor == bt->n_buf) {
@@ -780,11 +780,11 @@ int batcher_next(kvc_batcher *bt, kvc_batch *b, kvc_err *err) {
     return 1;
 }
 
-int64_t batcher_epoch(const kvc_batcher *bt) { return bt->epoch; }
+int64_t kvc_batcher_epoch(const kvc_batcher *bt) { return bt->epoch; }
 
-size_t batcher_memory_bytes(const kvc_batcher *bt) { return bt->bytes; }
+size_t kvc_batcher_memory_bytes(const kvc_batcher *bt) { return bt->bytes; }
 
-void batcher_free(kvc_batcher *bt) {
+void kvc_batcher_free(kvc_batcher *bt) {
     if (!bt) return;
     for (int x = 0; bt->buf_x && x < bt->n_x; x++) free(bt->buf_x[x]);
     for (int x = 0; bt->b_x && x < bt->n_x; x++) free(bt->b_x[x]);

@@ -8,14 +8,14 @@
 #include <string.h>
 #include <unistd.h>
 
-void h5_quiet(void) {
+void kvc_h5_quiet(void) {
     /* HDF5 1.10's exit-time cleanup crashes on a file whose close failed (a full disk); we
      * close every file ourselves, so skip it. Only effective before the library starts. */
     H5dont_atexit();
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
 }
 
-hid_t h5_f16_type(void) {
+hid_t kvc_h5_f16_type(void) {
     hid_t t = H5Tcopy(H5T_IEEE_F32LE);
     if (t < 0) return t;
     if (H5Tset_fields(t, 15, 10, 5, 0, 10) < 0 || H5Tset_size(t, 2) < 0 || H5Tset_ebias(t, 15) < 0 ||
@@ -39,7 +39,7 @@ static int attr_write(hid_t loc, const char *name, hid_t ft, hid_t mt, const voi
     return rc;
 }
 
-int h5_attr_str(hid_t loc, const char *name, const char *val) {
+int kvc_h5_attr_str(hid_t loc, const char *name, const char *val) {
     hid_t t = H5Tcopy(H5T_C_S1);
     H5Tset_size(t, strlen(val) ? strlen(val) : 1);
     H5Tset_strpad(t, H5T_STR_NULLPAD);
@@ -48,14 +48,14 @@ int h5_attr_str(hid_t loc, const char *name, const char *val) {
     H5Tclose(t);
     return rc;
 }
-int h5_attr_i32(hid_t loc, const char *name, int32_t v) { return attr_write(loc, name, H5T_STD_I32LE, H5T_NATIVE_INT32, &v, 0); }
-int h5_attr_i64(hid_t loc, const char *name, int64_t v) { return attr_write(loc, name, H5T_STD_I64LE, H5T_NATIVE_INT64, &v, 0); }
-int h5_attr_f32(hid_t loc, const char *name, float v) { return attr_write(loc, name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, &v, 0); }
-int h5_attr_f64(hid_t loc, const char *name, double v) { return attr_write(loc, name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v, 0); }
-int h5_attr_i32s(hid_t loc, const char *name, const int32_t *v, int n) {
+int kvc_h5_attr_i32(hid_t loc, const char *name, int32_t v) { return attr_write(loc, name, H5T_STD_I32LE, H5T_NATIVE_INT32, &v, 0); }
+int kvc_h5_attr_i64(hid_t loc, const char *name, int64_t v) { return attr_write(loc, name, H5T_STD_I64LE, H5T_NATIVE_INT64, &v, 0); }
+int kvc_h5_attr_f32(hid_t loc, const char *name, float v) { return attr_write(loc, name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, &v, 0); }
+int kvc_h5_attr_f64(hid_t loc, const char *name, double v) { return attr_write(loc, name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v, 0); }
+int kvc_h5_attr_i32s(hid_t loc, const char *name, const int32_t *v, int n) {
     return n > 0 ? attr_write(loc, name, H5T_STD_I32LE, H5T_NATIVE_INT32, v, n) : -1;
 }
-int h5_attr_f32s(hid_t loc, const char *name, const float *v, int n) {
+int kvc_h5_attr_f32s(hid_t loc, const char *name, const float *v, int n) {
     return n > 0 ? attr_write(loc, name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, v, n) : -1;
 }
 
@@ -65,7 +65,7 @@ static hid_t attr_open(hid_t loc, const char *name) {
     return H5Aopen(loc, name, H5P_DEFAULT);
 }
 
-int h5_get_str(hid_t loc, const char *name, char *buf, size_t cap) {
+int kvc_h5_get_str(hid_t loc, const char *name, char *buf, size_t cap) {
     hid_t a = attr_open(loc, name);
     if (a < 0) return -1;
     hid_t ft = H5Aget_type(a);
@@ -104,10 +104,10 @@ static int get_scalar(hid_t loc, const char *name, hid_t mt, void *v) {
     H5Aclose(a);
     return rc;
 }
-int h5_get_i32(hid_t loc, const char *name, int32_t *v) { return get_scalar(loc, name, H5T_NATIVE_INT32, v); }
-int h5_get_i64(hid_t loc, const char *name, int64_t *v) { return get_scalar(loc, name, H5T_NATIVE_INT64, v); }
-int h5_get_f32(hid_t loc, const char *name, float *v) { return get_scalar(loc, name, H5T_NATIVE_FLOAT, v); }
-int h5_get_f64(hid_t loc, const char *name, double *v) { return get_scalar(loc, name, H5T_NATIVE_DOUBLE, v); }
+int kvc_h5_get_i32(hid_t loc, const char *name, int32_t *v) { return get_scalar(loc, name, H5T_NATIVE_INT32, v); }
+int kvc_h5_get_i64(hid_t loc, const char *name, int64_t *v) { return get_scalar(loc, name, H5T_NATIVE_INT64, v); }
+int kvc_h5_get_f32(hid_t loc, const char *name, float *v) { return get_scalar(loc, name, H5T_NATIVE_FLOAT, v); }
+int kvc_h5_get_f64(hid_t loc, const char *name, double *v) { return get_scalar(loc, name, H5T_NATIVE_DOUBLE, v); }
 
 static int get_array(hid_t loc, const char *name, hid_t mt, void *v, int cap) {
     hid_t a = attr_open(loc, name);
@@ -120,10 +120,10 @@ static int get_array(hid_t loc, const char *name, hid_t mt, void *v, int cap) {
     H5Aclose(a);
     return rc;
 }
-int h5_get_i32s(hid_t loc, const char *name, int32_t *v, int cap) { return get_array(loc, name, H5T_NATIVE_INT32, v, cap); }
-int h5_get_f32s(hid_t loc, const char *name, float *v, int cap) { return get_array(loc, name, H5T_NATIVE_FLOAT, v, cap); }
+int kvc_h5_get_i32s(hid_t loc, const char *name, int32_t *v, int cap) { return get_array(loc, name, H5T_NATIVE_INT32, v, cap); }
+int kvc_h5_get_f32s(hid_t loc, const char *name, float *v, int cap) { return get_array(loc, name, H5T_NATIVE_FLOAT, v, cap); }
 
-int h5_write_f32(hid_t loc, const char *name, const float *data, hsize_t rows, hsize_t cols) {
+int kvc_h5_write_f32(hid_t loc, const char *name, const float *data, hsize_t rows, hsize_t cols) {
     hsize_t dims[2] = {rows, cols};
     hid_t sp = H5Screate_simple(cols ? 2 : 1, dims, NULL);
     if (sp < 0) return -1;
@@ -134,7 +134,7 @@ int h5_write_f32(hid_t loc, const char *name, const float *data, hsize_t rows, h
     return rc;
 }
 
-int h5_dims(hid_t loc, const char *name, hsize_t dims[2]) {
+int kvc_h5_dims(hid_t loc, const char *name, hsize_t dims[2]) {
     if (H5Lexists(loc, name, H5P_DEFAULT) <= 0) return -1;
     hid_t d = H5Dopen2(loc, name, H5P_DEFAULT);
     if (d < 0) return -1;
@@ -149,9 +149,9 @@ int h5_dims(hid_t loc, const char *name, hsize_t dims[2]) {
     return rank;
 }
 
-int h5_read_f32(hid_t loc, const char *name, float *data, hsize_t rows, hsize_t cols, kvc_err *err) {
+int kvc_h5_read_f32(hid_t loc, const char *name, float *data, hsize_t rows, hsize_t cols, kvc_err *err) {
     hsize_t dims[2] = {0, 0};
-    int rank = h5_dims(loc, name, dims);
+    int rank = kvc_h5_dims(loc, name, dims);
     if (rank < 0) return kvc_fail(err, "dataset '%s' is missing or unreadable", name);
     hid_t d = H5Dopen2(loc, name, H5P_DEFAULT);
     if (d < 0) return kvc_fail(err, "cannot open dataset '%s'", name);
@@ -166,7 +166,7 @@ int h5_read_f32(hid_t loc, const char *name, float *data, hsize_t rows, hsize_t 
     return rc;
 }
 
-int h5_commit_file(const char *tmp, const char *final, kvc_err *err) {
+int kvc_h5_commit_file(const char *tmp, const char *final, kvc_err *err) {
     int fd = open(tmp, O_RDONLY);
     if (fd < 0) return kvc_fail(err, "cannot reopen '%s': %s", tmp, strerror(errno));
     if (fsync(fd) != 0) {

@@ -74,8 +74,8 @@ static int writer_release(kvc_kv_writer *w) {
     return rc;
 }
 
-kvc_kv_writer *kv_writer_open(const char *path, const kvc_kv_info *info, int chunk_tokens, int gzip, kvc_err *err) {
-    h5_quiet();
+kvc_kv_writer *kvc_kv_writer_open(const char *path, const kvc_kv_info *info, int chunk_tokens, int gzip, kvc_err *err) {
+    kvc_h5_quiet();
     int f16 = strcmp(info->dtype, "f16") == 0;
     if (!f16 && strcmp(info->dtype, "f32") != 0) { kvc_fail(err, "dtype must be f16 or f32, not '%s'", info->dtype); return NULL; }
     if (info->n_layers_stored < 1 || info->n_layers_stored > KVC_MAX_LAYERS) { kvc_fail(err, "no layers to store"); return NULL; }
@@ -96,28 +96,28 @@ kvc_kv_writer *kv_writer_open(const char *path, const kvc_kv_info *info, int chu
         writer_release(w);
         return NULL;
     }
-    if (f16) w->f16 = h5_f16_type();
+    if (f16) w->f16 = kvc_h5_f16_type();
     hid_t ft = f16 ? w->f16 : H5T_IEEE_F32LE;
     const kvc_kv_info *I = &w->info;
     char cb[64];
     snprintf(cb, sizeof cb, "kvcodec %s", "0.1.0");
-    H5_CHECK(h5_attr_str(w->file, "format", KVC_KV_FORMAT), err, "cannot write attributes of '%s'", w->tmp);
-    H5_CHECK(h5_attr_i32(w->file, "format_version", KVC_KV_FORMAT_VERSION), err, "cannot write attributes");
-    H5_CHECK(h5_attr_str(w->file, "model_name", I->model_name), err, "cannot write attributes");
-    H5_CHECK(h5_attr_str(w->file, "model_fingerprint", I->model_fingerprint), err, "cannot write attributes");
-    H5_CHECK(h5_attr_str(w->file, "corpus_name", I->corpus_name), err, "cannot write attributes");
-    H5_CHECK(h5_attr_str(w->file, "corpus_sha256", I->corpus_sha256), err, "cannot write attributes");
-    H5_CHECK(h5_attr_i64(w->file, "n_tokens", 0), err, "cannot write attributes");
-    H5_CHECK(h5_attr_i32(w->file, "n_layer", I->n_layer), err, "cannot write attributes");
-    H5_CHECK(h5_attr_i32s(w->file, "layers", I->layers, I->n_layers_stored), err, "cannot write attributes");
-    H5_CHECK(h5_attr_i32(w->file, "n_head", I->n_head), err, "cannot write attributes");
-    H5_CHECK(h5_attr_i32(w->file, "n_head_kv", I->n_head_kv), err, "cannot write attributes");
-    H5_CHECK(h5_attr_i32(w->file, "head_dim", I->head_dim), err, "cannot write attributes");
-    H5_CHECK(h5_attr_f32(w->file, "rope_base", I->rope_base), err, "cannot write attributes");
-    H5_CHECK(h5_attr_str(w->file, "rope_pairing", "adjacent"), err, "cannot write attributes");
-    H5_CHECK(h5_attr_i32(w->file, "ctx", I->ctx), err, "cannot write attributes");
-    H5_CHECK(h5_attr_str(w->file, "dtype", I->dtype), err, "cannot write attributes");
-    H5_CHECK(h5_attr_str(w->file, "created_by", cb), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_str(w->file, "format", KVC_KV_FORMAT), err, "cannot write attributes of '%s'", w->tmp);
+    H5_CHECK(kvc_h5_attr_i32(w->file, "format_version", KVC_KV_FORMAT_VERSION), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_str(w->file, "model_name", I->model_name), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_str(w->file, "model_fingerprint", I->model_fingerprint), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_str(w->file, "corpus_name", I->corpus_name), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_str(w->file, "corpus_sha256", I->corpus_sha256), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_i64(w->file, "n_tokens", 0), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_i32(w->file, "n_layer", I->n_layer), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_i32s(w->file, "layers", I->layers, I->n_layers_stored), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_i32(w->file, "n_head", I->n_head), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_i32(w->file, "n_head_kv", I->n_head_kv), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_i32(w->file, "head_dim", I->head_dim), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_f32(w->file, "rope_base", I->rope_base), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_str(w->file, "rope_pairing", "adjacent"), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_i32(w->file, "ctx", I->ctx), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_str(w->file, "dtype", I->dtype), err, "cannot write attributes");
+    H5_CHECK(kvc_h5_attr_str(w->file, "created_by", cb), err, "cannot write attributes");
     w->ds_tokens = make_ds(w->file, "tokens", H5T_STD_I32LE, 0, 0, chunk_tokens, 0);
     w->ds_pos = make_ds(w->file, "positions", H5T_STD_I32LE, 0, 0, chunk_tokens, 0);
     H5_CHECK(w->ds_tokens < 0 || w->ds_pos < 0 ? -1 : 0, err, "cannot create datasets in '%s'", w->tmp);
@@ -126,7 +126,7 @@ kvc_kv_writer *kv_writer_open(const char *path, const kvc_kv_info *info, int chu
         snprintf(g, sizeof g, "layer_%02d", I->layers[j]);
         hid_t grp = H5Gcreate2(w->file, g, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
         H5_CHECK(grp, err, "cannot create group %s", g);
-        h5_attr_i32(grp, "layer", I->layers[j]);
+        kvc_h5_attr_i32(grp, "layer", I->layers[j]);
         w->ds[3 * j + KV_K] = make_ds(grp, "k", ft, I->n_head_kv, I->head_dim, chunk_tokens, gzip);
         w->ds[3 * j + KV_V] = make_ds(grp, "v", ft, I->n_head_kv, I->head_dim, chunk_tokens, gzip);
         w->ds[3 * j + KV_Q] = make_ds(grp, "q", ft, I->n_head, I->head_dim, chunk_tokens, gzip);
@@ -150,7 +150,7 @@ static int64_t first_bad(const float *x, size_t n) {
     return -1;
 }
 
-int kv_writer_append(kvc_kv_writer *w, const int32_t *ids, const int32_t *pos, int n, const float *const *k,
+int kvc_kv_writer_append(kvc_kv_writer *w, const int32_t *ids, const int32_t *pos, int n, const float *const *k,
                      const float *const *v, const float *const *q, kvc_err *err) {
     const kvc_kv_info *I = &w->info;
     if (n <= 0) return 0;
@@ -196,11 +196,11 @@ werr:
     return kvc_fail(err, "writing '%s' failed at token %lld (disk full or file not writable?)", w->tmp, (long long)w->n);
 }
 
-int kv_writer_close(kvc_kv_writer *w, int ok, kvc_err *err) {
+int kvc_kv_writer_close(kvc_kv_writer *w, int ok, kvc_err *err) {
     if (!w) return 0;
     int rc = 0;
     if (ok) {
-        if (h5_attr_i64(w->file, "n_tokens", w->n) < 0 || H5Fflush(w->file, H5F_SCOPE_GLOBAL) < 0)
+        if (kvc_h5_attr_i64(w->file, "n_tokens", w->n) < 0 || H5Fflush(w->file, H5F_SCOPE_GLOBAL) < 0)
             rc = kvc_fail(err, "cannot finish '%s' (disk full?)", w->tmp);
     }
     char tmp[sizeof w->tmp], path[sizeof w->path];
@@ -208,7 +208,7 @@ int kv_writer_close(kvc_kv_writer *w, int ok, kvc_err *err) {
     memcpy(path, w->path, sizeof path);
     if (writer_release(w) && ok && rc == 0) /* closing writes HDF5's last metadata */
         rc = kvc_fail(err, "cannot finish '%s' (disk full?)", tmp);
-    if (ok && rc == 0) rc = h5_commit_file(tmp, path, err);
+    if (ok && rc == 0) rc = kvc_h5_commit_file(tmp, path, err);
     if (!ok || rc) unlink(tmp);
     return rc;
 }

@@ -12,10 +12,10 @@
 
 /* ====================================================================== memory ==== */
 
-int64_t eval_memory(const kvc_cache *c, double *bytes_per_token, double *kept, double *removed) {
+int64_t kvc_eval_memory(const kvc_cache *c, double *bytes_per_token, double *kept, double *removed) {
     const double lk = (double)c->shape.n_layer * c->shape.n_head_kv;
     kvcache_stats st; /* also answers for the plain full cache: everything held, nothing evicted */
-    kvcache_get_stats(c, &st);
+    kvc_kvcache_get_stats(c, &st);
     if (st.appended <= 0) {
         *bytes_per_token = *kept = *removed = NAN;
         return 0;
@@ -26,7 +26,7 @@ int64_t eval_memory(const kvc_cache *c, double *bytes_per_token, double *kept, d
     return st.appended;
 }
 
-double eval_f16_bytes_per_token(const kvc_cache_shape *s) { return 2.0 * s->n_layer * s->n_head_kv * s->head_dim * 2.0; }
+double kvc_eval_f16_bytes_per_token(const kvc_cache_shape *s) { return 2.0 * s->n_layer * s->n_head_kv * s->head_dim * 2.0; }
 
 /* ============================================================ reference store ==== */
 
@@ -40,19 +40,19 @@ struct kvc_ref_store {
     int mode;              /* this run: 0 lockstep, 1 recording, 2 replaying */
 };
 
-kvc_ref_store *ref_store_new(size_t max_bytes) {
+kvc_ref_store *kvc_ref_store_new(size_t max_bytes) {
     kvc_ref_store *s = calloc(1, sizeof *s);
     if (s) s->max_bytes = max_bytes;
     return s;
 }
 
-void ref_store_free(kvc_ref_store *s) {
+void kvc_ref_store_free(kvc_ref_store *s) {
     if (!s) return;
     free(s->rows);
     free(s);
 }
 
-int ref_store_ready(const kvc_ref_store *s) { return s && s->ready; }
+int kvc_ref_store_ready(const kvc_ref_store *s) { return s && s->ready; }
 
 /* FNV-1a over bytes, continuing from h. */
 static uint64_t fnv(uint64_t h, const void *p, size_t n) {
@@ -112,7 +112,7 @@ typedef struct {
 
 /* Frees what lockstep_init allocated (safe on a partly built state). */
 static void lockstep_free(lockstep *ls) {
-    run_free(ls->run);
+    kvc_run_free(ls->run);
     free(ls->lt);
     free(ls->lr);
     free(ls->pos);
@@ -131,7 +131,7 @@ static int lockstep_init(lockstep *ls, const kvc_model *m, int max_batch, int ca
     ls->m = m;
     ls->cap = cap;
     ls->pos_cap = cap > max_batch ? cap : max_batch;
-    ls->run = run_new(m, max_batch, err);
+    ls->run = kvc_run_new(m, max_batch, err);
     if (!ls->run) return -1;
     ls->lt = kvc_malloc_array((size_t)cap * V, sizeof(float));
     ls->lr = kvc_malloc_array((size_t)cap * V, sizeof(float));
@@ -157,7 +157,7 @@ static int lockstep_feed(lockstep *ls, kvc_cache *c, kvc_cache *ref, const int32
         return kvc_fail(err, "internal: a feed of %d tokens exceeds the measuring buffers", n);
     for (int i = 0; i < n; i++) ls->pos[i] = p0 + i;
     double t0 = kvc_now();
-    if (model_forward(ls->m, ls->run, c, tok, ls->pos, n, want_logits ? ls->lt : NULL, want_logits, err)) return -1;
+    if (kvc_model_forward(ls->m, ls->run, c, tok, ls->pos, n, want_logits ? ls->lt : NULL, want_logits, err)) return -1;
     ls->t_cache += kvc_now() - t0;
     ls->fed += n;
     kvc_ref_store *st = ls->store;
@@ -169,7 +169,7 @@ static int lockstep_feed(lockstep *ls, kvc_cache *c, kvc_cache *ref, const int32
         st->at += n;
         return 0;
     }
-    if (model_forward(ls->m, ls->run, ref, tok, ls->pos, n, want_logits ? ls->lr : NULL, want_logits, err)) return -1;
+    if (kvc_model_forward(ls->m, ls->run, ref, tok, ls->pos, n, want_logits ? ls->lr : NULL, want_logits, err)) return -1;
     if (st && st->mode == 1 && want_logits) {
         if (st->n + n > st->cap) return kvc_fail(err, "internal: more reference rows than planned");
         memcpy(st->rows + (size_t)st->n * V, ls->lr, (size_t)n * V * sizeof(float));
@@ -179,7 +179,7 @@ static int lockstep_feed(lockstep *ls, kvc_cache *c, kvc_cache *ref, const int32
 }
 
 /* Max, its first index and sum of exp(x - max) of one row of logits; the arithmetic is
- * eval_perplexity's, so a full cache here reproduces its NLL to the last bit. */
+ * kvc_eval_perplexity's, so a full cache here reproduces its NLL to the last bit. */
 static void row_norm(const float *x, int V, float *mx, int *arg, double *s) {
     float m = x[0];
     int a = 0;
@@ -232,7 +232,7 @@ static int lockstep_score(lockstep *ls, const int32_t *tgt, int n, kvc_err *err)
 /* Adds one memory reading of c to the averages. */
 static void lockstep_memory(lockstep *ls, const kvc_cache *c) {
     double bpt, kept, removed;
-    if (!eval_memory(c, &bpt, &kept, &removed)) return;
+    if (!kvc_eval_memory(c, &bpt, &kept, &removed)) return;
     ls->mem_bpt += bpt;
     ls->mem_kept += kept;
     ls->mem_removed += removed;
@@ -271,7 +271,7 @@ static void lockstep_finish(lockstep *ls, const kvc_cache *c, int units, double 
     q->kl_mean = ns > 0 ? kl / ns : NAN;
     q->kl_p99 = percentile(ls->kl, ls->scored, 99.0);
     q->top1 = ns > 0 ? (double)ls->agree / ns : NAN;
-    q->f16_bytes_per_token = eval_f16_bytes_per_token(&c->shape);
+    q->f16_bytes_per_token = kvc_eval_f16_bytes_per_token(&c->shape);
     q->bytes_per_token = ls->mem_n ? ls->mem_bpt / ls->mem_n : NAN;
     q->compression = q->f16_bytes_per_token / q->bytes_per_token;
     q->kept_frac = ls->mem_n ? ls->mem_kept / ls->mem_n : NAN;
@@ -287,13 +287,13 @@ static int check_caches(const kvc_cache *c, const kvc_cache *ref, int need, cons
         return kvc_fail(err, "%s needs room for %d tokens; the caches hold %d and %d", what, need, c->shape.max_tokens,
                         ref->shape.max_tokens);
     if (ref->ops->set_budget) /* only caches that never evict lack it */
-        return kvc_fail(err, "%s: the reference must be a cache that never evicts (cache_full_new)", what);
+        return kvc_fail(err, "%s: the reference must be a cache that never evicts (kvc_cache_full_new)", what);
     return 0;
 }
 
 /* ============================================================ streaming perplexity ==== */
 
-int eval_stream(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t *tokens, int64_t n,
+int kvc_eval_stream(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t *tokens, int64_t n,
                 const kvc_measure_opts *o, kvc_quality *q, kvc_err *err) {
     const int ctx = o->ctx > 0 ? o->ctx : 512;
     int chunk = o->chunk > 0 ? o->chunk : 32;
@@ -324,9 +324,9 @@ int eval_stream(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t 
     for (int64_t w0 = 0; w0 < n && rc == 0; w0 += ctx) {
         const int len = (int)(n - w0 < ctx ? n - w0 : ctx);
         if (len < 2) break;
-        cache_reset(c);
-        cache_reset(ref);
-        if (cache_set_budget(c, ctx, err)) { rc = -1; break; }
+        kvc_cache_reset(c);
+        kvc_cache_reset(ref);
+        if (kvc_cache_set_budget(c, ctx, err)) { rc = -1; break; }
         for (int b0 = 0; b0 < len; b0 += chunk) {
             const int nb = len - b0 < chunk ? len - b0 : chunk;
             /* row i predicts token b0 + i + 1 when it is inside the window */
@@ -337,14 +337,14 @@ int eval_stream(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t 
                 break;
             }
             double bpt, kept, removed;
-            if (ns > 0 && eval_memory(c, &bpt, &kept, &removed)) kept_w += kept * ns;
-            if (o->progress) progress_draw("stream", (double)(w0 + b0 + nb), (double)n, "tok", t0);
+            if (ns > 0 && kvc_eval_memory(c, &bpt, &kept, &removed)) kept_w += kept * ns;
+            if (o->progress) kvc_progress_draw("stream", (double)(w0 + b0 + nb), (double)n, "tok", t0);
         }
         if (rc) break;
         lockstep_memory(&ls, c);
         windows++;
     }
-    if (o->progress) progress_end();
+    if (o->progress) kvc_progress_end();
     ref_store_end(ls.store, rc == 0);
     lockstep_finish(&ls, c, windows, t0, q);
     q->kept_scored = ls.scored ? kept_w / (double)ls.scored : NAN;
@@ -354,7 +354,7 @@ int eval_stream(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t 
 
 /* ============================================================ context compression ==== */
 
-int eval_context(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t *tokens, int64_t n,
+int kvc_eval_context(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t *tokens, int64_t n,
                  const kvc_measure_opts *o, kvc_quality *q, kvc_err *err) {
     const int N = o->context_len > 0 ? o->context_len : 512, M = o->continuation > 0 ? o->continuation : 64;
     const int chunk = o->chunk > 0 ? o->chunk : 32, want = o->samples > 0 ? o->samples : 8;
@@ -378,28 +378,28 @@ int eval_context(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t
     int rc = 0, s = 0;
     for (; s < S && rc == 0; s++) {
         const int32_t *seg = tokens + (int64_t)s * (N + M);
-        cache_reset(c);
-        cache_reset(ref);
-        if (cache_set_budget(c, -1, err)) { rc = -1; break; }
+        kvc_cache_reset(c);
+        kvc_cache_reset(ref);
+        if (kvc_cache_set_budget(c, -1, err)) { rc = -1; break; }
         for (int b0 = 0; b0 < N && rc == 0; b0 += chunk) {
             const int nb = N - b0 < chunk ? N - b0 : chunk;
             rc = lockstep_feed(&ls, c, ref, seg + b0, b0, nb, 0, err);
-            if (o->progress) progress_draw("context", (double)s * (N + M) + b0 + nb, (double)S * (N + M), "tok", t0);
+            if (o->progress) kvc_progress_draw("context", (double)s * (N + M) + b0 + nb, (double)S * (N + M), "tok", t0);
         }
         if (rc) break;
         /* one-shot compression of the context to the budget, then a frozen cache */
         double tc = kvc_now();
-        if (cache_set_budget(c, N, err) || cache_end_step(c, err)) { rc = -1; break; }
+        if (kvc_cache_set_budget(c, N, err) || kvc_cache_end_step(c, err)) { rc = -1; break; }
         ls.t_cache += kvc_now() - tc;
         lockstep_memory(&ls, c);
-        if (cache_set_budget(c, -1, err) || lockstep_feed(&ls, c, ref, seg + N, N, M, 1, err) ||
+        if (kvc_cache_set_budget(c, -1, err) || lockstep_feed(&ls, c, ref, seg + N, N, M, 1, err) ||
             lockstep_score(&ls, seg + N + 1, M - 1, err)) {
             rc = -1;
             break;
         }
-        if (o->progress) progress_draw("context", (double)(s + 1) * (N + M), (double)S * (N + M), "tok", t0);
+        if (o->progress) kvc_progress_draw("context", (double)(s + 1) * (N + M), (double)S * (N + M), "tok", t0);
     }
-    if (o->progress) progress_end();
+    if (o->progress) kvc_progress_end();
     ref_store_end(ls.store, rc == 0);
     lockstep_finish(&ls, c, s, t0, q);
     lockstep_free(&ls);

@@ -33,7 +33,7 @@ static int32_t *tokens_of(const kvc_tokenizer *t, const char *text, int *n, kvc_
         kvc_fail(err, "out of memory tokenizing a passkey prompt");
         return NULL;
     }
-    int64_t got = tokenizer_encode(t, text, len, 0, ids, cap, err);
+    int64_t got = kvc_tokenizer_encode(t, text, len, 0, ids, cap, err);
     if (got < 0 || got > cap) {
         if (got > cap) kvc_fail(err, "passkey: unexpected token count %lld for %zu bytes", (long long)got, len);
         free(ids);
@@ -50,13 +50,13 @@ static int find_ids(const int32_t *hay, int nh, const int32_t *needle, int nn) {
     return -1;
 }
 
-void passkey_prompt_free(kvc_passkey_prompt *p) {
+void kvc_passkey_prompt_free(kvc_passkey_prompt *p) {
     if (!p) return;
     free(p->ids);
     p->ids = NULL;
 }
 
-int passkey_build(const kvc_tokenizer *t, int length, double depth, const char *key, kvc_passkey_prompt *p,
+int kvc_passkey_build(const kvc_tokenizer *t, int length, double depth, const char *key, kvc_passkey_prompt *p,
                   kvc_err *err) {
     memset(p, 0, sizeof *p);
     if (!(depth >= 0.0 && depth <= 1.0)) return kvc_fail(err, "passkey: depth %g is outside 0..1", depth);
@@ -115,11 +115,11 @@ int passkey_build(const kvc_tokenizer *t, int length, double depth, const char *
     free(qu);
     free(kid);
     for (int i = 0; i < N_FILLER; i++) free(sent[i]);
-    if (rc) passkey_prompt_free(p);
+    if (rc) kvc_passkey_prompt_free(p);
     return rc;
 }
 
-int passkey_check(const char *generated, const char *key) {
+int kvc_passkey_check(const char *generated, const char *key) {
     return generated && key && *key && strstr(generated, key) != NULL;
 }
 
@@ -158,41 +158,41 @@ static int pk_one(pk_state *st, kvc_cache *c, const kvc_passkey_prompt *p, const
                   char *ans, size_t cap, double *mem, kvc_err *err) {
     const kvc_model *m = st->m;
     for (int i = 0; i < p->n + gen_n; i++) st->pos[i] = i;
-    cache_reset(c);
-    if (cache_set_budget(c, -1, err)) return -1;
+    kvc_cache_reset(c);
+    if (kvc_cache_set_budget(c, -1, err)) return -1;
     for (int b0 = 0; b0 < p->n_context; b0 += chunk) {
         int nb = p->n_context - b0 < chunk ? p->n_context - b0 : chunk;
-        if (model_forward(m, st->run, c, p->ids + b0, st->pos + b0, nb, NULL, 0, err)) return -1;
+        if (kvc_model_forward(m, st->run, c, p->ids + b0, st->pos + b0, nb, NULL, 0, err)) return -1;
     }
-    if (cache_set_budget(c, p->n_context, err) || cache_end_step(c, err)) return -1;
-    if (mem) eval_memory(c, &mem[0], &mem[1], &mem[2]);
-    if (cache_set_budget(c, -1, err)) return -1;
+    if (kvc_cache_set_budget(c, p->n_context, err) || kvc_cache_end_step(c, err)) return -1;
+    if (mem) kvc_eval_memory(c, &mem[0], &mem[1], &mem[2]);
+    if (kvc_cache_set_budget(c, -1, err)) return -1;
     const int nq = p->n - p->n_context;
-    if (model_forward(m, st->run, c, p->ids + p->n_context, st->pos + p->n_context, nq, st->logits, 0, err)) return -1;
-    const int32_t eos = tokenizer_eos(m->tok);
+    if (kvc_model_forward(m, st->run, c, p->ids + p->n_context, st->pos + p->n_context, nq, st->logits, 0, err)) return -1;
+    const int32_t eos = kvc_tokenizer_eos(m->tok);
     int ng = 0;
     for (int i = 0; i < gen_n; i++) {
         int32_t tok = argmax(st->logits, m->hp.n_vocab);
         if (tok == eos) break;
         st->gen[ng++] = tok;
-        if (i + 1 < gen_n && model_forward(m, st->run, c, &tok, st->pos + p->n + i, 1, st->logits, 0, err)) return -1;
+        if (i + 1 < gen_n && kvc_model_forward(m, st->run, c, &tok, st->pos + p->n + i, 1, st->logits, 0, err)) return -1;
     }
     size_t len;
-    char *text = tokenizer_decode(m->tok, st->gen, ng, &len);
+    char *text = kvc_tokenizer_decode(m->tok, st->gen, ng, &len);
     if (!text) return kvc_fail(err, "out of memory decoding a passkey answer");
     snprintf(ans, cap, "%s", text);
-    int ok = passkey_check(text, key);
+    int ok = kvc_passkey_check(text, key);
     free(text);
     return ok;
 }
 
-void passkey_result_free(kvc_passkey_result *res) {
+void kvc_passkey_result_free(kvc_passkey_result *res) {
     if (!res) return;
     free(res->cells);
     res->cells = NULL;
 }
 
-int eval_passkey(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const kvc_passkey_opts *o, kvc_passkey_result *res,
+int kvc_eval_passkey(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const kvc_passkey_opts *o, kvc_passkey_result *res,
                  kvc_err *err) {
     static const int dl[] = {1024, 2048};
     static const double dd[] = {0.0, 0.25, 0.5, 0.75, 1.0};
@@ -226,7 +226,7 @@ int eval_passkey(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const kvc_pas
                         ref && ref->shape.max_tokens < c->shape.max_tokens ? ref->shape.max_tokens
                                                                            : c->shape.max_tokens);
     pk_state st = {.m = m};
-    st.run = run_new(m, chunk, err);
+    st.run = kvc_run_new(m, chunk, err);
     if (!st.run) return -1;
     st.logits = kvc_malloc_array((size_t)m->hp.n_vocab, sizeof(float));
     st.pos = kvc_malloc_array((size_t)longest + gen_n + 1, sizeof(int32_t));
@@ -241,13 +241,13 @@ int eval_passkey(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const kvc_pas
             char key[8];
             snprintf(key, sizeof key, "%05d", (int)(10000 + splitmix(&rng) % 90000));
             kvc_passkey_prompt p;
-            if (passkey_build(m->tok, cell->length, cell->depth, key, &p, err)) { rc = -1; break; }
+            if (kvc_passkey_build(m->tok, cell->length, cell->depth, key, &p, err)) { rc = -1; break; }
             double mem[3], t1 = kvc_now();
             int ok = pk_one(&st, c, &p, key, chunk, gen_n, cell->last_answer, sizeof cell->last_answer, mem, err);
             res->seconds_cache += kvc_now() - t1;
             res->n_tokens += p.n;
             int okf = ok >= 0 && ref ? pk_one(&st, ref, &p, key, chunk, gen_n, (char[64]){0}, 64, NULL, err) : 0;
-            passkey_prompt_free(&p);
+            kvc_passkey_prompt_free(&p);
             if (ok < 0 || okf < 0) { rc = -1; break; }
             if (isfinite(mem[0])) {
                 for (int k = 0; k < 3; k++) mem_sum[k] += mem[k];
@@ -260,18 +260,18 @@ int eval_passkey(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const kvc_pas
             res->correct += ok;
             res->correct_full += okf;
             done += cell->length;
-            if (o->progress) progress_draw("passkey", done, total, "tok", t0);
+            if (o->progress) kvc_progress_draw("passkey", done, total, "tok", t0);
         }
     }
-    if (o->progress) progress_end();
+    if (o->progress) kvc_progress_end();
     if (mem_n) {
         res->bytes_per_token = mem_sum[0] / mem_n;
         res->kept_frac = mem_sum[1] / mem_n;
         res->removed_frac = mem_sum[2] / mem_n;
-        res->compression = eval_f16_bytes_per_token(&c->shape) / res->bytes_per_token;
+        res->compression = kvc_eval_f16_bytes_per_token(&c->shape) / res->bytes_per_token;
     }
     res->seconds = kvc_now() - t0;
-    run_free(st.run);
+    kvc_run_free(st.run);
     free(st.logits);
     free(st.pos);
     return rc;

@@ -12,9 +12,9 @@
 
 static const char *const PROTO_NAMES[SWEEP_N_PROTO] = {"context", "stream", "passkey"};
 
-const char *sweep_protocol_name(int p) { return p >= 0 && p < SWEEP_N_PROTO ? PROTO_NAMES[p] : "?"; }
+const char *kvc_sweep_protocol_name(int p) { return p >= 0 && p < SWEEP_N_PROTO ? PROTO_NAMES[p] : "?"; }
 
-void sweep_grid_init(sweep_grid *g) {
+void kvc_sweep_grid_init(sweep_grid *g) {
     static const int lens[2] = {1024, 2048};
     static const double depths[5] = {0, 0.25, 0.5, 0.75, 1};
     memset(g, 0, sizeof *g);
@@ -40,7 +40,7 @@ static void items_clear(sweep_item **it, int *n) {
     *n = 0;
 }
 
-void sweep_grid_free(sweep_grid *g) {
+void kvc_sweep_grid_free(sweep_grid *g) {
     items_clear(&g->repr, &g->n_repr);
     items_clear(&g->keep, &g->n_keep);
     items_clear(&g->point, &g->n_point);
@@ -144,7 +144,7 @@ static int set_word(char *dst, size_t size, const char *value, const char *key, 
     return 0;
 }
 
-int sweep_grid_set(sweep_grid *g, const char *key_in, const char *value_in, int flag, const char *src,
+int kvc_sweep_grid_set(sweep_grid *g, const char *key_in, const char *value_in, int flag, const char *src,
                    kvc_err *err) {
     char key[64];
     snprintf(key, sizeof key, "%s", key_in);
@@ -224,7 +224,7 @@ int sweep_grid_set(sweep_grid *g, const char *key_in, const char *value_in, int 
     return rc;
 }
 
-int sweep_grid_load(sweep_grid *g, const char *path, kvc_err *err) {
+int kvc_sweep_grid_load(sweep_grid *g, const char *path, kvc_err *err) {
     char *buf = NULL;
     size_t len = 0;
     if (kvc_read_file(path, &buf, &len, err)) return -1;
@@ -247,7 +247,7 @@ int sweep_grid_load(sweep_grid *g, const char *path, kvc_err *err) {
             snprintf(key, sizeof key, "%.*s", (int)(p - k), k);
             snprintf(src, sizeof src, "%s:%d", path, lineno + 1);
             if (!*p) rc = kvc_fail(err, "%s: key '%s' has no value", src, key);
-            else rc = sweep_grid_set(g, key, p, 0, src, err);
+            else rc = kvc_sweep_grid_set(g, key, p, 0, src, err);
         }
         line = nl ? nl + 1 : NULL;
     }
@@ -265,7 +265,7 @@ static void write_list(FILE *f, const char *key, const double *x, const int *xi,
     fprintf(f, "\n");
 }
 
-void sweep_grid_write(const sweep_grid *g, FILE *f) {
+void kvc_sweep_grid_write(const sweep_grid *g, FILE *f) {
     fprintf(f, "# kvcodec sweep grid (canonical form; usable as --grid FILE)\n");
     if (g->model[0]) fprintf(f, "model %s\n", g->model);
     if (g->fingerprint[0]) fprintf(f, "fingerprint %s\n", g->fingerprint);
@@ -285,7 +285,7 @@ void sweep_grid_write(const sweep_grid *g, FILE *f) {
     for (int i = 0; i < g->n_point; i++) fprintf(f, "point %s | %s\n", g->point[i].repr, g->point[i].keep);
 }
 
-int sweep_grid_compare(const sweep_grid *a, const sweep_grid *b, kvc_err *err) {
+int kvc_sweep_grid_compare(const sweep_grid *a, const sweep_grid *b, kvc_err *err) {
     if (strcmp(a->fingerprint, b->fingerprint))
         return kvc_fail(err, "model fingerprint %s there, %s here", a->fingerprint, b->fingerprint), 1;
     if (strcmp(a->corpus_sha256, b->corpus_sha256))
@@ -463,7 +463,7 @@ static int expand_repr(const sweep_grid *g, const char *repr, const char *rsrc, 
     return 0;
 }
 
-int sweep_expand(const sweep_grid *g, sweep_point **pts, int *n_pts, kvc_err *err) {
+int kvc_sweep_expand(const sweep_grid *g, sweep_point **pts, int *n_pts, kvc_err *err) {
     point_list l = {0};
     *pts = NULL;
     *n_pts = 0;

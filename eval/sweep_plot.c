@@ -28,7 +28,7 @@ static int run_gnuplot(const char *const *args, const char *log) {
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
-const char *sweep_gnuplot_terminal(void) {
+const char *kvc_sweep_gnuplot_terminal(void) {
     static int probed;
     static const char *term;
     if (!probed) {
@@ -52,7 +52,7 @@ static void gp_str(FILE *f, const char *s) {
 
 /* Opens gp_path and writes the terminal and output lines. NULL with err. */
 static FILE *gp_open(const char *gp_path, const char *png, int w, int h, kvc_err *err) {
-    const char *term = sweep_gnuplot_terminal();
+    const char *term = kvc_sweep_gnuplot_terminal();
     FILE *f = fopen(gp_path, "w");
     if (!f) return kvc_fail(err, "cannot write '%s': %s", gp_path, strerror(errno)), NULL;
     fprintf(f, "# written by kvcodec sweep; redraw with: gnuplot %s\n", gp_path);
@@ -66,7 +66,7 @@ static FILE *gp_open(const char *gp_path, const char *png, int w, int h, kvc_err
 /* Closes the script and runs gnuplot on it. Returns 0 or -1 with err. */
 static int gp_run(FILE *f, const char *gp_path, const char *png, kvc_err *err) {
     if (fclose(f)) return kvc_fail(err, "cannot write '%s'", gp_path);
-    if (!sweep_gnuplot_terminal()) return kvc_fail(err, "gnuplot with a PNG terminal is not installed");
+    if (!kvc_sweep_gnuplot_terminal()) return kvc_fail(err, "gnuplot with a PNG terminal is not installed");
     char log[4300];
     snprintf(log, sizeof log, "%s.log", gp_path);
     const char *args[] = {"gnuplot", gp_path, NULL};
@@ -90,8 +90,8 @@ typedef struct {
 /* Budget order: the largest budget first; rows without a budget last. */
 static const sweep_table *sort_table;
 static int by_budget_desc(const void *a, const void *b) {
-    double x = sweep_cell_num(&sort_table->rows[*(const int *)a], COL_BUDGET);
-    double y = sweep_cell_num(&sort_table->rows[*(const int *)b], COL_BUDGET);
+    double x = kvc_sweep_cell_num(&sort_table->rows[*(const int *)a], COL_BUDGET);
+    double y = kvc_sweep_cell_num(&sort_table->rows[*(const int *)b], COL_BUDGET);
     if (isnan(x) || isnan(y)) return isnan(x) - isnan(y);
     return (x < y) - (x > y);
 }
@@ -100,8 +100,8 @@ static int by_budget_desc(const void *a, const void *b) {
 static int gather(const sweep_table *t, const char *protocol, int peer, curve **cs, int *n, kvc_err *err) {
     for (int i = 0; t && i < t->n; i++) {
         const sweep_row *r = &t->rows[i];
-        if (strcmp(r->f[COL_PROTOCOL], protocol) || !isfinite(sweep_cell_num(r, COL_BPT)) ||
-            !(sweep_cell_num(r, COL_BPT) > 0) || !isfinite(sweep_cell_num(r, COL_PPL_RISE)))
+        if (strcmp(r->f[COL_PROTOCOL], protocol) || !isfinite(kvc_sweep_cell_num(r, COL_BPT)) ||
+            !(kvc_sweep_cell_num(r, COL_BPT) > 0) || !isfinite(kvc_sweep_cell_num(r, COL_PPL_RISE)))
             continue;
         int c = 0;
         while (c < *n && !((*cs)[c].t == t && !strcmp((*cs)[c].method, r->f[COL_METHOD]))) c++;
@@ -120,7 +120,7 @@ static int gather(const sweep_table *t, const char *protocol, int peer, curve **
     return 0;
 }
 
-int sweep_plot_pareto(const sweep_table *own, const sweep_table *peers, const char *protocol, const char *gp_path,
+int kvc_sweep_plot_pareto(const sweep_table *own, const sweep_table *peers, const char *protocol, const char *gp_path,
                       const char *png, kvc_err *err) {
     curve *cs = NULL;
     int nc = 0, rc = 0;
@@ -138,7 +138,7 @@ int sweep_plot_pareto(const sweep_table *own, const sweep_table *peers, const ch
         goto done;
     }
     fprintf(f, "set title 'Perplexity rise vs KV memory (%s protocol; peers dashed)'\n", protocol);
-    fprintf(f, "set xlabel 'KV bytes per token (log scale; cache_bytes / tokens appended)'\n"
+    fprintf(f, "set xlabel 'KV bytes per token (log scale; kvc_cache_bytes / tokens appended)'\n"
                "set ylabel 'perplexity rise vs the full cache (%%)'\nset logscale x 2\nset grid xtics ytics\n"
                "set key outside right top\nset xzeroaxis lt -1\n");
     for (int c = 0; c < nc; c++) {
@@ -147,7 +147,7 @@ int sweep_plot_pareto(const sweep_table *own, const sweep_table *peers, const ch
         fprintf(f, "$d%d << EOD\n", c);
         for (int i = 0; i < cs[c].n; i++) {
             const sweep_row *r = &cs[c].t->rows[cs[c].rows[i]];
-            fprintf(f, "%.9g %.9g\n", sweep_cell_num(r, COL_BPT), sweep_cell_num(r, COL_PPL_RISE));
+            fprintf(f, "%.9g %.9g\n", kvc_sweep_cell_num(r, COL_BPT), kvc_sweep_cell_num(r, COL_PPL_RISE));
         }
         fprintf(f, "EOD\n");
     }
@@ -197,7 +197,7 @@ static int plot_method(const sweep_table *t, const int *rows, int n, const sweep
     int nd = 0;
     char key[1100];
     for (int i = 0; i < n; i++) {
-        sweep_row_key(&t->rows[rows[i]], key, sizeof key);
+        kvc_sweep_row_key(&t->rows[rows[i]], key, sizeof key);
         for (int j = 0; j < n_cells; j++) {
             if (strcmp(cells[j].key, key)) continue;
             int have = 0;
@@ -225,7 +225,7 @@ static int plot_method(const sweep_table *t, const int *rows, int n, const sweep
     fprintf(f, ")\n");
     for (int i = 0; i < n; i++) {
         const sweep_row *r = &t->rows[rows[i]];
-        sweep_row_key(r, key, sizeof key);
+        kvc_sweep_row_key(r, key, sizeof key);
         fprintf(f, "$p%d << EOD\n", i);
         for (int l = 0; l < nl; l++)
             for (int d = 0; d < nd; d++) {
@@ -237,7 +237,7 @@ static int plot_method(const sweep_table *t, const int *rows, int n, const sweep
                 if (isfinite(acc)) fprintf(f, "%d %d %.3f\n", d, l, acc);
                 else fprintf(f, "%d %d NaN\n", d, l); /* skipped: left blank */
             }
-        fprintf(f, "EOD\nset title 'budget %s  (accuracy %.3f)'\n", r->f[COL_BUDGET], sweep_cell_num(r, COL_PASSKEY_ACC));
+        fprintf(f, "EOD\nset title 'budget %s  (accuracy %.3f)'\n", r->f[COL_BUDGET], kvc_sweep_cell_num(r, COL_PASSKEY_ACC));
         fprintf(f, "plot $p%d using 1:2:3 with image notitle, $p%d using 1:2:(sprintf('%%.2f', $3)) with labels "
                    "notitle\n", i, i);
     }
@@ -245,7 +245,7 @@ static int plot_method(const sweep_table *t, const int *rows, int n, const sweep
     return gp_run(f, gp_path, png, err);
 }
 
-int sweep_plot_passkey(const sweep_table *t, const sweep_cell *cells, int n_cells, const char *dir, char **paths,
+int kvc_sweep_plot_passkey(const sweep_table *t, const sweep_cell *cells, int n_cells, const char *dir, char **paths,
                        int max, kvc_err *err) {
     int *rows = malloc((size_t)(t->n ? t->n : 1) * sizeof *rows), written = 0;
     char *done = calloc((size_t)(t->n ? t->n : 1), 1);

@@ -11,7 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-const char *const SWEEP_COLUMNS[SWEEP_N_COLS] = {
+const char *const KVC_SWEEP_COLUMNS[SWEEP_N_COLS] = {
     "tool", "method", "repr", "keep", "budget", "latent", "protocol", "model", "corpus", "ctx",
     "context_len", "continuation", "samples", "n_scored", "nll", "ppl", "ppl_full", "ppl_rise_pct",
     "kl_mean", "kl_p99", "top1", "kept_frac", "removed_frac", "bytes_per_token", "ratio_vs_f16",
@@ -21,22 +21,22 @@ static const char *const CELL_COLUMNS[7] = {"key", "length", "depth", "skipped",
 
 /* ========================================================================= rows ==== */
 
-void sweep_row_set(sweep_row *r, int col, const char *s) {
+void kvc_sweep_row_set(sweep_row *r, int col, const char *s) {
     free(r->f[col]);
     r->f[col] = strdup(s ? s : "");
 }
 
-void sweep_row_num(sweep_row *r, int col, const char *fmt, double x) {
+void kvc_sweep_row_num(sweep_row *r, int col, const char *fmt, double x) {
     char b[64] = "";
     if (isfinite(x)) snprintf(b, sizeof b, fmt, x);
-    sweep_row_set(r, col, b);
+    kvc_sweep_row_set(r, col, b);
 }
 
-void sweep_row_free(sweep_row *r) {
+void kvc_sweep_row_free(sweep_row *r) {
     for (int i = 0; i < SWEEP_N_COLS; i++) free(r->f[i]), r->f[i] = NULL;
 }
 
-double sweep_cell_num(const sweep_row *r, int col) {
+double kvc_sweep_cell_num(const sweep_row *r, int col) {
     const char *s = r->f[col];
     char *end;
     if (!s || !*s) return NAN;
@@ -44,18 +44,18 @@ double sweep_cell_num(const sweep_row *r, int col) {
     return *end ? NAN : x;
 }
 
-void sweep_row_key(const sweep_row *r, char *buf, size_t size) {
+void kvc_sweep_row_key(const sweep_row *r, char *buf, size_t size) {
     snprintf(buf, size, "%s repr=%s keep=%s", r->f[COL_PROTOCOL] ? r->f[COL_PROTOCOL] : "",
              r->f[COL_REPR] ? r->f[COL_REPR] : "", r->f[COL_KEEP] ? r->f[COL_KEEP] : "");
 }
 
-void sweep_table_free(sweep_table *t) {
-    for (int i = 0; i < t->n; i++) sweep_row_free(&t->rows[i]);
+void kvc_sweep_table_free(sweep_table *t) {
+    for (int i = 0; i < t->n; i++) kvc_sweep_row_free(&t->rows[i]);
     free(t->rows);
     memset(t, 0, sizeof *t);
 }
 
-int sweep_table_add(sweep_table *t, const sweep_row *r) {
+int kvc_sweep_table_add(sweep_table *t, const sweep_row *r) {
     if (t->n == t->cap) {
         int cap = t->cap ? 2 * t->cap : 16;
         sweep_row *p = realloc(t->rows, (size_t)cap * sizeof *p);
@@ -66,7 +66,7 @@ int sweep_table_add(sweep_table *t, const sweep_row *r) {
     for (int i = 0; i < SWEEP_N_COLS; i++) {
         d->f[i] = strdup(r->f[i] ? r->f[i] : "");
         if (!d->f[i]) {
-            sweep_row_free(d);
+            kvc_sweep_row_free(d);
             return -1;
         }
     }
@@ -202,13 +202,13 @@ static int csv_each(const char *path, const char *const *cols, int ncol,
 static int add_row_cb(void *ctx, char **cells, kvc_err *err) {
     sweep_row r;
     memcpy(r.f, cells, sizeof r.f);
-    return sweep_table_add(ctx, &r) ? kvc_fail(err, "out of memory") : 0;
+    return kvc_sweep_table_add(ctx, &r) ? kvc_fail(err, "out of memory") : 0;
 }
 
-int sweep_csv_read(const char *path, sweep_table *t, kvc_err *err) {
+int kvc_sweep_csv_read(const char *path, sweep_table *t, kvc_err *err) {
     memset(t, 0, sizeof *t);
-    int rc = csv_each(path, SWEEP_COLUMNS, SWEEP_N_COLS, add_row_cb, t, err);
-    if (rc) sweep_table_free(t);
+    int rc = csv_each(path, KVC_SWEEP_COLUMNS, SWEEP_N_COLS, add_row_cb, t, err);
+    if (rc) kvc_sweep_table_free(t);
     return rc;
 }
 
@@ -253,17 +253,17 @@ static int csv_append_line(const char *path, const char *const *cols, int ncol, 
     return rc;
 }
 
-int sweep_csv_append(const char *path, const sweep_row *r, kvc_err *err) {
+int kvc_sweep_csv_append(const char *path, const sweep_row *r, kvc_err *err) {
     char *line = csv_line((const char *const *)r->f, SWEEP_N_COLS);
     if (!line) return kvc_fail(err, "out of memory");
-    int rc = csv_append_line(path, SWEEP_COLUMNS, SWEEP_N_COLS, line, err);
+    int rc = csv_append_line(path, KVC_SWEEP_COLUMNS, SWEEP_N_COLS, line, err);
     free(line);
     return rc;
 }
 
 /* ================================================================ passkey cells ==== */
 
-int sweep_cells_append(const char *path, const sweep_cell *c, int n, kvc_err *err) {
+int kvc_sweep_cells_append(const char *path, const sweep_cell *c, int n, kvc_err *err) {
     char *all = NULL;
     size_t len = 0, cap = 0;
     for (int i = 0; i < n; i++) {
@@ -322,7 +322,7 @@ static int add_cell_cb(void *ctx, char **cells, kvc_err *err) {
     return 0;
 }
 
-int sweep_cells_read(const char *path, sweep_cell **cells, int *n, kvc_err *err) {
+int kvc_sweep_cells_read(const char *path, sweep_cell **cells, int *n, kvc_err *err) {
     cell_list l = {0};
     int rc = csv_each(path, CELL_COLUMNS, 7, add_cell_cb, &l, err);
     if (rc) {
@@ -393,7 +393,7 @@ static void json_config(FILE *f, const char *path) {
     fputs("]", f);
 }
 
-int sweep_json_write(const char *path, const sweep_table *t, const sweep_cell *cells, int n_cells,
+int kvc_sweep_json_write(const char *path, const sweep_table *t, const sweep_cell *cells, int n_cells,
                      const char *config_path, kvc_err *err) {
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
@@ -407,14 +407,14 @@ int sweep_json_write(const char *path, const sweep_table *t, const sweep_cell *c
         fputs(i ? ",\n    {" : "\n    {", f);
         for (int c = 0; c < SWEEP_N_COLS; c++) {
             const char *v = r->f[c] ? r->f[c] : "";
-            fprintf(f, "%s\"%s\": ", c ? ", " : "", SWEEP_COLUMNS[c]);
+            fprintf(f, "%s\"%s\": ", c ? ", " : "", KVC_SWEEP_COLUMNS[c]);
             if (!*v) fputs("null", f);
             else if (!text_column(c) && json_number_text(v)) fputs(v, f);
             else json_str(f, v);
         }
         if (!strcmp(r->f[COL_PROTOCOL], "passkey")) {
             char key[1100];
-            sweep_row_key(r, key, sizeof key);
+            kvc_sweep_row_key(r, key, sizeof key);
             fputs(", \"passkey_cells\": [", f);
             int k = 0;
             for (int j = 0; j < n_cells; j++)

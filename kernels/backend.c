@@ -6,10 +6,10 @@
 #include <string.h>
 
 #ifdef KVC_HAVE_CUDA
-int cuda_device_info(char *desc, size_t cap); /* kernels/cuda/ops_cuda.cu */
+int kvc_cuda_device_info(char *desc, size_t cap); /* kernels/cuda/ops_cuda.cu */
 #endif
 
-int backend_cuda_compiled(void) {
+int kvc_backend_cuda_compiled(void) {
 #ifdef KVC_HAVE_CUDA
     return 1;
 #else
@@ -17,9 +17,9 @@ int backend_cuda_compiled(void) {
 #endif
 }
 
-int backend_cuda_available(char *desc, size_t cap) {
+int kvc_backend_cuda_available(char *desc, size_t cap) {
 #ifdef KVC_HAVE_CUDA
-    return cuda_device_info(desc, cap);
+    return kvc_cuda_device_info(desc, cap);
 #else
     if (desc && cap) snprintf(desc, cap, "this build has no CUDA backend");
     return 0;

@@ -6,7 +6,7 @@
 #include <cblas.h>
 #include <math.h>
 
-#define DENSE_CHUNK 256 /* rows per GEMM, as ae_export_run blocks them */
+#define DENSE_CHUNK 256 /* rows per GEMM, as kvc_ae_export_run blocks them */
 #define ATTN_BLOCK 64   /* keys per block of the online softmax (float partial sums) */
 
 /* ---- codec layers --------------------------------------------------------------------- */
@@ -25,7 +25,7 @@ static inline float act_apply(float a, int act, float slope) {
     }
 }
 
-void dense_rows_cpu(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
+void kvc_dense_rows_cpu(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
                     float *y) {
     for (int64_t i0 = 0; i0 < n; i0 += DENSE_CHUNK) {
         int nb = (int)(n - i0 < DENSE_CHUNK ? n - i0 : DENSE_CHUNK);
@@ -97,7 +97,7 @@ static double attend_row(const float *qr, int32_t qp, int d, const float *k, con
     return l;
 }
 
-void attend_head_cpu(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *v,
+void kvc_attend_head_cpu(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *v,
                      const int32_t *kpos, int64_t t, float *out, float *probs) {
     int rows = n_q * g;
     /* rows are independent; threads only pay off when there is real work per row */
@@ -107,7 +107,7 @@ void attend_head_cpu(const float *q, const int32_t *qpos, int n_q, int g, int d,
                    probs ? probs + (size_t)r * t : NULL);
 }
 
-void attend_latent_cpu(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *z,
+void kvc_attend_latent_cpu(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *z,
                        int r, const float *w, const float *b, const int32_t *kpos, int64_t t, float *out,
                        float *probs) {
     int rows = n_q * g;
@@ -146,7 +146,7 @@ static void sift_down(const float *score, int64_t *h, int64_t cnt, int64_t i) {
     }
 }
 
-int64_t topk_unprotected_cpu(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx) {
+int64_t kvc_topk_unprotected_cpu(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx) {
     int64_t lo = sinks < 0 ? 0 : sinks, hi = n - (window < 0 ? 0 : window), cnt = 0;
     if (kk <= 0 || hi <= lo) return 0;
     /* a heap of the best kk so far, kept in idx itself, with the weakest at the root:

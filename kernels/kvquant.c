@@ -4,14 +4,14 @@
 
 #include <math.h>
 
-int kvq_params_ok(int bits, int group, int channels) {
+int kvc_kvq_params_ok(int bits, int group, int channels) {
     if (bits != 4 && bits != 8) return 0;
     if (group < 1 || channels < 1) return 0;
     if (bits == 4 && channels % 2) return 0;
     return 1;
 }
 
-size_t kvq_code_bytes(int bits, int64_t n) { return bits == 8 ? (size_t)n : (size_t)(n + 1) / 2; }
+size_t kvc_kvq_code_bytes(int bits, int64_t n) { return bits == 8 ? (size_t)n : (size_t)(n + 1) / 2; }
 
 /* Scale and minimum of a group with range [lo, hi] as stored in f16: the minimum rounded down
  * and the scale up, so every value lies in [min, min + (2^b - 1) scale] and its error is at
@@ -51,9 +51,9 @@ static unsigned get_code(const uint8_t *row, int i, int bits) {
     return i % 2 == 0 ? row[i / 2] & 0x0F : row[i / 2] >> 4;
 }
 
-void kvq_quant_tokens_cpu(const float *x, int64_t n, int c, int g, int bits, uint8_t *codes, uint16_t *scale,
+void kvc_kvq_quant_tokens_cpu(const float *x, int64_t n, int c, int g, int bits, uint8_t *codes, uint16_t *scale,
                           uint16_t *minv) {
-    const size_t rb = kvq_code_bytes(bits, c);
+    const size_t rb = kvc_kvq_code_bytes(bits, c);
     const int ng = c / g;
     for (int64_t t = 0; t < n; t++) {
         const float *xr = x + (size_t)t * c;
@@ -72,9 +72,9 @@ void kvq_quant_tokens_cpu(const float *x, int64_t n, int c, int g, int bits, uin
     }
 }
 
-void kvq_dequant_tokens_cpu(const uint8_t *codes, const uint16_t *scale, const uint16_t *minv, int64_t n, int c,
+void kvc_kvq_dequant_tokens_cpu(const uint8_t *codes, const uint16_t *scale, const uint16_t *minv, int64_t n, int c,
                             int g, int bits, float *x) {
-    const size_t rb = kvq_code_bytes(bits, c);
+    const size_t rb = kvc_kvq_code_bytes(bits, c);
     const int ng = c / g;
     for (int64_t t = 0; t < n; t++)
         for (int j = 0; j < ng; j++) {
@@ -84,9 +84,9 @@ void kvq_dequant_tokens_cpu(const uint8_t *codes, const uint16_t *scale, const u
         }
 }
 
-void kvq_quant_channels_cpu(const float *x, int g_tokens, int c, int bits, uint8_t *codes, uint16_t *scale,
+void kvc_kvq_quant_channels_cpu(const float *x, int g_tokens, int c, int bits, uint8_t *codes, uint16_t *scale,
                             uint16_t *minv) {
-    const size_t rb = kvq_code_bytes(bits, c);
+    const size_t rb = kvc_kvq_code_bytes(bits, c);
     for (int ch = 0; ch < c; ch++) {
         float lo = x[ch], hi = lo;
         for (int t = 1; t < g_tokens; t++) {
@@ -100,9 +100,9 @@ void kvq_quant_channels_cpu(const float *x, int g_tokens, int c, int bits, uint8
     }
 }
 
-void kvq_dequant_channels_cpu(const uint8_t *codes, const uint16_t *scale, const uint16_t *minv, int g_tokens,
+void kvc_kvq_dequant_channels_cpu(const uint8_t *codes, const uint16_t *scale, const uint16_t *minv, int g_tokens,
                               int c, int bits, float *x) {
-    const size_t rb = kvq_code_bytes(bits, c);
+    const size_t rb = kvc_kvq_code_bytes(bits, c);
     for (int t = 0; t < g_tokens; t++)
         for (int ch = 0; ch < c; ch++)
             x[(size_t)t * c + ch] = kvc_f16_to_f32(minv[ch]) + (float)get_code(codes + (size_t)t * rb, ch, bits) *

@@ -15,7 +15,7 @@ static uint64_t mix64(uint64_t *s) {
     return z ^ (z >> 31);
 }
 
-int simhash_init(kvc_simhash *h, int dim, int bits, uint64_t seed, kvc_err *err) {
+int kvc_simhash_init(kvc_simhash *h, int dim, int bits, uint64_t seed, kvc_err *err) {
     h->proj = NULL;
     if (bits < LSH_MIN_BITS || bits > LSH_MAX_BITS)
         return kvc_fail(err, "LSH bits must be in [%d, %d], got %d", LSH_MIN_BITS, LSH_MAX_BITS, bits);
@@ -34,12 +34,12 @@ int simhash_init(kvc_simhash *h, int dim, int bits, uint64_t seed, kvc_err *err)
     return 0;
 }
 
-void simhash_free(kvc_simhash *h) {
+void kvc_simhash_free(kvc_simhash *h) {
     free(h->proj);
     h->proj = NULL;
 }
 
-void simhash_codes_cpu(const kvc_simhash *h, const float *x, int64_t ld, int64_t n, uint64_t *codes) {
+void kvc_simhash_codes_cpu(const kvc_simhash *h, const float *x, int64_t ld, int64_t n, uint64_t *codes) {
     for (int64_t i = 0; i < n; i++) {
         const float *xi = x + i * ld;
         uint64_t c = 0;
@@ -53,11 +53,11 @@ void simhash_codes_cpu(const kvc_simhash *h, const float *x, int64_t ld, int64_t
     }
 }
 
-void hamming_cpu(const uint64_t *codes, int64_t n, uint64_t probe, uint8_t *dist) {
+void kvc_hamming_cpu(const uint64_t *codes, int64_t n, uint64_t probe, uint8_t *dist) {
     for (int64_t i = 0; i < n; i++) dist[i] = (uint8_t)__builtin_popcountll(codes[i] ^ probe);
 }
 
-int64_t argmax_unprotected_cpu(const float *score, int64_t n, int64_t sinks, int64_t window) {
+int64_t kvc_argmax_unprotected_cpu(const float *score, int64_t n, int64_t sinks, int64_t window) {
     int64_t best = -1;
     for (int64_t i = sinks; i < n - window; i++)
         if (best < 0 || score[i] > score[best]) best = i;

@@ -16,18 +16,18 @@
 #endif
 static int g_threads = 1;
 
-void ops_set_threads(int n) {
+void kvc_ops_set_threads(int n) {
     if (n < 1) n = 1;
     g_threads = n;
     omp_set_num_threads(n);
     openblas_set_num_threads(n);
 }
 
-int ops_get_threads(void) { return g_threads; }
+int kvc_ops_get_threads(void) { return g_threads; }
 
-const char *ops_blas_core(void) { return openblas_get_corename(); }
+const char *kvc_ops_blas_core(void) { return openblas_get_corename(); }
 
-const char *ops_blas_better_core(void) {
+const char *kvc_ops_blas_better_core(void) {
     const char *core = openblas_get_corename();
     if (!core || strcasecmp(core, "Prescott") != 0) return NULL;
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -179,12 +179,12 @@ static void dot_pick(void) {
     dot_q4_1 = f4;
 }
 
-const char *ops_cpu_kernels(void) {
+const char *kvc_ops_cpu_kernels(void) {
     if (!dot_q4_1) dot_pick();
     return dot_isa;
 }
 
-int matvec_quant_cpu(float *y, const float *x, const kvc_matrix *w) {
+int kvc_matvec_quant_cpu(float *y, const float *x, const kvc_matrix *w) {
     if (!dot_q4_1) dot_pick();
     const int64_t rows = w->rows, nb = w->cols / 32;
     if (w->type == GGML_T_Q4_1) {
@@ -207,8 +207,8 @@ int matvec_quant_cpu(float *y, const float *x, const kvc_matrix *w) {
     return -1;
 }
 
-void matmul_cpu(float *y, const float *x, const kvc_matrix *w, int64_t n) {
-    if (n == 1 && matvec_quant_cpu(y, x, w) == 0) return;
+void kvc_matmul_cpu(float *y, const float *x, const kvc_matrix *w, int64_t n) {
+    if (n == 1 && kvc_matvec_quant_cpu(y, x, w) == 0) return;
     if (n == 1) {
         cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)w->rows, (int)w->cols, 1.0f, w->f, (int)w->cols, x, 1, 0.0f, y, 1);
         return;
@@ -217,7 +217,7 @@ void matmul_cpu(float *y, const float *x, const kvc_matrix *w, int64_t n) {
                 w->f, (int)w->cols, 0.0f, y, (int)w->rows);
 }
 
-void rmsnorm_cpu(float *out, const float *x, const float *g, int64_t n, int64_t e, float eps) {
+void kvc_rmsnorm_cpu(float *out, const float *x, const float *g, int64_t n, int64_t e, float eps) {
     for (int64_t t = 0; t < n; t++) {
         const float *xr = x + t * e;
         float *o = out + t * e;
@@ -228,14 +228,14 @@ void rmsnorm_cpu(float *out, const float *x, const float *g, int64_t n, int64_t 
     }
 }
 
-void swiglu_cpu(float *a, const float *b, int64_t n) {
+void kvc_swiglu_cpu(float *a, const float *b, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         float v = a[i];
         a[i] = v / (1.0f + expf(-v)) * b[i];
     }
 }
 
-double softmax_cpu(float *x, int64_t n) {
+double kvc_softmax_cpu(float *x, int64_t n) {
     float mx = -INFINITY;
     for (int64_t i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
     double sum = 0.0;

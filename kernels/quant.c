@@ -40,7 +40,7 @@ static const type_info *find_type(uint32_t type) {
     return NULL;
 }
 
-int ggml_type_block(uint32_t type, uint32_t *block_elems, uint32_t *block_bytes) {
+int kvc_ggml_type_block(uint32_t type, uint32_t *block_elems, uint32_t *block_bytes) {
     const type_info *t = find_type(type);
     if (!t) return -1;
     *block_elems = t->block_elems;
@@ -48,12 +48,12 @@ int ggml_type_block(uint32_t type, uint32_t *block_elems, uint32_t *block_bytes)
     return 0;
 }
 
-const char *ggml_type_name(uint32_t type) {
+const char *kvc_ggml_type_name(uint32_t type) {
     const type_info *t = find_type(type);
     return t ? t->name : "?";
 }
 
-int ggml_type_supported(uint32_t type) {
+int kvc_ggml_type_supported(uint32_t type) {
     const type_info *t = find_type(type);
     return t && t->supported;
 }
@@ -148,7 +148,7 @@ static void deq_q6_k(const uint8_t *b, float *y, int64_t nb) {
     }
 }
 
-int dequantize_row(uint32_t type, const void *src, float *dst, int64_t n) {
+int kvc_dequantize_row(uint32_t type, const void *src, float *dst, int64_t n) {
     const type_info *t = find_type(type);
     if (!t || !t->supported || n < 0 || n % t->block_elems) return -1;
     const uint8_t *b = src;

@@ -66,7 +66,7 @@ static size_t vt_size(uint32_t t) {
     }
 }
 
-const char *gguf_vtype_name(gguf_vtype t) {
+const char *kvc_gguf_vtype_name(gguf_vtype t) {
     static const char *names[] = {"u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool",
                                   "str", "arr", "u64", "i64", "f64"};
     return (unsigned)t < GGUF_VT_COUNT ? names[t] : "?";
@@ -182,18 +182,18 @@ static int parse_tensor(rd *r, gguf_tensor *t) {
     t->n_elements = ne;
     if (rd_u32(r, &t->type, "tensor type") || rd_u64(r, &t->offset, "tensor offset")) return -1;
     uint32_t be, bb;
-    if (ggml_type_block(t->type, &be, &bb))
+    if (kvc_ggml_type_block(t->type, &be, &bb))
         return kvc_fail(r->err, "tensor '%.*s' has unknown type %u", (int)t->name.len, t->name.ptr, t->type);
     if (t->ne[0] % be)
         return kvc_fail(r->err, "tensor '%.*s': row length %llu is not a multiple of the %s block size %u",
-                        (int)t->name.len, t->name.ptr, (unsigned long long)t->ne[0], ggml_type_name(t->type), be);
+                        (int)t->name.len, t->name.ptr, (unsigned long long)t->ne[0], kvc_ggml_type_name(t->type), be);
     t->nbytes = ne / be * bb;
     return 0;
 }
 
 static int str_eq2(gguf_str a, gguf_str b) { return a.len == b.len && memcmp(a.ptr, b.ptr, a.len) == 0; }
 
-int gguf_str_eq(gguf_str a, const char *s) {
+int kvc_gguf_str_eq(gguf_str a, const char *s) {
     size_t n = strlen(s);
     return a.len == n && memcmp(a.ptr, s, n) == 0;
 }
@@ -223,7 +223,7 @@ static int parse_all(gguf_file *f, kvc_err *err) {
                 return kvc_fail(err, "GGUF has duplicate metadata key '%.*s'", (int)f->kv[i].key.len, f->kv[i].key.ptr);
     }
     f->alignment = GGUF_DEFAULT_ALIGNMENT;
-    const gguf_kv *al = gguf_find_kv(f, "general.alignment");
+    const gguf_kv *al = kvc_gguf_find_kv(f, "general.alignment");
     if (al) {
         if (al->type != GGUF_VT_UINT32 || al->num.u == 0 || (al->num.u & (al->num.u - 1)))
             return kvc_fail(err, "GGUF general.alignment must be a non-zero power of two u32");
@@ -252,17 +252,17 @@ static int parse_all(gguf_file *f, kvc_err *err) {
     return 0;
 }
 
-gguf_file *gguf_open_buffer(const void *buf, size_t size, kvc_err *err) {
+gguf_file *kvc_gguf_open_buffer(const void *buf, size_t size, kvc_err *err) {
     gguf_file *f = calloc(1, sizeof *f);
     if (!f) { kvc_fail(err, "out of memory"); return NULL; }
     f->map = buf;
     f->size = size;
     f->fd = -1;
-    if (parse_all(f, err)) { gguf_close(f); return NULL; }
+    if (parse_all(f, err)) { kvc_gguf_close(f); return NULL; }
     return f;
 }
 
-gguf_file *gguf_open(const char *path, kvc_err *err) {
+gguf_file *kvc_gguf_open(const char *path, kvc_err *err) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) { kvc_fail(err, "cannot open model '%s': %s", path, strerror(errno)); return NULL; }
     struct stat st;
@@ -287,13 +287,13 @@ gguf_file *gguf_open(const char *path, kvc_err *err) {
             int n = snprintf(err->msg, sizeof err->msg, "%.200s: ", path);
             if (n > 0 && (size_t)n < sizeof err->msg) snprintf(err->msg + n, sizeof err->msg - (size_t)n, "%s", tmp);
         }
-        gguf_close(f);
+        kvc_gguf_close(f);
         return NULL;
     }
     return f;
 }
 
-void gguf_close(gguf_file *f) {
+void kvc_gguf_close(gguf_file *f) {
     if (!f) return;
     if (f->kv)
         for (uint64_t i = 0; i < f->n_kv; i++) free((void *)f->kv[i].strs);
@@ -304,15 +304,15 @@ void gguf_close(gguf_file *f) {
     free(f);
 }
 
-const gguf_kv *gguf_find_kv(const gguf_file *f, const char *key) {
+const gguf_kv *kvc_gguf_find_kv(const gguf_file *f, const char *key) {
     for (uint64_t i = 0; i < f->n_kv; i++)
-        if (f->kv[i].key.ptr && gguf_str_eq(f->kv[i].key, key)) return &f->kv[i];
+        if (f->kv[i].key.ptr && kvc_gguf_str_eq(f->kv[i].key, key)) return &f->kv[i];
     return NULL;
 }
 
-const gguf_tensor *gguf_find_tensor(const gguf_file *f, const char *name) {
+const gguf_tensor *kvc_gguf_find_tensor(const gguf_file *f, const char *name) {
     for (uint64_t i = 0; i < f->n_tensors; i++)
-        if (gguf_str_eq(f->tensors[i].name, name)) return &f->tensors[i];
+        if (kvc_gguf_str_eq(f->tensors[i].name, name)) return &f->tensors[i];
     return NULL;
 }
 
@@ -324,37 +324,37 @@ static int is_signed(gguf_vtype t) {
     return t == GGUF_VT_INT8 || t == GGUF_VT_INT16 || t == GGUF_VT_INT32 || t == GGUF_VT_INT64;
 }
 
-int gguf_get_u32(const gguf_file *f, const char *key, uint32_t *out, kvc_err *err) {
-    const gguf_kv *kv = gguf_find_kv(f, key);
+int kvc_gguf_get_u32(const gguf_file *f, const char *key, uint32_t *out, kvc_err *err) {
+    const gguf_kv *kv = kvc_gguf_find_kv(f, key);
     if (!kv) return kvc_fail(err, "GGUF metadata lacks '%s'", key);
-    if (!is_int_type(kv->type)) return kvc_fail(err, "GGUF '%s' is %s, expected an integer", key, gguf_vtype_name(kv->type));
+    if (!is_int_type(kv->type)) return kvc_fail(err, "GGUF '%s' is %s, expected an integer", key, kvc_gguf_vtype_name(kv->type));
     if (is_signed(kv->type) ? (kv->num.i < 0 || kv->num.i > (int64_t)UINT32_MAX) : kv->num.u > UINT32_MAX)
         return kvc_fail(err, "GGUF '%s' is out of range", key);
     *out = (uint32_t)(is_signed(kv->type) ? (uint64_t)kv->num.i : kv->num.u);
     return 0;
 }
 
-int gguf_get_f32(const gguf_file *f, const char *key, float *out, kvc_err *err) {
-    const gguf_kv *kv = gguf_find_kv(f, key);
+int kvc_gguf_get_f32(const gguf_file *f, const char *key, float *out, kvc_err *err) {
+    const gguf_kv *kv = kvc_gguf_find_kv(f, key);
     if (!kv) return kvc_fail(err, "GGUF metadata lacks '%s'", key);
     if (kv->type == GGUF_VT_FLOAT32 || kv->type == GGUF_VT_FLOAT64) *out = (float)kv->num.f;
     else if (is_int_type(kv->type)) *out = is_signed(kv->type) ? (float)kv->num.i : (float)kv->num.u;
-    else return kvc_fail(err, "GGUF '%s' is %s, expected a number", key, gguf_vtype_name(kv->type));
+    else return kvc_fail(err, "GGUF '%s' is %s, expected a number", key, kvc_gguf_vtype_name(kv->type));
     return 0;
 }
 
-int gguf_get_bool(const gguf_file *f, const char *key, int *out, kvc_err *err) {
-    const gguf_kv *kv = gguf_find_kv(f, key);
+int kvc_gguf_get_bool(const gguf_file *f, const char *key, int *out, kvc_err *err) {
+    const gguf_kv *kv = kvc_gguf_find_kv(f, key);
     if (!kv) return kvc_fail(err, "GGUF metadata lacks '%s'", key);
-    if (kv->type != GGUF_VT_BOOL) return kvc_fail(err, "GGUF '%s' is %s, expected bool", key, gguf_vtype_name(kv->type));
+    if (kv->type != GGUF_VT_BOOL) return kvc_fail(err, "GGUF '%s' is %s, expected bool", key, kvc_gguf_vtype_name(kv->type));
     *out = (int)kv->num.u;
     return 0;
 }
 
-int gguf_get_str(const gguf_file *f, const char *key, char *buf, size_t cap, kvc_err *err) {
-    const gguf_kv *kv = gguf_find_kv(f, key);
+int kvc_gguf_get_str(const gguf_file *f, const char *key, char *buf, size_t cap, kvc_err *err) {
+    const gguf_kv *kv = kvc_gguf_find_kv(f, key);
     if (!kv) return kvc_fail(err, "GGUF metadata lacks '%s'", key);
-    if (kv->type != GGUF_VT_STRING) return kvc_fail(err, "GGUF '%s' is %s, expected a string", key, gguf_vtype_name(kv->type));
+    if (kv->type != GGUF_VT_STRING) return kvc_fail(err, "GGUF '%s' is %s, expected a string", key, kvc_gguf_vtype_name(kv->type));
     if (cap == 0) return 0;
     size_t n = kv->strs[0].len < cap - 1 ? kv->strs[0].len : cap - 1;
     memcpy(buf, kv->strs[0].ptr, n);

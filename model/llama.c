@@ -17,7 +17,7 @@
 /* Looks up a tensor and checks its shape (ne0 = input dim, ne1 = output dim or 1). */
 static const gguf_tensor *need_tensor(const gguf_file *f, const char *name, uint64_t ne0, uint64_t ne1,
                                       kvc_err *err) {
-    const gguf_tensor *t = gguf_find_tensor(f, name);
+    const gguf_tensor *t = kvc_gguf_find_tensor(f, name);
     if (!t) { kvc_fail(err, "model lacks tensor '%s'", name); return NULL; }
     uint64_t got1 = t->n_dims > 1 ? t->ne[1] : 1;
     if (t->ne[0] != ne0 || got1 != ne1 || t->n_dims > 2) {
@@ -26,8 +26,8 @@ static const gguf_tensor *need_tensor(const gguf_file *f, const char *name, uint
                  (unsigned long long)ne1);
         return NULL;
     }
-    if (!ggml_type_supported(t->type)) {
-        kvc_fail(err, "tensor '%s' has type %s, which kvcodec cannot dequantize yet", name, ggml_type_name(t->type));
+    if (!kvc_ggml_type_supported(t->type)) {
+        kvc_fail(err, "tensor '%s' has type %s, which kvcodec cannot dequantize yet", name, kvc_ggml_type_name(t->type));
         return NULL;
     }
     return t;
@@ -61,7 +61,7 @@ static size_t plan_add(deq_plan *p, const gguf_tensor *t) {
 
 static void matrix_from(kvc_matrix *m, const gguf_tensor *t, size_t arena_off) {
     uint32_t be, bb;
-    ggml_type_block(t->type, &be, &bb);
+    kvc_ggml_type_block(t->type, &be, &bb);
     m->q = t->data;
     m->type = t->type;
     m->f = (const float *)(uintptr_t)arena_off;
@@ -89,13 +89,13 @@ static void fingerprint(const gguf_file *f, char out[17]) {
 }
 
 static int read_hparams(const gguf_file *f, kvc_hparams *hp, kvc_err *err) {
-    if (gguf_get_str(f, "general.architecture", hp->arch, sizeof hp->arch, err)) return -1;
+    if (kvc_gguf_get_str(f, "general.architecture", hp->arch, sizeof hp->arch, err)) return -1;
     if (strcmp(hp->arch, "llama") != 0)
         return kvc_fail(err, "unsupported architecture '%s' (kvcodec runs Llama-architecture models)", hp->arch);
-    if (gguf_get_str(f, "general.name", hp->name, sizeof hp->name, NULL)) snprintf(hp->name, sizeof hp->name, "?");
+    if (kvc_gguf_get_str(f, "general.name", hp->name, sizeof hp->name, NULL)) snprintf(hp->name, sizeof hp->name, "?");
     uint32_t u;
 #define GET_U(key, field) \
-    do { if (gguf_get_u32(f, key, &u, err)) return -1; hp->field = (int)u; } while (0)
+    do { if (kvc_gguf_get_u32(f, key, &u, err)) return -1; hp->field = (int)u; } while (0)
     GET_U("llama.block_count", n_layer);
     GET_U("llama.embedding_length", n_embd);
     GET_U("llama.attention.head_count", n_head);
@@ -103,37 +103,37 @@ static int read_hparams(const gguf_file *f, kvc_hparams *hp, kvc_err *err) {
     GET_U("llama.context_length", n_ctx_train);
 #undef GET_U
     hp->n_head_kv = hp->n_head;
-    if (gguf_get_u32(f, "llama.attention.head_count_kv", &u, NULL) == 0) hp->n_head_kv = (int)u;
+    if (kvc_gguf_get_u32(f, "llama.attention.head_count_kv", &u, NULL) == 0) hp->n_head_kv = (int)u;
     hp->rope_base = 10000.0f;
-    gguf_get_f32(f, "llama.rope.freq_base", &hp->rope_base, NULL);
-    if (gguf_get_f32(f, "llama.attention.layer_norm_rms_epsilon", &hp->rms_eps, err)) return -1;
+    kvc_gguf_get_f32(f, "llama.rope.freq_base", &hp->rope_base, NULL);
+    if (kvc_gguf_get_f32(f, "llama.attention.layer_norm_rms_epsilon", &hp->rms_eps, err)) return -1;
     if (hp->n_layer < 1 || hp->n_layer > 1024 || hp->n_embd < 1 || hp->n_head < 1 || hp->n_head_kv < 1 ||
         hp->n_embd % hp->n_head || hp->n_head % hp->n_head_kv || hp->n_ff < 1)
         return kvc_fail(err, "inconsistent model dimensions (layers %d, embd %d, heads %d/%d, ffn %d)", hp->n_layer,
                         hp->n_embd, hp->n_head, hp->n_head_kv, hp->n_ff);
     hp->head_dim = hp->n_embd / hp->n_head;
-    if (gguf_get_u32(f, "llama.rope.dimension_count", &u, NULL) == 0 && (int)u != hp->head_dim)
+    if (kvc_gguf_get_u32(f, "llama.rope.dimension_count", &u, NULL) == 0 && (int)u != hp->head_dim)
         return kvc_fail(err, "partial RoPE (%u of %d dims) is not supported", u, hp->head_dim);
     if (hp->head_dim % 2) return kvc_fail(err, "odd head_dim %d is not supported", hp->head_dim);
     char st[32];
-    if (gguf_get_str(f, "llama.rope.scaling.type", st, sizeof st, NULL) == 0 && strcmp(st, "none") != 0)
+    if (kvc_gguf_get_str(f, "llama.rope.scaling.type", st, sizeof st, NULL) == 0 && strcmp(st, "none") != 0)
         return kvc_fail(err, "RoPE scaling '%s' is not supported yet", st);
     return 0;
 }
 
-kvc_model *model_load(const char *path, kvc_err *err) {
+kvc_model *kvc_model_load(const char *path, kvc_err *err) {
     kvc_model *m = calloc(1, sizeof *m);
     if (!m) { kvc_fail(err, "out of memory"); return NULL; }
     deq_plan plan = {0};
     char name[96];
-    m->gguf = gguf_open(path, err);
+    m->gguf = kvc_gguf_open(path, err);
     if (!m->gguf) goto fail;
     const gguf_file *f = m->gguf;
     kvc_hparams *hp = &m->hp;
     if (read_hparams(f, hp, err)) goto fail;
     const int E = hp->n_embd, HD = hp->n_head * hp->head_dim, KD = hp->n_head_kv * hp->head_dim, F = hp->n_ff;
 
-    const gguf_tensor *te = gguf_find_tensor(f, "token_embd.weight");
+    const gguf_tensor *te = kvc_gguf_find_tensor(f, "token_embd.weight");
     if (!te || te->n_dims != 2 || te->ne[0] != (uint64_t)E) {
         kvc_fail(err, "model lacks a token_embd.weight of width %d", E);
         goto fail;
@@ -144,7 +144,7 @@ kvc_model *model_load(const char *path, kvc_err *err) {
     const gguf_tensor *t = need_tensor(f, "output_norm.weight", E, 1, err);
     if (!t || t->type != GGML_T_F32) { if (t) kvc_fail(err, "output_norm.weight must be F32"); goto fail; }
     m->out_norm = t->data;
-    if (gguf_find_tensor(f, "output.weight")) {
+    if (kvc_gguf_find_tensor(f, "output.weight")) {
         if (!(t = need_tensor(f, "output.weight", E, hp->n_vocab, err))) goto fail;
         matrix_from(&m->output, t, plan_add(&plan, t));
     } else {
@@ -186,7 +186,7 @@ kvc_model *model_load(const char *path, kvc_err *err) {
 #pragma omp parallel for schedule(dynamic, 1) reduction(| : bad)
     for (int j = 0; j < plan.n; j++) {
         float *dst = m->arena + (size_t)(uintptr_t)plan.jobs[j].dst;
-        bad |= dequantize_row(plan.jobs[j].t->type, plan.jobs[j].t->data, dst, (int64_t)plan.jobs[j].t->n_elements);
+        bad |= kvc_dequantize_row(plan.jobs[j].t->type, plan.jobs[j].t->data, dst, (int64_t)plan.jobs[j].t->n_elements);
     }
     if (bad) { kvc_fail(err, "dequantization failed"); goto fail; }
     rebase(&m->tok_embd.f, m->arena);
@@ -199,10 +199,10 @@ kvc_model *model_load(const char *path, kvc_err *err) {
     }
     free(plan.jobs);
     plan.jobs = NULL;
-    m->tok = tokenizer_open(f, err);
+    m->tok = kvc_tokenizer_open(f, err);
     if (!m->tok) goto fail;
-    if (tokenizer_vocab_size(m->tok) != hp->n_vocab) {
-        kvc_fail(err, "tokenizer has %d tokens but the embedding has %d rows", tokenizer_vocab_size(m->tok),
+    if (kvc_tokenizer_vocab_size(m->tok) != hp->n_vocab) {
+        kvc_fail(err, "tokenizer has %d tokens but the embedding has %d rows", kvc_tokenizer_vocab_size(m->tok),
                  hp->n_vocab);
         goto fail;
     }
@@ -210,20 +210,20 @@ kvc_model *model_load(const char *path, kvc_err *err) {
     return m;
 fail:
     free(plan.jobs);
-    model_free(m);
+    kvc_model_free(m);
     return NULL;
 }
 
-void model_free(kvc_model *m) {
+void kvc_model_free(kvc_model *m) {
     if (!m) return;
-    tokenizer_free(m->tok);
+    kvc_tokenizer_free(m->tok);
     free(m->layers);
     free(m->arena);
-    gguf_close(m->gguf);
+    kvc_gguf_close(m->gguf);
     free(m);
 }
 
-kvc_cache_shape model_cache_shape(const kvc_model *m, int max_tokens) {
+kvc_cache_shape kvc_model_cache_shape(const kvc_model *m, int max_tokens) {
     kvc_cache_shape s = {m->hp.n_layer, m->hp.n_head, m->hp.n_head_kv, m->hp.head_dim, m->hp.rope_base, max_tokens};
     return s;
 }
@@ -245,12 +245,12 @@ struct kvc_run {
     kvc_rope_table rope; /* the queries' rotation, the same function the caches use for keys */
 };
 
-void run_set_tap(kvc_run *r, kvc_tap_fn fn, void *ctx) {
+void kvc_run_set_tap(kvc_run *r, kvc_tap_fn fn, void *ctx) {
     r->tap = fn;
     r->tap_ctx = ctx;
 }
 
-kvc_run *run_new(const kvc_model *m, int max_batch, kvc_err *err) {
+kvc_run *kvc_run_new(const kvc_model *m, int max_batch, kvc_err *err) {
     const kvc_hparams *hp = &m->hp;
     if (max_batch < 1) max_batch = 1;
     kvc_run *r = calloc(1, sizeof *r);
@@ -271,14 +271,14 @@ kvc_run *run_new(const kvc_model *m, int max_batch, kvc_err *err) {
     r->hb = kvc_malloc_array(N * hp->n_ff, sizeof(float));
     r->hb2 = kvc_malloc_array(N * hp->n_ff, sizeof(float));
     if (!r->x || !r->xb || !r->q || !r->k || !r->v || !r->att || !r->hb || !r->hb2) {
-        run_free(r);
+        kvc_run_free(r);
         kvc_fail(err, "out of memory for a batch of %d tokens", max_batch);
         return NULL;
     }
     return r;
 }
 
-void run_free(kvc_run *r) {
+void kvc_run_free(kvc_run *r) {
     if (!r) return;
     free(r->x); free(r->xb); free(r->q); free(r->k); free(r->v); free(r->att); free(r->hb); free(r->hb2);
     kvc_rope_table_free(&r->rope);
@@ -302,10 +302,10 @@ static int forward_batch(const kvc_model *m, kvc_run *r, kvc_cache *c, const int
     for (int l = 0; l < hp->n_layer; l++) {
         const kvc_layer *L = &m->layers[l];
         /* attention block */
-        rmsnorm_cpu(r->xb, r->x, L->attn_norm, n, E, hp->rms_eps);
-        matmul_cpu(r->q, r->xb, &L->wq, n);
-        matmul_cpu(r->k, r->xb, &L->wk, n);
-        matmul_cpu(r->v, r->xb, &L->wv, n);
+        kvc_rmsnorm_cpu(r->xb, r->x, L->attn_norm, n, E, hp->rms_eps);
+        kvc_matmul_cpu(r->q, r->xb, &L->wq, n);
+        kvc_matmul_cpu(r->k, r->xb, &L->wk, n);
+        kvc_matmul_cpu(r->v, r->xb, &L->wv, n);
         if (r->tap && r->tap(r->tap_ctx, l, r->q, r->k, r->v, pos, n, err)) return -1;
         if (l == 0) {
             int32_t pmax = 0;
@@ -317,35 +317,35 @@ static int forward_batch(const kvc_model *m, kvc_run *r, kvc_cache *c, const int
                 return kvc_fail(err, "out of memory for RoPE angles up to position %d", pmax);
         }
         kvc_rope_heads(&r->rope, r->q, pos, n, hp->n_head);
-        if (cache_append(c, l, r->k, r->v, pos, n, err)) return -1; /* keys before RoPE */
-        if (cache_attend(c, l, r->q, pos, n, r->att, err)) return -1;
-        matmul_cpu(r->xb, r->att, &L->wo, n);
+        if (kvc_cache_append(c, l, r->k, r->v, pos, n, err)) return -1; /* keys before RoPE */
+        if (kvc_cache_attend(c, l, r->q, pos, n, r->att, err)) return -1;
+        kvc_matmul_cpu(r->xb, r->att, &L->wo, n);
         for (size_t i = 0; i < (size_t)n * E; i++) r->x[i] += r->xb[i];
         /* feed-forward block */
-        rmsnorm_cpu(r->xb, r->x, L->ffn_norm, n, E, hp->rms_eps);
-        matmul_cpu(r->hb, r->xb, &L->w_gate, n);
-        matmul_cpu(r->hb2, r->xb, &L->w_up, n);
-        swiglu_cpu(r->hb, r->hb2, (int64_t)n * hp->n_ff);
-        matmul_cpu(r->xb, r->hb, &L->w_down, n);
+        kvc_rmsnorm_cpu(r->xb, r->x, L->ffn_norm, n, E, hp->rms_eps);
+        kvc_matmul_cpu(r->hb, r->xb, &L->w_gate, n);
+        kvc_matmul_cpu(r->hb2, r->xb, &L->w_up, n);
+        kvc_swiglu_cpu(r->hb, r->hb2, (int64_t)n * hp->n_ff);
+        kvc_matmul_cpu(r->xb, r->hb, &L->w_down, n);
         for (size_t i = 0; i < (size_t)n * E; i++) r->x[i] += r->xb[i];
     }
-    if (cache_end_step(c, err)) return -1;
+    if (kvc_cache_end_step(c, err)) return -1;
 
     /* final norm and output projection */
     if (!logits) return 0;
     if (logits_all) {
-        rmsnorm_cpu(r->xb, r->x, m->out_norm, n, E, hp->rms_eps);
-        matmul_cpu(logits, r->xb, &m->output, n);
+        kvc_rmsnorm_cpu(r->xb, r->x, m->out_norm, n, E, hp->rms_eps);
+        kvc_matmul_cpu(logits, r->xb, &m->output, n);
     } else {
-        rmsnorm_cpu(r->xb, r->x + (size_t)(n - 1) * E, m->out_norm, 1, E, hp->rms_eps);
-        matmul_cpu(logits, r->xb, &m->output, 1);
+        kvc_rmsnorm_cpu(r->xb, r->x + (size_t)(n - 1) * E, m->out_norm, 1, E, hp->rms_eps);
+        kvc_matmul_cpu(logits, r->xb, &m->output, 1);
     }
     return 0;
 }
 
-int model_forward(const kvc_model *m, kvc_run *r, kvc_cache *c, const int32_t *tokens, const int32_t *pos, int n,
+int kvc_model_forward(const kvc_model *m, kvc_run *r, kvc_cache *c, const int32_t *tokens, const int32_t *pos, int n,
                   float *logits, int logits_all, kvc_err *err) {
-    if (n < 1) return kvc_fail(err, "model_forward: no tokens");
+    if (n < 1) return kvc_fail(err, "kvc_model_forward: no tokens");
     const size_t V = (size_t)m->hp.n_vocab;
     for (int done = 0; done < n;) {
         int nb = n - done < r->max_batch ? n - done : r->max_batch;

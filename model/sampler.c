@@ -5,7 +5,7 @@
 #include <math.h>
 #include <stdlib.h>
 
-int32_t argmax_f32(const float *x, int64_t n) {
+int32_t kvc_argmax_f32(const float *x, int64_t n) {
     int64_t best = 0;
     for (int64_t i = 1; i < n; i++)
         if (x[i] > x[best]) best = i;
@@ -23,7 +23,7 @@ static uint64_t splitmix(uint64_t *s) {
 /* Uniform float in [0, 1). */
 static float rand_unit(uint64_t *s) { return (float)(splitmix(s) >> 40) / 16777216.0f; }
 
-int sampler_init(kvc_sampler *s, int n_vocab, float temperature, float top_p, uint64_t seed, kvc_err *err) {
+int kvc_sampler_init(kvc_sampler *s, int n_vocab, float temperature, float top_p, uint64_t seed, kvc_err *err) {
     if (!(top_p > 0.0f && top_p <= 1.0f)) return kvc_fail(err, "top-p must be in (0, 1], got %g", top_p);
     if (!(temperature >= 0.0f) || !isfinite(temperature)) return kvc_fail(err, "temperature must be >= 0");
     s->temperature = temperature;
@@ -33,13 +33,13 @@ int sampler_init(kvc_sampler *s, int n_vocab, float temperature, float top_p, ui
     s->idx = malloc((size_t)n_vocab * sizeof *s->idx);
     s->prob = malloc((size_t)n_vocab * sizeof *s->prob);
     if (!s->idx || !s->prob) {
-        sampler_free(s);
+        kvc_sampler_free(s);
         return kvc_fail(err, "out of memory");
     }
     return 0;
 }
 
-void sampler_free(kvc_sampler *s) {
+void kvc_sampler_free(kvc_sampler *s) {
     free(s->idx);
     free(s->prob);
     s->idx = NULL;
@@ -52,10 +52,10 @@ static int cmp_desc(const void *a, const void *b) {
     return pa < pb ? 1 : pa > pb ? -1 : (*(const int32_t *)a - *(const int32_t *)b);
 }
 
-int32_t sampler_sample(kvc_sampler *s, const float *logits) {
+int32_t kvc_sampler_sample(kvc_sampler *s, const float *logits) {
     const int V = s->n_vocab;
-    if (s->temperature <= 0.0f) return argmax_f32(logits, V);
-    float mx = logits[argmax_f32(logits, V)];
+    if (s->temperature <= 0.0f) return kvc_argmax_f32(logits, V);
+    float mx = logits[kvc_argmax_f32(logits, V)];
     double sum = 0.0;
     for (int i = 0; i < V; i++) {
         s->prob[i] = expf((logits[i] - mx) / s->temperature);

@@ -176,13 +176,13 @@ static merge_slot *merge_slot_of(const kvc_tokenizer *t, int32_t left, int32_t r
 
 /* Finds an array key of the given element type; NULL with err if absent or mistyped. */
 static const gguf_kv *kv_array(const gguf_file *f, const char *key, gguf_vtype at, kvc_err *err) {
-    const gguf_kv *kv = gguf_find_kv(f, key);
+    const gguf_kv *kv = kvc_gguf_find_kv(f, key);
     if (!kv) {
         kvc_fail(err, "GGUF has no %s: not a model with a tokenizer", key);
         return NULL;
     }
     if (kv->type != GGUF_VT_ARRAY || kv->arr_type != at || (at == GGUF_VT_STRING && !kv->strs)) {
-        kvc_fail(err, "%s: expected an array of %s", key, gguf_vtype_name(at));
+        kvc_fail(err, "%s: expected an array of %s", key, kvc_gguf_vtype_name(at));
         return NULL;
     }
     return kv;
@@ -193,9 +193,9 @@ static int special_id(const gguf_file *f, const char *key, int32_t n_vocab, int3
                       kvc_err *err) {
     uint32_t v;
     *out = -1;
-    if (!gguf_find_kv(f, key))
+    if (!kvc_gguf_find_kv(f, key))
         return 0;
-    if (gguf_get_u32(f, key, &v, err) != 0)
+    if (kvc_gguf_get_u32(f, key, &v, err) != 0)
         return -1;
     if (v >= (uint32_t)n_vocab)
         return kvc_fail(err, "%s = %u is outside the vocabulary (%d tokens)", key, v, n_vocab);
@@ -231,7 +231,7 @@ static int load_vocab(kvc_tokenizer *t, const gguf_file *f, kvc_err *err) {
     }
     t->text_off[t->n_vocab] = off;
 
-    const gguf_kv *ty = gguf_find_kv(f, "tokenizer.ggml.token_type");
+    const gguf_kv *ty = kvc_gguf_find_kv(f, "tokenizer.ggml.token_type");
     if (ty) {
         if (ty->type != GGUF_VT_ARRAY || ty->arr_type != GGUF_VT_INT32 || ty->n != tk->n)
             return kvc_fail(err, "tokenizer.ggml.token_type: expected %d int32 values",
@@ -425,24 +425,24 @@ static pcre2_code *regex_compile(const char *pat, uint32_t extra, kvc_err *err) 
 }
 
 /* Reads tokenizer.ggml.* from f (nothing is kept pointing into f) and compiles the regexes. */
-kvc_tokenizer *tokenizer_open(const gguf_file *f, kvc_err *err) {
+kvc_tokenizer *kvc_tokenizer_open(const gguf_file *f, kvc_err *err) {
     char model[64], pre[64];
-    if (!gguf_find_kv(f, "tokenizer.ggml.model")) {
+    if (!kvc_gguf_find_kv(f, "tokenizer.ggml.model")) {
         kvc_fail(err, "GGUF has no tokenizer.ggml.model: not a model with a tokenizer");
         return NULL;
     }
-    if (gguf_get_str(f, "tokenizer.ggml.model", model, sizeof model, err) != 0)
+    if (kvc_gguf_get_str(f, "tokenizer.ggml.model", model, sizeof model, err) != 0)
         return NULL;
     if (strcmp(model, "gpt2") != 0) {
         kvc_fail(err, "tokenizer model \"%s\" is not supported (only byte-level BPE, \"gpt2\")",
                  model);
         return NULL;
     }
-    if (!gguf_find_kv(f, "tokenizer.ggml.pre")) {
+    if (!kvc_gguf_find_kv(f, "tokenizer.ggml.pre")) {
         kvc_fail(err, "GGUF has no tokenizer.ggml.pre: cannot tell which pre-tokenizer to use");
         return NULL;
     }
-    if (gguf_get_str(f, "tokenizer.ggml.pre", pre, sizeof pre, err) != 0)
+    if (kvc_gguf_get_str(f, "tokenizer.ggml.pre", pre, sizeof pre, err) != 0)
         return NULL;
     int split = -1;
     for (size_t i = 0; i < sizeof PRE_TYPES / sizeof PRE_TYPES[0]; i++)
@@ -466,8 +466,8 @@ kvc_tokenizer *tokenizer_open(const gguf_file *f, kvc_err *err) {
         special_id(f, "tokenizer.ggml.eos_token_id", t->n_vocab, &t->eos, err) != 0)
         goto fail;
     t->add_bos = 0;
-    if (gguf_find_kv(f, "tokenizer.ggml.add_bos_token") &&
-        gguf_get_bool(f, "tokenizer.ggml.add_bos_token", &t->add_bos, err) != 0)
+    if (kvc_gguf_find_kv(f, "tokenizer.ggml.add_bos_token") &&
+        kvc_gguf_get_bool(f, "tokenizer.ggml.add_bos_token", &t->add_bos, err) != 0)
         goto fail;
     t->re_word = regex_compile(RE_GPT2, PCRE2_ANCHORED, err);
     if (!t->re_word)
@@ -479,12 +479,12 @@ kvc_tokenizer *tokenizer_open(const gguf_file *f, kvc_err *err) {
     }
     return t;
 fail:
-    tokenizer_free(t);
+    kvc_tokenizer_free(t);
     return NULL;
 }
 
 /* Frees t and everything it owns; NULL is fine. */
-void tokenizer_free(kvc_tokenizer *t) {
+void kvc_tokenizer_free(kvc_tokenizer *t) {
     if (!t)
         return;
     pcre2_code_free(t->re_word);
@@ -516,7 +516,7 @@ typedef struct {
     int32_t result;        /* token of the merged pair */
 } bigram;
 
-/* Scratch state for one tokenizer_encode call. */
+/* Scratch state for one kvc_tokenizer_encode call. */
 typedef struct {
     const kvc_tokenizer *t;
     int32_t *out;
@@ -749,13 +749,13 @@ oom:
 }
 
 /* Validates the UTF-8, splits out special tokens, then pre-tokenizes and runs BPE on the rest. */
-int64_t tokenizer_encode(const kvc_tokenizer *t, const char *text, size_t len,
+int64_t kvc_tokenizer_encode(const kvc_tokenizer *t, const char *text, size_t len,
                          int parse_special, int32_t *out, int64_t cap, kvc_err *err) {
     size_t bad;
     if (len > 0 && !text)
-        return kvc_fail(err, "tokenizer_encode: NULL text");
+        return kvc_fail(err, "kvc_tokenizer_encode: NULL text");
     if (cap > 0 && !out)
-        return kvc_fail(err, "tokenizer_encode: NULL output with cap %lld", (long long)cap);
+        return kvc_fail(err, "kvc_tokenizer_encode: NULL output with cap %lld", (long long)cap);
     if (!kvc_utf8_valid(text, len, &bad))
         return kvc_fail(err, "text is not valid UTF-8 (first bad byte at offset %zu)", bad);
 
@@ -798,7 +798,7 @@ int64_t tokenizer_encode(const kvc_tokenizer *t, const char *text, size_t len,
 /* ---- decoding and queries ------------------------------------------------------------ */
 
 /* Returns the precomputed decoded bytes of id (NUL-terminated), or NULL out of range. */
-const char *tokenizer_piece(const kvc_tokenizer *t, int32_t id, size_t *len) {
+const char *kvc_tokenizer_piece(const kvc_tokenizer *t, int32_t id, size_t *len) {
     if (id < 0 || id >= t->n_vocab) {
         if (len)
             *len = 0;
@@ -811,7 +811,7 @@ const char *tokenizer_piece(const kvc_tokenizer *t, int32_t id, size_t *len) {
 
 /* Concatenates the pieces of ids[0..n); NULL (and *len = 0) if any id is out of range or
  * memory runs out. */
-char *tokenizer_decode(const kvc_tokenizer *t, const int32_t *ids, int64_t n, size_t *len) {
+char *kvc_tokenizer_decode(const kvc_tokenizer *t, const int32_t *ids, int64_t n, size_t *len) {
     size_t total = 0;
     if (len)
         *len = 0;
@@ -826,7 +826,7 @@ char *tokenizer_decode(const kvc_tokenizer *t, const int32_t *ids, int64_t n, si
     size_t o = 0;
     for (int64_t i = 0; i < n; i++) {
         size_t pl;
-        const char *p = tokenizer_piece(t, ids[i], &pl);
+        const char *p = kvc_tokenizer_piece(t, ids[i], &pl);
         memcpy(buf + o, p, pl);
         o += pl;
     }
@@ -837,12 +837,12 @@ char *tokenizer_decode(const kvc_tokenizer *t, const int32_t *ids, int64_t n, si
 }
 
 /* Trivial accessors: vocabulary size, BOS/EOS ids (-1 when none), add_bos_token (0 if absent). */
-int32_t tokenizer_vocab_size(const kvc_tokenizer *t) { return t->n_vocab; }
-int32_t tokenizer_bos(const kvc_tokenizer *t) { return t->bos; }
-int32_t tokenizer_eos(const kvc_tokenizer *t) { return t->eos; }
-int tokenizer_add_bos(const kvc_tokenizer *t) { return t->add_bos; }
+int32_t kvc_tokenizer_vocab_size(const kvc_tokenizer *t) { return t->n_vocab; }
+int32_t kvc_tokenizer_bos(const kvc_tokenizer *t) { return t->bos; }
+int32_t kvc_tokenizer_eos(const kvc_tokenizer *t) { return t->eos; }
+int kvc_tokenizer_add_bos(const kvc_tokenizer *t) { return t->add_bos; }
 
 /* Looks up the stored (byte-mapped) text, e.g. "<|im_start|>" or "\xc4\xa0the" for " the". */
-int32_t tokenizer_lookup(const kvc_tokenizer *t, const char *text) {
+int32_t kvc_tokenizer_lookup(const kvc_tokenizer *t, const char *text) {
     return text ? vocab_find(t, text, strlen(text)) : -1;
 }

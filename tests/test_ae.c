@@ -57,22 +57,22 @@ static float *rand_array(size_t n, float scale, float offset) {
 
 static ae_config make_config(int d, int h, int r, ae_act act, ae_norm norm) {
     ae_config c;
-    ae_config_defaults(&c);
+    kvc_ae_config_defaults(&c);
     c.in_dim = d, c.hidden = h, c.latent = r, c.act = act, c.norm = norm;
     return c;
 }
 
 static ae_model *make_model(const ae_config *c, uint64_t seed) {
     kvc_err err = {{0}};
-    ae_model *m = ae_new(c, seed, &err);
-    cr_assert(m, "ae_new: %s", err.msg);
+    ae_model *m = kvc_ae_new(c, seed, &err);
+    cr_assert(m, "kvc_ae_new: %s", err.msg);
     return m;
 }
 
 /* Index of the tensor called name, asserting that it exists. */
 static int tensor_index(ae_model *m, const char *name) {
-    for (int i = 0; i < ae_n_tensors(m); i++)
-        if (!strcmp(ae_tensor_at(m, i).name, name)) return i;
+    for (int i = 0; i < kvc_ae_n_tensors(m); i++)
+        if (!strcmp(kvc_ae_tensor_at(m, i).name, name)) return i;
     cr_assert_fail("no tensor %s", name);
     return -1;
 }
@@ -83,19 +83,19 @@ static size_t tensor_size(ae_tensor t) { return (size_t)t.rows * (size_t)t.cols;
 static void grad_check(const ae_config *c, const ae_loss *L, const float *x, int n, uint64_t seed) {
     ae_model *m = make_model(c, seed);
     /* BatchNorm gamma/beta away from (1, 0) so their gradients are generic. */
-    for (int i = 0; i < ae_n_tensors(m); i++) {
-        ae_tensor t = ae_tensor_at(m, i);
+    for (int i = 0; i < kvc_ae_n_tensors(m); i++) {
+        ae_tensor t = kvc_ae_tensor_at(m, i);
         if (t.trainable && t.cols == 1 && strstr(t.name, ".1.weight"))
             for (int k = 0; k < t.rows; k++) t.data[k] = 1.0f + 0.3f * randn();
         if (t.trainable && t.cols == 1 && strstr(t.name, ".1.bias") && c->norm == AE_NORM_BATCH)
             for (int k = 0; k < t.rows; k++) t.data[k] = 0.3f * randn();
     }
-    float l0 = ae_forward_backward(m, x, n, L);
+    float l0 = kvc_ae_forward_backward(m, x, n, L);
     cr_assert(isfinite(l0) && l0 > 0, "loss %g", l0);
-    int nt = ae_n_tensors(m);
+    int nt = kvc_ae_n_tensors(m);
     float *grads[32];
     for (int i = 0; i < nt; i++) {
-        ae_tensor g = ae_grad_at(m, i);
+        ae_tensor g = kvc_ae_grad_at(m, i);
         grads[i] = NULL;
         if (!g.data) continue;
         grads[i] = malloc(tensor_size(g) * sizeof(float));
@@ -103,15 +103,15 @@ static void grad_check(const ae_config *c, const ae_loss *L, const float *x, int
     }
     double worst = 0, h = c->hidden && (c->act == AE_ACT_RELU || c->act == AE_ACT_LEAKY_RELU) ? GRAD_STEP_KINK : GRAD_STEP;
     for (int i = 0; i < nt; i++) {
-        ae_tensor t = ae_tensor_at(m, i);
+        ae_tensor t = kvc_ae_tensor_at(m, i);
         if (!t.trainable) continue;
         double e2 = 0, r2 = 0;
         for (size_t k = 0; k < tensor_size(t); k++) {
             float keep = t.data[k];
             t.data[k] = keep + (float)h;
-            double lp = ae_forward_backward(m, x, n, L);
+            double lp = kvc_ae_forward_backward(m, x, n, L);
             t.data[k] = keep - (float)h;
-            double lm = ae_forward_backward(m, x, n, L);
+            double lm = kvc_ae_forward_backward(m, x, n, L);
             t.data[k] = keep;
             double fd = (lp - lm) / ((double)(keep + (float)h) - (double)(keep - (float)h)), d = grads[i][k] - fd;
             e2 += d * d;
@@ -123,9 +123,9 @@ static void grad_check(const ae_config *c, const ae_loss *L, const float *x, int
         free(grads[i]);
     }
     fprintf(stderr, "grad check %s/%s hidden %d norm %d loss %d: worst |g - fd| / (|fd| + %.0e) = %.2e\n",
-            ae_act_name(c->act), c->hidden ? "mlp" : "linear", c->hidden, (int)c->norm, (int)L->kind,
+            kvc_ae_act_name(c->act), c->hidden ? "mlp" : "linear", c->hidden, (int)c->norm, (int)L->kind,
             GRAD_ATOL / GRAD_RTOL, worst);
-    ae_free(m);
+    kvc_ae_free(m);
 }
 
 /* Grad check of one architecture with the MSE loss on an 8-row batch. */
@@ -158,18 +158,18 @@ Test(ae_grad, batchnorm_cancels_linear_bias) {
     ae_model *m = make_model(&c, 9);
     float *x = rand_array(16 * 8, 1.0f, 0.5f);
     ae_loss L = {.kind = AE_LOSS_MSE};
-    ae_forward_backward(m, x, 16, &L);
+    kvc_ae_forward_backward(m, x, 16, &L);
     const char *zero[] = {"enc.0.bias", "enc.3.bias", "dec.0.bias"};
     for (int k = 0; k < 3; k++) {
-        ae_tensor g = ae_grad_at(m, tensor_index(m, zero[k]));
+        ae_tensor g = kvc_ae_grad_at(m, tensor_index(m, zero[k]));
         for (size_t i = 0; i < tensor_size(g); i++) cr_expect_eq(g.data[i], 0.0f, "%s[%zu] = %g", zero[k], i, g.data[i]);
     }
-    ae_tensor g = ae_grad_at(m, tensor_index(m, "dec.3.bias"));
+    ae_tensor g = kvc_ae_grad_at(m, tensor_index(m, "dec.3.bias"));
     double s = 0;
     for (size_t i = 0; i < tensor_size(g); i++) s += fabs(g.data[i]);
     cr_expect(s > 1e-3, "the output bias does get a gradient (%g)", s);
     free(x);
-    ae_free(m);
+    kvc_ae_free(m);
 }
 
 Test(ae_grad, key_attn_loss) {
@@ -221,24 +221,24 @@ static void threads_check(int hidden, ae_act act, ae_norm norm, const ae_loss *L
     for (int k = 0; k < 2; k++) {
         m[k] = make_model(&c, 5);
         omp_set_num_threads(k ? 4 : 1);
-        loss[k] = ae_forward_backward(m[k], x, n, L);
-        loss[k] = ae_forward_backward(m[k], x, n, L); /* twice: running stats move twice */
+        loss[k] = kvc_ae_forward_backward(m[k], x, n, L);
+        loss[k] = kvc_ae_forward_backward(m[k], x, n, L); /* twice: running stats move twice */
     }
     omp_set_num_threads(omp_get_num_procs());
     cr_expect(fabsf(loss[1] - loss[0]) <= THREADS_RTOL * fabsf(loss[0]), "loss %.9g vs %.9g", loss[1], loss[0]);
     double worst = fabs(loss[1] - loss[0]) / fabs(loss[0]);
-    for (int i = 0; i < ae_n_tensors(m[0]); i++) {
-        ae_tensor a = ae_grad_at(m[0], i), b = ae_grad_at(m[1], i);
-        if (!a.data) a = ae_tensor_at(m[0], i), b = ae_tensor_at(m[1], i);
+    for (int i = 0; i < kvc_ae_n_tensors(m[0]); i++) {
+        ae_tensor a = kvc_ae_grad_at(m[0], i), b = kvc_ae_grad_at(m[1], i);
+        if (!a.data) a = kvc_ae_tensor_at(m[0], i), b = kvc_ae_tensor_at(m[1], i);
         double e2 = 0, r2 = 0;
         for (size_t k = 0; k < tensor_size(a); k++) e2 += pow(b.data[k] - a.data[k], 2), r2 += pow(a.data[k], 2);
         cr_expect(sqrt(e2) <= THREADS_RTOL * sqrt(r2) + 1e-9, "%s: |4 threads - 1 thread| %.3g of %.3g", a.name,
                   sqrt(e2), sqrt(r2));
         if (r2 > 0) worst = fmax(worst, sqrt(e2 / r2));
     }
-    fprintf(stderr, "threads %s hidden %d norm %d loss %d: worst rel diff 4 vs 1 threads %.2e\n", ae_act_name(act),
+    fprintf(stderr, "threads %s hidden %d norm %d loss %d: worst rel diff 4 vs 1 threads %.2e\n", kvc_ae_act_name(act),
             hidden, (int)norm, (int)L->kind, worst);
-    ae_free(m[0]), ae_free(m[1]);
+    kvc_ae_free(m[0]), kvc_ae_free(m[1]);
 }
 
 Test(ae, threads_agree) {
@@ -260,7 +260,7 @@ Test(ae, threads_agree) {
 /* ---- inference and export ------------------------------------------------------------- */
 
 /* Trains a model a few steps (so running statistics move), exports it and checks that the
- * folded network reproduces ae_encode/ae_decode. */
+ * folded network reproduces kvc_ae_encode/kvc_ae_decode. */
 static void export_check(int hidden, ae_act act, ae_norm norm) {
     rng_state = 41;
     int d = 16, r = 4, n = 300; /* more rows than one inference block */
@@ -271,15 +271,15 @@ static void export_check(int hidden, ae_act act, ae_norm norm) {
     float *x = rand_array((size_t)n * d, 1.5f, 0.7f);
     ae_loss L = {.kind = AE_LOSS_MSE};
     ae_adam o;
-    ae_adam_defaults(&o);
+    kvc_ae_adam_defaults(&o);
     o.lr = 1e-2f;
     for (int s = 0; s < 5; s++) {
-        ae_forward_backward(m, x, 64, &L);
-        ae_adam_step(m, &o);
+        kvc_ae_forward_backward(m, x, 64, &L);
+        kvc_ae_adam_step(m, &o);
     }
     ae_export e;
     kvc_err err = {{0}};
-    cr_assert_eq(ae_export_folded(m, &e, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_ae_export_folded(m, &e, &err), 0, "%s", err.msg);
     cr_assert_eq(e.n_enc, hidden ? 2 : 1);
     cr_assert_eq(e.n_dec, hidden ? 2 : 1);
     cr_expect_eq(e.enc[0].in, d);
@@ -287,10 +287,10 @@ static void export_check(int hidden, ae_act act, ae_norm norm) {
     cr_expect_eq(e.dec[e.n_dec - 1].out, d);
     float *z = malloc((size_t)n * r * sizeof(float)), *z2 = malloc((size_t)n * r * sizeof(float));
     float *y = malloc((size_t)n * d * sizeof(float)), *y2 = malloc((size_t)n * d * sizeof(float));
-    ae_encode(m, x, n, z);
-    ae_decode(m, z, n, y);
-    ae_export_run(e.enc, e.n_enc, e.leaky_slope, x, n, z2);
-    ae_export_run(e.dec, e.n_dec, e.leaky_slope, z, n, y2);
+    kvc_ae_encode(m, x, n, z);
+    kvc_ae_decode(m, z, n, y);
+    kvc_ae_export_run(e.enc, e.n_enc, e.leaky_slope, x, n, z2);
+    kvc_ae_export_run(e.dec, e.n_dec, e.leaky_slope, z, n, y2);
     double worst = 0;
     for (size_t k = 0; k < (size_t)n * r; k++) {
         cr_assert(fabsf(z2[k] - z[k]) <= EXPORT_ATOL + EXPORT_RTOL * fabsf(z[k]), "z[%zu] %g vs %g", k, z2[k], z[k]);
@@ -300,15 +300,15 @@ static void export_check(int hidden, ae_act act, ae_norm norm) {
         cr_assert(fabsf(y2[k] - y[k]) <= EXPORT_ATOL + EXPORT_RTOL * fabsf(y[k]), "y[%zu] %g vs %g", k, y2[k], y[k]);
         worst = fmax(worst, fabsf(y2[k] - y[k]) / (fabsf(y[k]) + EXPORT_ATOL / EXPORT_RTOL));
     }
-    fprintf(stderr, "export %s hidden %d norm %d: worst rel diff %.2e\n", ae_act_name(act), hidden, (int)norm, worst);
-    /* ae_rel_error is the relative error of encode+decode. */
+    fprintf(stderr, "export %s hidden %d norm %d: worst rel diff %.2e\n", kvc_ae_act_name(act), hidden, (int)norm, worst);
+    /* kvc_ae_rel_error is the relative error of encode+decode. */
     double num = 0, den = 0;
     for (size_t k = 0; k < (size_t)n * d; k++) num += (double)(y[k] - x[k]) * (y[k] - x[k]), den += (double)x[k] * x[k];
-    cr_expect(fabs(ae_rel_error(m, x, n) - sqrt(num / den)) < 1e-6, "rel error %g vs %g", ae_rel_error(m, x, n),
+    cr_expect(fabs(kvc_ae_rel_error(m, x, n) - sqrt(num / den)) < 1e-6, "rel error %g vs %g", kvc_ae_rel_error(m, x, n),
               sqrt(num / den));
-    ae_export_free(&e);
+    kvc_ae_export_free(&e);
     free(z), free(z2), free(y), free(y2), free(x);
-    ae_free(m);
+    kvc_ae_free(m);
 }
 
 Test(ae_export, batchnorm_folded_equals_inference) { export_check(12, AE_ACT_LEAKY_RELU, AE_NORM_BATCH); }
@@ -322,7 +322,7 @@ Test(ae_export, inference_uses_running_stats) {
     ae_config c = make_config(6, 4, 2, AE_ACT_NONE, AE_NORM_BATCH);
     ae_model *m = make_model(&c, 1);
     float *x = rand_array(5 * 6, 1.0f, 3.0f), z[10], ref[10];
-    ae_tensor w0 = ae_tensor_at(m, 0), b0 = ae_tensor_at(m, 1), w3 = ae_tensor_at(m, 4), b3 = ae_tensor_at(m, 5);
+    ae_tensor w0 = kvc_ae_tensor_at(m, 0), b0 = kvc_ae_tensor_at(m, 1), w3 = kvc_ae_tensor_at(m, 4), b3 = kvc_ae_tensor_at(m, 5);
     cr_assert_str_eq(w3.name, "enc.3.weight");
     for (int i = 0; i < 5; i++)
         for (int o = 0; o < 2; o++) {
@@ -334,10 +334,10 @@ Test(ae_export, inference_uses_running_stats) {
             }
             ref[i * 2 + o] = (float)s;
         }
-    ae_encode(m, x, 5, z);
+    kvc_ae_encode(m, x, 5, z);
     for (int k = 0; k < 10; k++) cr_expect_float_eq(z[k], ref[k], 1e-4, "z[%d] %g vs %g", k, z[k], ref[k]);
     free(x);
-    ae_free(m);
+    kvc_ae_free(m);
 }
 
 /* ---- optimiser and schedule ----------------------------------------------------------- */
@@ -349,15 +349,15 @@ Test(ae_adam, matches_hand_computed_update) {
     float *x = rand_array(4 * 3, 1.0f, 0.0f);
     ae_loss L = {.kind = AE_LOSS_MSE};
     ae_adam o = {.lr = 0.05f, .beta1 = 0.8f, .beta2 = 0.9f, .eps = 1e-3f, .weight_decay = 0.5f, .clip = 0};
-    int nt = ae_n_tensors(m);
+    int nt = kvc_ae_n_tensors(m);
     cr_assert_eq(nt, 4);
     double p[4][3], mm[4][3] = {{0}}, vv[4][3] = {{0}};
     for (int i = 0; i < nt; i++)
-        for (size_t k = 0; k < tensor_size(ae_tensor_at(m, i)); k++) p[i][k] = ae_tensor_at(m, i).data[k];
+        for (size_t k = 0; k < tensor_size(kvc_ae_tensor_at(m, i)); k++) p[i][k] = kvc_ae_tensor_at(m, i).data[k];
     for (int t = 1; t <= 2; t++) {
-        ae_forward_backward(m, x, 4, &L);
+        kvc_ae_forward_backward(m, x, 4, &L);
         for (int i = 0; i < nt; i++) {
-            ae_tensor g = ae_grad_at(m, i);
+            ae_tensor g = kvc_ae_grad_at(m, i);
             int decay = strstr(g.name, "weight") != NULL;
             for (size_t k = 0; k < tensor_size(g); k++) {
                 mm[i][k] = 0.8 * mm[i][k] + 0.2 * g.data[k];
@@ -367,11 +367,11 @@ Test(ae_adam, matches_hand_computed_update) {
                 p[i][k] -= 0.05 * mh / (sqrt(vh) + 1e-3);
             }
         }
-        ae_adam_step(m, &o);
-        cr_expect_eq(ae_adam_steps(m), t);
+        kvc_ae_adam_step(m, &o);
+        cr_expect_eq(kvc_ae_adam_steps(m), t);
     }
     for (int i = 0; i < nt; i++) {
-        ae_tensor t = ae_tensor_at(m, i), am = ae_adam_m_at(m, i), av = ae_adam_v_at(m, i);
+        ae_tensor t = kvc_ae_tensor_at(m, i), am = kvc_ae_adam_m_at(m, i), av = kvc_ae_adam_v_at(m, i);
         for (size_t k = 0; k < tensor_size(t); k++) {
             cr_expect(fabs(t.data[k] - p[i][k]) <= ADAM_RTOL * (fabs(p[i][k]) + 1e-3), "%s[%zu] %g vs %g", t.name, k,
                       t.data[k], p[i][k]);
@@ -380,14 +380,14 @@ Test(ae_adam, matches_hand_computed_update) {
         }
     }
     free(x);
-    ae_free(m);
+    kvc_ae_free(m);
 }
 
 /* L2 norm of all first Adam moments. */
 static double adam_m_norm(ae_model *m) {
     double s = 0;
-    for (int i = 0; i < ae_n_tensors(m); i++) {
-        ae_tensor t = ae_adam_m_at(m, i);
+    for (int i = 0; i < kvc_ae_n_tensors(m); i++) {
+        ae_tensor t = kvc_ae_adam_m_at(m, i);
         for (size_t k = 0; t.data && k < tensor_size(t); k++) s += (double)t.data[k] * t.data[k];
     }
     return sqrt(s);
@@ -399,54 +399,54 @@ Test(ae_adam, clipping_caps_global_norm) {
     float *x = rand_array(32 * 16, 2.0f, 1.0f);
     ae_loss L = {.kind = AE_LOSS_MSE};
     ae_adam o;
-    ae_adam_defaults(&o);
+    kvc_ae_adam_defaults(&o);
     for (int pass = 0; pass < 2; pass++) {
         ae_model *m = make_model(&c, 3);
-        ae_forward_backward(m, x, 32, &L);
-        double g = ae_grad_norm(m), s = 0;
-        for (int i = 0; i < ae_n_tensors(m); i++) {
-            ae_tensor t = ae_grad_at(m, i);
+        kvc_ae_forward_backward(m, x, 32, &L);
+        double g = kvc_ae_grad_norm(m), s = 0;
+        for (int i = 0; i < kvc_ae_n_tensors(m); i++) {
+            ae_tensor t = kvc_ae_grad_at(m, i);
             for (size_t k = 0; t.data && k < tensor_size(t); k++) s += (double)t.data[k] * t.data[k];
         }
         cr_expect(fabs(g - sqrt(s)) < 1e-5 * g, "grad norm %g vs %g", g, sqrt(s));
         o.clip = pass == 0 ? (float)(g / 4) : (float)(g * 4);
-        ae_adam_step(m, &o);
+        kvc_ae_adam_step(m, &o);
         /* after one step m = (1 - beta1) * clipped g */
         double expect = pass == 0 ? o.clip * g / (g + 1e-6) : g;
         cr_expect(fabs(adam_m_norm(m) / (1 - o.beta1) - expect) < 1e-5 * expect, "pass %d: |g_clipped| %g, want %g",
                   pass, adam_m_norm(m) / (1 - o.beta1), expect);
-        ae_free(m);
+        kvc_ae_free(m);
     }
     free(x);
 }
 
 Test(ae_adam, lr_schedule_values) {
-    cr_expect_float_eq(ae_lr_schedule(0, 100, 10, 1e-3f, 1e-5f), 0.0f, 1e-12);
-    cr_expect_float_eq(ae_lr_schedule(5, 100, 10, 1e-3f, 1e-5f), 5e-4f, 1e-9);
-    cr_expect_float_eq(ae_lr_schedule(10, 100, 10, 1e-3f, 1e-5f), 1e-3f, 1e-9);
-    cr_expect_float_eq(ae_lr_schedule(55, 100, 10, 1e-3f, 1e-5f), 0.5f * (1e-3f + 1e-5f), 1e-9);
-    cr_expect_float_eq(ae_lr_schedule(25, 100, 10, 1e-3f, 0.0f), 1e-3f * 0.5f * (1 + cosf(3.14159265f / 6)), 1e-9);
-    cr_expect_float_eq(ae_lr_schedule(100, 100, 10, 1e-3f, 1e-5f), 1e-5f, 1e-12);
-    cr_expect_float_eq(ae_lr_schedule(500, 100, 10, 1e-3f, 1e-5f), 1e-5f, 1e-12);
-    cr_expect_float_eq(ae_lr_schedule(0, 100, 0, 1e-3f, 1e-5f), 1e-3f, 1e-9);
+    cr_expect_float_eq(kvc_ae_lr_schedule(0, 100, 10, 1e-3f, 1e-5f), 0.0f, 1e-12);
+    cr_expect_float_eq(kvc_ae_lr_schedule(5, 100, 10, 1e-3f, 1e-5f), 5e-4f, 1e-9);
+    cr_expect_float_eq(kvc_ae_lr_schedule(10, 100, 10, 1e-3f, 1e-5f), 1e-3f, 1e-9);
+    cr_expect_float_eq(kvc_ae_lr_schedule(55, 100, 10, 1e-3f, 1e-5f), 0.5f * (1e-3f + 1e-5f), 1e-9);
+    cr_expect_float_eq(kvc_ae_lr_schedule(25, 100, 10, 1e-3f, 0.0f), 1e-3f * 0.5f * (1 + cosf(3.14159265f / 6)), 1e-9);
+    cr_expect_float_eq(kvc_ae_lr_schedule(100, 100, 10, 1e-3f, 1e-5f), 1e-5f, 1e-12);
+    cr_expect_float_eq(kvc_ae_lr_schedule(500, 100, 10, 1e-3f, 1e-5f), 1e-5f, 1e-12);
+    cr_expect_float_eq(kvc_ae_lr_schedule(0, 100, 0, 1e-3f, 1e-5f), 1e-3f, 1e-9);
 }
 
 /* ---- config, determinism, errors ------------------------------------------------------ */
 
-/* Expects ae_config_check (and ae_new) to reject c with a message containing word. */
+/* Expects kvc_ae_config_check (and kvc_ae_new) to reject c with a message containing word. */
 static void expect_rejected(ae_config c, const char *word) {
     kvc_err err = {{0}};
-    cr_expect_eq(ae_config_check(&c, &err), -1, "config accepted (want '%s' error)", word);
+    cr_expect_eq(kvc_ae_config_check(&c, &err), -1, "config accepted (want '%s' error)", word);
     cr_expect(strstr(err.msg, word) != NULL, "message '%s' lacks '%s'", err.msg, word);
     memset(&err, 0, sizeof err);
-    cr_expect_null(ae_new(&c, 1, &err));
-    cr_expect(strstr(err.msg, word) != NULL, "ae_new message '%s'", err.msg);
+    cr_expect_null(kvc_ae_new(&c, 1, &err));
+    cr_expect(strstr(err.msg, word) != NULL, "kvc_ae_new message '%s'", err.msg);
 }
 
 Test(ae_config, rejects_bad_configs) {
     ae_config ok = make_config(64, 32, 16, AE_ACT_LEAKY_RELU, AE_NORM_BATCH), c;
     kvc_err err = {{0}};
-    cr_expect_eq(ae_config_check(&ok, &err), 0, "%s", err.msg);
+    cr_expect_eq(kvc_ae_config_check(&ok, &err), 0, "%s", err.msg);
     c = ok, c.latent = 64;
     expect_rejected(c, "latent");
     c = ok, c.latent = 65;
@@ -471,19 +471,19 @@ Test(ae_config, rejects_bad_configs) {
 
 Test(ae_config, defaults_and_activation_names) {
     ae_config c;
-    ae_config_defaults(&c);
+    kvc_ae_config_defaults(&c);
     cr_expect_float_eq(c.leaky_slope, 0.01f, 1e-9);
     cr_expect_float_eq(c.bn_eps, 1e-5f, 1e-12);
     cr_expect_float_eq(c.bn_momentum, 0.1f, 1e-9);
     const char *names[] = {"none", "relu", "leaky_relu", "gelu", "silu"};
     for (int i = 0; i < AE_ACT_COUNT; i++) {
         ae_act a;
-        cr_expect_eq(ae_act_parse(names[i], &a), 0);
+        cr_expect_eq(kvc_ae_act_parse(names[i], &a), 0);
         cr_expect_eq((int)a, i);
-        cr_expect_str_eq(ae_act_name(a), names[i]);
+        cr_expect_str_eq(kvc_ae_act_name(a), names[i]);
     }
     ae_act a;
-    cr_expect_eq(ae_act_parse("tanh", &a), -1);
+    cr_expect_eq(kvc_ae_act_parse("tanh", &a), -1);
 }
 
 Test(ae, tensor_table_names_and_shapes) {
@@ -495,23 +495,23 @@ Test(ae, tensor_table_names_and_shapes) {
         {"dec.1.weight", 32, 1, 1}, {"dec.1.bias", 32, 1, 1}, {"dec.3.weight", 64, 32, 1}, {"dec.3.bias", 64, 1, 1},
         {"enc.1.running_mean", 32, 1, 0}, {"enc.1.running_var", 32, 1, 0}, {"dec.1.running_mean", 32, 1, 0},
         {"dec.1.running_var", 32, 1, 0}};
-    cr_assert_eq(ae_n_tensors(m), 16);
+    cr_assert_eq(kvc_ae_n_tensors(m), 16);
     for (int i = 0; i < 16; i++) {
-        ae_tensor t = ae_tensor_at(m, i);
+        ae_tensor t = kvc_ae_tensor_at(m, i);
         cr_expect_str_eq(t.name, want[i].name);
         cr_expect(t.rows == want[i].rows && t.cols == want[i].cols && t.trainable == want[i].trainable, "%s", t.name);
-        cr_expect_eq(ae_grad_at(m, i).data == NULL, !want[i].trainable, "%s grad", t.name);
+        cr_expect_eq(kvc_ae_grad_at(m, i).data == NULL, !want[i].trainable, "%s grad", t.name);
     }
-    cr_expect_null(ae_tensor_at(m, 16).data);
-    ae_free(m);
+    cr_expect_null(kvc_ae_tensor_at(m, 16).data);
+    kvc_ae_free(m);
 }
 
 Test(ae, same_seed_same_weights) {
     ae_config c = make_config(64, 32, 16, AE_ACT_LEAKY_RELU, AE_NORM_BATCH);
     ae_model *a = make_model(&c, 42), *b = make_model(&c, 42), *o = make_model(&c, 43);
     int differ = 0;
-    for (int i = 0; i < ae_n_tensors(a); i++) {
-        ae_tensor ta = ae_tensor_at(a, i), tb = ae_tensor_at(b, i), to = ae_tensor_at(o, i);
+    for (int i = 0; i < kvc_ae_n_tensors(a); i++) {
+        ae_tensor ta = kvc_ae_tensor_at(a, i), tb = kvc_ae_tensor_at(b, i), to = kvc_ae_tensor_at(o, i);
         cr_expect(!memcmp(ta.data, tb.data, tensor_size(ta) * sizeof(float)), "%s differs", ta.name);
         differ |= memcmp(ta.data, to.data, tensor_size(ta) * sizeof(float)) != 0;
         int fan_in = strstr(ta.name, "enc.0") ? 64 : strstr(ta.name, "enc.3") ? 32 : strstr(ta.name, "dec.0") ? 16 : 32;
@@ -522,7 +522,7 @@ Test(ae, same_seed_same_weights) {
         else cr_expect(lo >= -bound && hi <= bound && hi - lo > bound, "%s in [%g, %g]", ta.name, lo, hi);
     }
     cr_expect(differ, "another seed gives other weights");
-    ae_free(a), ae_free(b), ae_free(o);
+    kvc_ae_free(a), kvc_ae_free(b), kvc_ae_free(o);
 }
 
 Test(ae, nan_input_gives_nan_loss) {
@@ -535,13 +535,13 @@ Test(ae, nan_input_gives_nan_loss) {
                       make_config(8, 6, 3, AE_ACT_LEAKY_RELU, AE_NORM_BATCH)};
     for (int i = 0; i < 3; i++) {
         ae_model *m = make_model(&cs[i], 1);
-        cr_expect(isnan(ae_forward_backward(m, x, 16, &mse)), "config %d, mse", i);
-        cr_expect(isnan(ae_forward_backward(m, x, 16, &val)), "config %d, value_attn", i);
-        ae_free(m);
+        cr_expect(isnan(kvc_ae_forward_backward(m, x, 16, &mse)), "config %d, mse", i);
+        cr_expect(isnan(kvc_ae_forward_backward(m, x, 16, &val)), "config %d, value_attn", i);
+        kvc_ae_free(m);
     }
     ae_model *m = make_model(&cs[2], 1);
-    cr_expect(isnan(ae_forward_backward(m, x, 1, &mse)), "BatchNorm needs 2 rows");
-    ae_free(m);
+    cr_expect(isnan(kvc_ae_forward_backward(m, x, 1, &mse)), "BatchNorm needs 2 rows");
+    kvc_ae_free(m);
     free(x);
 }
 
@@ -583,11 +583,11 @@ static void traj_expect(double got, double want, double *worst, const char *what
 static void trajectory(const char *cs) {
     char *fx = fixture_read("ae_trajectory.txt");
     ae_config c;
-    ae_config_defaults(&c);
+    kvc_ae_config_defaults(&c);
     char act[32], norm[32], kind[32];
     cr_assert_eq(sscanf(fx_line(fx, cs, "config"), "%d %d %d %31s %31s %f %f %f", &c.in_dim, &c.hidden, &c.latent,
                         act, norm, &c.leaky_slope, &c.bn_eps, &c.bn_momentum), 8);
-    cr_assert_eq(ae_act_parse(act, &c.act), 0, "activation %s", act);
+    cr_assert_eq(kvc_ae_act_parse(act, &c.act), 0, "activation %s", act);
     c.norm = !strcmp(norm, "batch") ? AE_NORM_BATCH : AE_NORM_NONE;
     ae_loss L = {0};
     cr_assert_eq(sscanf(fx_line(fx, cs, "loss"), "%31s %f", kind, &L.mse_mix), 2);
@@ -604,8 +604,8 @@ static void trajectory(const char *cs) {
     if (L.kind == AE_LOSS_VALUE_ATTN) L.a = a = fx_array(fx, cs, "a", &L.m, &cols);
 
     ae_model *m = make_model(&c, 0);
-    for (int i = 0; i < ae_n_tensors(m); i++) {
-        ae_tensor t = ae_tensor_at(m, i);
+    for (int i = 0; i < kvc_ae_n_tensors(m); i++) {
+        ae_tensor t = kvc_ae_tensor_at(m, i);
         char key[96];
         snprintf(key, sizeof key, "init %s", t.name);
         float *v = fx_array(fx, cs, key, &rows, &cols);
@@ -618,15 +618,15 @@ static void trajectory(const char *cs) {
     cr_assert_eq(rows, steps);
     double worst_loss = 0, worst_norm = 0, worst_final = 0, worst_lr = 0;
     for (int t = 0; t < steps; t++) {
-        o.lr = ae_lr_schedule(t, steps, warmup, base_lr, min_lr);
+        o.lr = kvc_ae_lr_schedule(t, steps, warmup, base_lr, min_lr);
         traj_expect(o.lr, lrs[t], &worst_lr, "lr", t);
-        float loss = ae_forward_backward(m, x, n, &L);
+        float loss = kvc_ae_forward_backward(m, x, n, &L);
         traj_expect(loss, losses[t], &worst_loss, "loss", t);
-        traj_expect(ae_grad_norm(m), norms[t], &worst_norm, "grad norm", t);
-        ae_adam_step(m, &o);
+        traj_expect(kvc_ae_grad_norm(m), norms[t], &worst_norm, "grad norm", t);
+        kvc_ae_adam_step(m, &o);
     }
-    for (int i = 0; i < ae_n_tensors(m); i++) {
-        ae_tensor t = ae_tensor_at(m, i);
+    for (int i = 0; i < kvc_ae_n_tensors(m); i++) {
+        ae_tensor t = kvc_ae_tensor_at(m, i);
         char key[96];
         if (t.trainable) {
             snprintf(key, sizeof key, "final_norm %s", t.name);
@@ -640,11 +640,11 @@ static void trajectory(const char *cs) {
             free(v);
         }
     }
-    traj_expect(ae_rel_error(m, x, n), strtod(fx_line(fx, cs, "rel_error"), NULL), &worst_final, "eval rel error", steps);
+    traj_expect(kvc_ae_rel_error(m, x, n), strtod(fx_line(fx, cs, "rel_error"), NULL), &worst_final, "eval rel error", steps);
     fprintf(stderr, "trajectory %s (%d steps): worst rel err vs torch: loss %.2e, grad norm %.2e, final %.2e, lr %.2e\n",
             cs, steps, worst_loss, worst_norm, worst_final, worst_lr);
     free(lrs), free(losses), free(norms), free(x), free(w), free(a), free(fx);
-    ae_free(m);
+    kvc_ae_free(m);
 }
 
 Test(ae_torch, trajectory_kvcar_batchnorm_mse) { trajectory("kvcar"); }

@@ -45,7 +45,7 @@
 
 static ae_config make_config(int d, int h, int r, ae_act act, ae_norm norm) {
     ae_config c;
-    ae_config_defaults(&c);
+    kvc_ae_config_defaults(&c);
     c.in_dim = d, c.hidden = h, c.latent = r, c.act = act, c.norm = norm;
     return c;
 }
@@ -69,7 +69,7 @@ static float randn(void) {
 
 static void need_gpu(void) {
     char why[256];
-    if (!ae_cuda_available(why, sizeof why)) cr_skip_test("CUDA parity skipped: %s", why);
+    if (!kvc_ae_cuda_available(why, sizeof why)) cr_skip_test("CUDA parity skipped: %s", why);
 }
 
 /* KV-like rows (ROWS, d): rank-12 structure, a few large channels, some noise. */
@@ -136,10 +136,10 @@ static double dist(const float *a, const float *b, size_t n) {
 
 /* First-step gradients of the GPU (downloaded into chk) against the CPU model's. */
 static void compare_grads(ae_model *cpu, ae_model *chk, const char *what) {
-    const ae_config *c = ae_get_config(cpu);
-    double gnorm = ae_grad_norm(cpu);
-    for (int i = 0; i < ae_n_tensors(cpu); i++) {
-        ae_tensor gc = ae_grad_at(cpu, i), gg = ae_grad_at(chk, i);
+    const ae_config *c = kvc_ae_get_config(cpu);
+    double gnorm = kvc_ae_grad_norm(cpu);
+    for (int i = 0; i < kvc_ae_n_tensors(cpu); i++) {
+        ae_tensor gc = kvc_ae_grad_at(cpu, i), gg = kvc_ae_grad_at(chk, i);
         if (!gc.data) continue;
         size_t n = (size_t)gc.rows * gc.cols;
         if (is_pre_bn_bias(c, gc.name)) {
@@ -160,12 +160,12 @@ static void compare_grads(ae_model *cpu, ae_model *chk, const char *what) {
  * in tensor order). */
 static void compare_state(ae_model *cpu, ae_model *chk, const float *init, float lr, const char *what,
                           double *worst) {
-    const ae_config *c = ae_get_config(cpu);
+    const ae_config *c = kvc_ae_get_config(cpu);
     double noise = NOISE_STEPS * lr * STEPS;
     size_t at = 0;
-    cr_assert_eq(ae_adam_steps(chk), ae_adam_steps(cpu), "%s: Adam step count", what);
-    for (int i = 0; i < ae_n_tensors(cpu); i++) {
-        ae_tensor tc = ae_tensor_at(cpu, i), tg = ae_tensor_at(chk, i);
+    cr_assert_eq(kvc_ae_adam_steps(chk), kvc_ae_adam_steps(cpu), "%s: Adam step count", what);
+    for (int i = 0; i < kvc_ae_n_tensors(cpu); i++) {
+        ae_tensor tc = kvc_ae_tensor_at(cpu, i), tg = kvc_ae_tensor_at(chk, i);
         size_t n = (size_t)tc.rows * tc.cols;
         const float *t0 = init + at;
         at += n;
@@ -184,8 +184,8 @@ static void compare_state(ae_model *cpu, ae_model *chk, const float *init, float
         if (off / moved > *worst) *worst = off / moved;
         if (!tc.trainable) continue;
         /* Adam moments: normalised error */
-        ae_tensor mc = ae_adam_m_at(cpu, i), mg = ae_adam_m_at(chk, i), vc = ae_adam_v_at(cpu, i),
-                  vg = ae_adam_v_at(chk, i);
+        ae_tensor mc = kvc_ae_adam_m_at(cpu, i), mg = kvc_ae_adam_m_at(chk, i), vc = kvc_ae_adam_v_at(cpu, i),
+                  vg = kvc_ae_adam_v_at(chk, i);
         double mn = 0, vn = 0;
         for (size_t k = 0; k < n; k++) mn += (double)mc.data[k] * mc.data[k], vn += (double)vc.data[k] * vc.data[k];
         cr_assert(dist(mg.data, mc.data, n) <= TOL_MOVE * sqrt(mn), "%s: Adam m of %s", what, tc.name);
@@ -205,23 +205,23 @@ static void parity(const char *what, ae_config cfg, ae_loss_kind kind, float mse
     rng_state = 42;
     float *x = make_data(D), *w = kind == AE_LOSS_KEY_ATTN ? make_key_weight(D) : NULL;
     float *a = malloc(sizeof(float) * QUERIES * ROWS);
-    ae_model *cpu = ae_new(&cfg, 1234, &err), *chk = ae_new(&cfg, 99, &err);
+    ae_model *cpu = kvc_ae_new(&cfg, 1234, &err), *chk = kvc_ae_new(&cfg, 99, &err);
     cr_assert(cpu && chk, "%s", err.msg);
-    ae_cuda *g = ae_cuda_new(cpu, &err);
-    cr_assert_not_null(g, "%s: ae_cuda_new: %s", what, err.msg);
+    ae_cuda *g = kvc_ae_cuda_new(cpu, &err);
+    cr_assert_not_null(g, "%s: kvc_ae_cuda_new: %s", what, err.msg);
 
     /* the CPU tensors before training, for compare_state */
     size_t total = 0, at = 0;
-    for (int i = 0; i < ae_n_tensors(cpu); i++) total += (size_t)ae_tensor_at(cpu, i).rows * ae_tensor_at(cpu, i).cols;
+    for (int i = 0; i < kvc_ae_n_tensors(cpu); i++) total += (size_t)kvc_ae_tensor_at(cpu, i).rows * kvc_ae_tensor_at(cpu, i).cols;
     float *init = malloc(total * sizeof(float));
-    for (int i = 0; i < ae_n_tensors(cpu); i++) {
-        ae_tensor t = ae_tensor_at(cpu, i);
+    for (int i = 0; i < kvc_ae_n_tensors(cpu); i++) {
+        ae_tensor t = kvc_ae_tensor_at(cpu, i);
         memcpy(init + at, t.data, sizeof(float) * t.rows * t.cols);
         at += (size_t)t.rows * t.cols;
     }
 
     ae_adam o;
-    ae_adam_defaults(&o);
+    kvc_ae_adam_defaults(&o);
     o.lr = 3e-3f;
     if (opt) o = *opt;
     float first = 0, last = 0;
@@ -233,35 +233,35 @@ static void parity(const char *what, ae_config cfg, ae_loss_kind kind, float mse
         row += n;
         if (kind == AE_LOSS_VALUE_ATTN) make_attention(a, QUERIES, n);
         ae_loss L = {kind, w, a, QUERIES, mse_mix};
-        float lc = ae_forward_backward(cpu, xb, n, &L);
-        float lg = ae_cuda_forward_backward(g, xb, n, &L, &err);
+        float lc = kvc_ae_forward_backward(cpu, xb, n, &L);
+        float lg = kvc_ae_cuda_forward_backward(g, xb, n, &L, &err);
         cr_assert(isfinite(lc), "%s: CPU loss at step %d is %g", what, s, lc);
         cr_assert(isfinite(lg), "%s: GPU loss at step %d is %g (%s)", what, s, lg, err.msg);
         cr_assert(fabs(lg - lc) <= TOL_LOSS * fabs(lc), "%s: step %d (batch %d) loss cuda %.9g cpu %.9g", what, s, n,
                   lg, lc);
         if (fabs(lg - lc) / fabs(lc) > worst_loss) worst_loss = fabs(lg - lc) / fabs(lc);
-        float gc = ae_grad_norm(cpu), gg = ae_cuda_grad_norm(g, &err);
+        float gc = kvc_ae_grad_norm(cpu), gg = kvc_ae_cuda_grad_norm(g, &err);
         cr_assert(fabs(gg - gc) <= TOL_LOSS * fabs(gc), "%s: step %d grad norm cuda %.9g cpu %.9g", what, s, gg, gc);
         if (s == 0) {
-            cr_assert_eq(ae_cuda_download(g, chk, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_ae_cuda_download(g, chk, &err), 0, "%s", err.msg);
             compare_grads(cpu, chk, what);
             first = lc;
         }
         last = lc;
-        ae_adam_step(cpu, &o);
-        cr_assert_eq(ae_cuda_adam_step(g, &o, &err), 0, "%s", err.msg);
+        kvc_ae_adam_step(cpu, &o);
+        cr_assert_eq(kvc_ae_cuda_adam_step(g, &o, &err), 0, "%s", err.msg);
     }
     if (!opt) cr_assert(last < first, "%s: training did not lower the loss (%g -> %g)", what, first, last);
-    cr_assert_eq(ae_cuda_adam_steps(g), STEPS);
-    cr_assert_eq(ae_cuda_download(g, chk, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_ae_cuda_adam_steps(g), STEPS);
+    cr_assert_eq(kvc_ae_cuda_download(g, chk, &err), 0, "%s", err.msg);
     double worst_move = 0; /* largest |gpu - cpu| / |cpu - init| of a tensor, logged */
     compare_state(cpu, chk, init, o.lr, what, &worst_move);
     cr_log_info("%s: %d steps, loss %.6g -> %.6g; worst step-loss difference %.2g relative, worst tensor %.2g of "
                 "its movement", what, STEPS, first, last, worst_loss, worst_move);
 
-    ae_cuda_free(g);
-    ae_free(cpu);
-    ae_free(chk);
+    kvc_ae_cuda_free(g);
+    kvc_ae_free(cpu);
+    kvc_ae_free(chk);
     free(init);
     free(x);
     free(w);
@@ -298,7 +298,7 @@ Test(ae_cuda_parity, strong_weight_decay_spares_biases_and_batchnorm) {
      * BatchNorm parameter by mistake would move it far outside its budget */
     static const int batch[] = {128};
     ae_adam o;
-    ae_adam_defaults(&o);
+    kvc_ae_adam_defaults(&o);
     o.lr = 1e-2f, o.weight_decay = 5.0f;
     parity("strong_decay", make_config(64, 32, 16, AE_ACT_LEAKY_RELU, AE_NORM_BATCH), AE_LOSS_MSE, 0, batch, 1, &o);
 }
@@ -313,29 +313,29 @@ Test(ae_cuda_parity, batchnorm_running_stats_without_updates) {
     ae_config cfg = make_config(64, 32, 16, AE_ACT_GELU, AE_NORM_BATCH);
     rng_state = 5;
     float *x = make_data(64);
-    ae_model *cpu = ae_new(&cfg, 77, &err), *chk = ae_new(&cfg, 78, &err);
+    ae_model *cpu = kvc_ae_new(&cfg, 77, &err), *chk = kvc_ae_new(&cfg, 78, &err);
     cr_assert(cpu && chk, "%s", err.msg);
-    ae_cuda *g = ae_cuda_new(cpu, &err);
+    ae_cuda *g = kvc_ae_cuda_new(cpu, &err);
     cr_assert_not_null(g, "%s", err.msg);
     ae_loss L = {AE_LOSS_MSE, NULL, NULL, 0, 0};
     for (int s = 0, row = 0; s < 5; row += batch[s], s++) {
         cr_assert(row + batch[s] <= ROWS);
-        float lc = ae_forward_backward(cpu, x + (size_t)row * 64, batch[s], &L);
-        float lg = ae_cuda_forward_backward(g, x + (size_t)row * 64, batch[s], &L, &err);
+        float lc = kvc_ae_forward_backward(cpu, x + (size_t)row * 64, batch[s], &L);
+        float lg = kvc_ae_cuda_forward_backward(g, x + (size_t)row * 64, batch[s], &L, &err);
         cr_assert(fabs(lg - lc) <= TOL_LOSS * fabs(lc), "step %d: loss cuda %.9g cpu %.9g (%s)", s, lg, lc, err.msg);
     }
-    cr_assert_eq(ae_cuda_download(g, chk, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_ae_cuda_download(g, chk, &err), 0, "%s", err.msg);
     compare_grads(cpu, chk, "no_updates");
-    for (int i = 0; i < ae_n_tensors(cpu); i++) {
-        ae_tensor tc = ae_tensor_at(cpu, i), tg = ae_tensor_at(chk, i);
+    for (int i = 0; i < kvc_ae_n_tensors(cpu); i++) {
+        ae_tensor tc = kvc_ae_tensor_at(cpu, i), tg = kvc_ae_tensor_at(chk, i);
         for (int k = 0; k < tc.rows * tc.cols; k++)
             cr_assert(fabs(tg.data[k] - tc.data[k]) <= 1e-6 + TOL_GRAD * fabs(tc.data[k]), "%s[%d]: cuda %.9g cpu %.9g",
                       tc.name, k, tg.data[k], tc.data[k]);
     }
-    cr_assert_eq(ae_cuda_adam_steps(g), 0);
-    ae_cuda_free(g);
-    ae_free(cpu);
-    ae_free(chk);
+    cr_assert_eq(kvc_ae_cuda_adam_steps(g), 0);
+    kvc_ae_cuda_free(g);
+    kvc_ae_free(cpu);
+    kvc_ae_free(chk);
     free(x);
 }
 
@@ -376,13 +376,13 @@ Test(ae_cuda_kernels, activations_and_derivatives) {
     for (int i = 0; i < N; i++) x[i] = 3.0f * randn(), dy[i] = randn();
     x[0] = 0.0f, x[1] = -0.0f, x[2] = 12.0f, x[3] = -12.0f, x[4] = 1e-4f;
     for (int a = 0; a < AE_ACT_COUNT; a++) {
-        cr_assert_eq(ae_cuda_test_act((ae_act)a, 0.01f, x, dy, N, y, dx, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_ae_cuda_test_act((ae_act)a, 0.01f, x, dy, N, y, dx, &err), 0, "%s", err.msg);
         for (int i = 0; i < N; i++) {
             double ry = act_ref(x[i], (ae_act)a, 0.01), rdx = dy[i] * dact_ref(x[i], (ae_act)a, 0.01);
             cr_assert(fabs(y[i] - ry) <= 1e-6 + EPS_F32 * fabs(ry), "%s(%g): cuda %.9g ref %.9g",
-                      ae_act_name((ae_act)a), x[i], y[i], ry);
+                      kvc_ae_act_name((ae_act)a), x[i], y[i], ry);
             cr_assert(fabs(dx[i] - rdx) <= 1e-6 + EPS_F32 * fabs(rdx), "%s'(%g): cuda %.9g ref %.9g",
-                      ae_act_name((ae_act)a), x[i], dx[i], rdx);
+                      kvc_ae_act_name((ae_act)a), x[i], dx[i], rdx);
         }
     }
 }
@@ -399,7 +399,7 @@ static void batchnorm_case(int n, int c) {
     for (int i = 0; i < n * c; i++) h[i] = 2.0f * randn() + 0.5f * (i % c), dy[i] = randn();
     for (int j = 0; j < c; j++) gam[j] = 1 + 0.3f * randn(), bet[j] = randn(), rm0[j] = rm[j] = randn(),
                                 rv0[j] = rv[j] = 1 + 0.1f * j;
-    cr_assert_eq(ae_cuda_test_batchnorm(h, gam, bet, rm, rv, n, c, eps, mom, dy, y, dh, dg, db, &err), 0, "%s",
+    cr_assert_eq(kvc_ae_cuda_test_batchnorm(h, gam, bet, rm, rv, n, c, eps, mom, dy, y, dh, dg, db, &err), 0, "%s",
                  err.msg);
     for (int j = 0; j < c; j++) {
         double mu = 0, var = 0, sd = 0, sdx = 0, dy_max = 0;
@@ -447,72 +447,72 @@ Test(ae_cuda, bad_arguments_fail_with_a_message) {
     kvc_err err = {{0}};
     ae_config c = make_config(16, 8, 4, AE_ACT_LEAKY_RELU, AE_NORM_BATCH);
     ae_config c2 = make_config(16, 0, 4, AE_ACT_NONE, AE_NORM_NONE);
-    ae_model *m = ae_new(&c, 1, &err), *other = ae_new(&c2, 1, &err);
+    ae_model *m = kvc_ae_new(&c, 1, &err), *other = kvc_ae_new(&c2, 1, &err);
     cr_assert(m && other, "%s", err.msg);
-    ae_cuda *g = ae_cuda_new(m, &err);
+    ae_cuda *g = kvc_ae_cuda_new(m, &err);
     cr_assert_not_null(g, "%s", err.msg);
     float x[4 * 16] = {0};
     ae_loss mse = {AE_LOSS_MSE, NULL, NULL, 0, 0}, key = {AE_LOSS_KEY_ATTN, NULL, NULL, 0, 0};
     err.msg[0] = 0;
-    cr_assert(isnan(ae_cuda_forward_backward(g, x, 1, &mse, &err)) && strstr(err.msg, "BatchNorm"),
+    cr_assert(isnan(kvc_ae_cuda_forward_backward(g, x, 1, &mse, &err)) && strstr(err.msg, "BatchNorm"),
               "one row with BatchNorm: '%s'", err.msg);
     err.msg[0] = 0;
-    cr_assert(isnan(ae_cuda_forward_backward(g, x, 4, &key, &err)) && err.msg[0], "KEY_ATTN without W");
+    cr_assert(isnan(kvc_ae_cuda_forward_backward(g, x, 4, &key, &err)) && err.msg[0], "KEY_ATTN without W");
     err.msg[0] = 0;
-    cr_assert_eq(ae_cuda_download(g, other, &err), -1);
+    cr_assert_eq(kvc_ae_cuda_download(g, other, &err), -1);
     cr_assert(err.msg[0], "download into another architecture must say why");
     /* a valid step still works after the rejected ones */
     for (int i = 0; i < 4 * 16; i++) x[i] = (float)(i % 7) - 3;
-    cr_assert(isfinite(ae_cuda_forward_backward(g, x, 4, &mse, &err)), "%s", err.msg);
-    ae_cuda_free(g);
-    ae_free(m);
-    ae_free(other);
+    cr_assert(isfinite(kvc_ae_cuda_forward_backward(g, x, 4, &mse, &err)), "%s", err.msg);
+    kvc_ae_cuda_free(g);
+    kvc_ae_free(m);
+    kvc_ae_free(other);
 }
 
 Test(ae_cuda, without_a_device_fails_cleanly) {
     char why[256] = "";
     kvc_err err = {{0}};
-    int avail = ae_cuda_available(why, sizeof why);
+    int avail = kvc_ae_cuda_available(why, sizeof why);
     cr_assert(avail == 0 || avail == 1);
-    cr_assert(why[0] != '\0', "ae_cuda_available must say what it found");
+    cr_assert(why[0] != '\0', "kvc_ae_cuda_available must say what it found");
     cr_log_info("CUDA trainer available: %d (%s)", avail, why);
     ae_config c = make_config(64, 32, 16, AE_ACT_LEAKY_RELU, AE_NORM_BATCH);
-    ae_model *m = ae_new(&c, 1, &err);
+    ae_model *m = kvc_ae_new(&c, 1, &err);
     cr_assert_not_null(m, "%s", err.msg);
     /* NULL handles and arguments: an error, never a crash */
     float x[2 * 64] = {0};
     ae_loss mse = {AE_LOSS_MSE, NULL, NULL, 0, 0};
     ae_adam o;
-    ae_adam_defaults(&o);
+    kvc_ae_adam_defaults(&o);
     err.msg[0] = 0;
-    cr_assert_null(ae_cuda_new(NULL, &err));
+    cr_assert_null(kvc_ae_cuda_new(NULL, &err));
     cr_assert(err.msg[0]);
     err.msg[0] = 0;
-    cr_assert(isnan(ae_cuda_forward_backward(NULL, x, 2, &mse, &err)) && err.msg[0]);
+    cr_assert(isnan(kvc_ae_cuda_forward_backward(NULL, x, 2, &mse, &err)) && err.msg[0]);
     err.msg[0] = 0;
-    cr_assert(isnan(ae_cuda_grad_norm(NULL, &err)) && err.msg[0]);
+    cr_assert(isnan(kvc_ae_cuda_grad_norm(NULL, &err)) && err.msg[0]);
     err.msg[0] = 0;
-    cr_assert(ae_cuda_adam_step(NULL, &o, &err) == -1 && err.msg[0]);
+    cr_assert(kvc_ae_cuda_adam_step(NULL, &o, &err) == -1 && err.msg[0]);
     err.msg[0] = 0;
-    cr_assert(ae_cuda_download(NULL, m, &err) == -1 && err.msg[0]);
-    cr_assert_eq(ae_cuda_adam_steps(NULL), 0);
-    ae_cuda_free(NULL);
+    cr_assert(kvc_ae_cuda_download(NULL, m, &err) == -1 && err.msg[0]);
+    cr_assert_eq(kvc_ae_cuda_adam_steps(NULL), 0);
+    kvc_ae_cuda_free(NULL);
     if (!avail) {
         /* no device: the trainer and the kernel entry points refuse with the reason */
         err.msg[0] = 0;
-        cr_assert_null(ae_cuda_new(m, &err), "ae_cuda_new must fail without a device");
+        cr_assert_null(kvc_ae_cuda_new(m, &err), "kvc_ae_cuda_new must fail without a device");
         cr_assert(strstr(err.msg, why) != NULL, "the error should carry the reason '%s', got '%s'", why, err.msg);
         float y[4], dx[4], in[4] = {-1, 0, 1, 2};
         err.msg[0] = 0;
-        cr_assert_eq(ae_cuda_test_act(AE_ACT_GELU, 0.01f, in, in, 4, y, dx, &err), -1);
+        cr_assert_eq(kvc_ae_cuda_test_act(AE_ACT_GELU, 0.01f, in, in, 4, y, dx, &err), -1);
         cr_assert(strstr(err.msg, "CUDA") != NULL, "kernel entry point without a device: '%s'", err.msg);
     } else {
-        ae_cuda *g = ae_cuda_new(m, &err);
-        cr_assert_not_null(g, "a device is present but ae_cuda_new failed: %s", err.msg);
-        cr_assert_eq(ae_cuda_adam_steps(g), ae_adam_steps(m));
-        ae_cuda_free(g);
+        ae_cuda *g = kvc_ae_cuda_new(m, &err);
+        cr_assert_not_null(g, "a device is present but kvc_ae_cuda_new failed: %s", err.msg);
+        cr_assert_eq(kvc_ae_cuda_adam_steps(g), kvc_ae_adam_steps(m));
+        kvc_ae_cuda_free(g);
     }
-    ae_free(m);
+    kvc_ae_free(m);
 }
 
 #else
@@ -522,6 +522,6 @@ Test(ae_cuda, cpu_config_still_checks) {
     /* the CPU side of the twin pair stands on its own in a CPU-only build */
     kvc_err err = {{0}};
     ae_config c = make_config(64, 32, 16, AE_ACT_LEAKY_RELU, AE_NORM_BATCH);
-    cr_assert_eq(ae_config_check(&c, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_ae_config_check(&c, &err), 0, "%s", err.msg);
 }
 #endif

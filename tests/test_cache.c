@@ -60,7 +60,7 @@ static void fill(float *x, size_t n) {
 
 Test(cache, attends_like_the_reference_with_gapped_positions) {
     kvc_err err = {{0}};
-    kvc_cache *c = cache_full_new(&SHAPE, &err);
+    kvc_cache *c = kvc_cache_full_new(&SHAPE, &err);
     cr_assert_not_null(c, "%s", err.msg);
     enum { N = 6, H = 4, K = 2, D = 8 };
     float k[N * K * D], v[N * K * D], q[2 * H * D], out[2 * H * D];
@@ -69,21 +69,21 @@ Test(cache, attends_like_the_reference_with_gapped_positions) {
     fill(v, sizeof v / 4);
     fill(q, sizeof q / 4);
     /* two chunks, as prefill then decode would append them */
-    cr_assert_eq(cache_append(c, 1, k, v, pos, 4, &err), 0);
-    cr_assert_eq(cache_append(c, 1, k + 4 * K * D, v + 4 * K * D, pos + 4, 2, &err), 0);
-    cr_expect_eq(cache_n_tokens(c, 1), N);
-    cr_expect_eq(cache_n_tokens(c, 0), 0);
+    cr_assert_eq(kvc_cache_append(c, 1, k, v, pos, 4, &err), 0);
+    cr_assert_eq(kvc_cache_append(c, 1, k + 4 * K * D, v + 4 * K * D, pos + 4, 2, &err), 0);
+    cr_expect_eq(kvc_cache_n_tokens(c, 1), N);
+    cr_expect_eq(kvc_cache_n_tokens(c, 0), 0);
     int32_t qpos[2] = {8, 30}; /* the first query must not see positions 9 and 30 */
-    cr_assert_eq(cache_attend(c, 1, q, qpos, 2, out, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_cache_attend(c, 1, q, qpos, 2, out, &err), 0, "%s", err.msg);
     double ref[2 * H * D];
     ref_attend(q, qpos, 2, k, v, pos, N, ref);
     for (int i = 0; i < 2 * H * D; i++) cr_expect(fabs(out[i] - ref[i]) < ATT_TOL, "out[%d] %f vs %f", i, out[i], ref[i]);
-    cache_free(c);
+    kvc_cache_free(c);
 }
 
 Test(cache, single_visible_token_returns_its_value_per_gqa_group) {
     kvc_err err = {{0}};
-    kvc_cache *c = cache_full_new(&SHAPE, &err);
+    kvc_cache *c = kvc_cache_full_new(&SHAPE, &err);
     enum { H = 4, K = 2, D = 8 };
     float k[2 * K * D], v[2 * K * D], q[H * D], out[H * D];
     fill(k, sizeof k / 4);
@@ -92,49 +92,49 @@ Test(cache, single_visible_token_returns_its_value_per_gqa_group) {
         for (int g = 0; g < K; g++)
             for (int d = 0; d < D; d++) v[(t * K + g) * D + d] = (float)(100 * t + 10 * g + d);
     int32_t pos[2] = {3, 4}, qp = 3;
-    cr_assert_eq(cache_append(c, 0, k, v, pos, 2, &err), 0);
-    cr_assert_eq(cache_attend(c, 0, q, &qp, 1, out, &err), 0);
+    cr_assert_eq(kvc_cache_append(c, 0, k, v, pos, 2, &err), 0);
+    cr_assert_eq(kvc_cache_attend(c, 0, q, &qp, 1, out, &err), 0);
     for (int h = 0; h < H; h++)
         for (int d = 0; d < D; d++) /* heads 0,1 read kv head 0; heads 2,3 read kv head 1 */
             cr_expect_float_eq(out[h * D + d], (float)(10 * (h / 2) + d), 1e-6, "head %d dim %d", h, d);
-    cache_free(c);
+    kvc_cache_free(c);
 }
 
 Test(cache, bytes_reset_capacity_and_errors) {
     kvc_err err = {{0}};
-    kvc_cache *c = cache_full_new(&SHAPE, &err);
+    kvc_cache *c = kvc_cache_full_new(&SHAPE, &err);
     enum { K = 2, D = 8 };
     float kv[16 * K * D] = {0};
     int32_t pos[17];
     for (int i = 0; i < 17; i++) pos[i] = i;
-    cr_expect_eq(cache_bytes(c), 0);
-    cr_assert_eq(cache_append(c, 0, kv, kv, pos, 5, &err), 0);
-    cr_assert_eq(cache_append(c, 1, kv, kv, pos, 3, &err), 0);
-    cr_expect_eq(cache_bytes(c), (size_t)8 * (2 * K * D * 4 + 4), "K and V in f32 plus a position per token");
-    cr_expect_eq(cache_append(c, 0, kv, kv, pos, 12, &err), -1, "capacity 16 exceeded");
+    cr_expect_eq(kvc_cache_bytes(c), 0);
+    cr_assert_eq(kvc_cache_append(c, 0, kv, kv, pos, 5, &err), 0);
+    cr_assert_eq(kvc_cache_append(c, 1, kv, kv, pos, 3, &err), 0);
+    cr_expect_eq(kvc_cache_bytes(c), (size_t)8 * (2 * K * D * 4 + 4), "K and V in f32 plus a position per token");
+    cr_expect_eq(kvc_cache_append(c, 0, kv, kv, pos, 12, &err), -1, "capacity 16 exceeded");
     cr_expect(strstr(err.msg, "full") != NULL, "%s", err.msg);
-    cr_expect_eq(cache_n_tokens(c, 0), 5, "a failed append changes nothing");
-    cr_expect_eq(cache_append(c, 2, kv, kv, pos, 1, &err), -1);
-    cr_expect_eq(cache_attend(c, -1, kv, pos, 1, kv, &err), -1);
-    cr_expect_eq(cache_n_tokens(c, 5), -1);
-    cache_reset(c);
-    cr_expect_eq(cache_bytes(c), 0);
-    cr_expect_eq(cache_n_tokens(c, 0), 0);
-    cr_expect_eq(cache_end_step(c, &err), 0);
-    cache_free(c);
+    cr_expect_eq(kvc_cache_n_tokens(c, 0), 5, "a failed append changes nothing");
+    cr_expect_eq(kvc_cache_append(c, 2, kv, kv, pos, 1, &err), -1);
+    cr_expect_eq(kvc_cache_attend(c, -1, kv, pos, 1, kv, &err), -1);
+    cr_expect_eq(kvc_cache_n_tokens(c, 5), -1);
+    kvc_cache_reset(c);
+    cr_expect_eq(kvc_cache_bytes(c), 0);
+    cr_expect_eq(kvc_cache_n_tokens(c, 0), 0);
+    cr_expect_eq(kvc_cache_end_step(c, &err), 0);
+    kvc_cache_free(c);
     kvc_cache_shape bad = SHAPE;
     bad.n_head = 3; /* not a multiple of the kv heads */
-    cr_expect_null(cache_full_new(&bad, &err));
+    cr_expect_null(kvc_cache_full_new(&bad, &err));
     cr_expect(strstr(err.msg, "invalid shape") != NULL, "%s", err.msg);
 }
 
 Test(cache, query_before_every_key_gets_zeros) {
     kvc_err err = {{0}};
-    kvc_cache *c = cache_full_new(&SHAPE, &err);
+    kvc_cache *c = kvc_cache_full_new(&SHAPE, &err);
     float k[2 * 8] = {1}, v[2 * 8] = {1, 2, 3}, q[4 * 8] = {1}, out[4 * 8];
     int32_t p = 5, qp = 2;
-    cr_assert_eq(cache_append(c, 0, k, v, &p, 1, &err), 0);
-    cr_assert_eq(cache_attend(c, 0, q, &qp, 1, out, &err), 0);
+    cr_assert_eq(kvc_cache_append(c, 0, k, v, &p, 1, &err), 0);
+    cr_assert_eq(kvc_cache_attend(c, 0, q, &qp, 1, out, &err), 0);
     for (int i = 0; i < 32; i++) cr_expect_eq(out[i], 0.0f);
-    cache_free(c);
+    kvc_cache_free(c);
 }

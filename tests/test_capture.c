@@ -47,10 +47,10 @@ Test(capture, layer0_projections_positions_and_attributes, .timeout = 300) {
     snprintf(p16, sizeof p16, "/tmp/kvc_cap16.%d.h5", getpid());
     kvc_err err = {{0}};
     const char *paths[1] = {p32};
-    kvc_dataset *d = dataset_open(paths, 1, &err);
+    kvc_dataset *d = kvc_dataset_open(paths, 1, &err);
     cr_assert_not_null(d, "%s", err.msg);
-    const kvc_kv_info *I = dataset_info(d);
-    kvc_model *m = model_load(model, &err);
+    const kvc_kv_info *I = kvc_dataset_info(d);
+    kvc_model *m = kvc_model_load(model, &err);
     cr_assert_not_null(m, "%s", err.msg);
     cr_expect_eq(I->n_tokens, 600);
     cr_expect_eq(I->n_layers_stored, 3);
@@ -67,30 +67,30 @@ Test(capture, layer0_projections_positions_and_attributes, .timeout = 300) {
     cr_expect_str_eq(I->corpus_sha256, sha);
     free(txt);
     int32_t pos[600];
-    cr_assert_eq(dataset_read_positions(d, 0, 600, pos, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_dataset_read_positions(d, 0, 600, pos, &err), 0, "%s", err.msg);
     cr_expect(pos[0] == 0 && pos[255] == 255 && pos[256] == 0 && pos[599] == 599 - 512);
     /* layer 0 depends on the token alone: k = Wk rmsnorm(embed(token)) before RoPE */
     enum { D = 64, T = 5 };
     const int E = m->hp.n_embd;
     const int tok_at[T] = {0, 1, 255, 256, 599};
     float *k = malloc(600 * 3 * D * 4), *v = malloc(600 * 3 * D * 4), *q = malloc(600 * 9 * D * 4);
-    cr_assert_eq(dataset_read(d, 0, KV_K, 0, 600, k, &err), 0, "%s", err.msg);
-    cr_assert_eq(dataset_read(d, 0, KV_V, 0, 600, v, &err), 0);
-    cr_assert_eq(dataset_read(d, 0, KV_Q, 0, 600, q, &err), 0);
+    cr_assert_eq(kvc_dataset_read(d, 0, KV_K, 0, 600, k, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_dataset_read(d, 0, KV_V, 0, 600, v, &err), 0);
+    cr_assert_eq(kvc_dataset_read(d, 0, KV_Q, 0, 600, q, &err), 0);
     /* token ids: re-tokenize the corpus head the way capture does */
     cr_assert_eq(kvc_read_file(KVC_SOURCE_DIR "/data/corpora/train-python-docs.txt", &txt, &len, &err), 0);
     int32_t *ids = malloc(4096 * sizeof *ids);
-    int64_t nt = tokenizer_encode(m->tok, txt, 20000, 0, ids, 4096, &err);
+    int64_t nt = kvc_tokenizer_encode(m->tok, txt, 20000, 0, ids, 4096, &err);
     cr_assert(nt >= 600);
     free(txt);
     float *x = malloc(E * 4), *xn = malloc(E * 4), *rk = malloc(3 * D * 4), *rv = malloc(3 * D * 4), *rq = malloc(9 * D * 4);
     for (int i = 0; i < T; i++) {
         int t = tok_at[i];
         memcpy(x, m->tok_embd.f + (size_t)ids[t] * E, E * 4);
-        rmsnorm_cpu(xn, x, m->layers[0].attn_norm, 1, E, m->hp.rms_eps);
-        matmul_cpu(rk, xn, &m->layers[0].wk, 1);
-        matmul_cpu(rv, xn, &m->layers[0].wv, 1);
-        matmul_cpu(rq, xn, &m->layers[0].wq, 1);
+        kvc_rmsnorm_cpu(xn, x, m->layers[0].attn_norm, 1, E, m->hp.rms_eps);
+        kvc_matmul_cpu(rk, xn, &m->layers[0].wk, 1);
+        kvc_matmul_cpu(rv, xn, &m->layers[0].wv, 1);
+        kvc_matmul_cpu(rq, xn, &m->layers[0].wq, 1);
         double ek = 0, nk = 0, ev = 0, nv = 0, eq = 0, nq = 0;
         for (int j = 0; j < 3 * D; j++) {
             ek += pow(k[t * 3 * D + j] - rk[j], 2); nk += rk[j] * rk[j];
@@ -103,18 +103,18 @@ Test(capture, layer0_projections_positions_and_attributes, .timeout = 300) {
     }
     /* the f16 file holds the same values to half precision */
     const char *p2[1] = {p16};
-    kvc_dataset *d16 = dataset_open(p2, 1, &err);
+    kvc_dataset *d16 = kvc_dataset_open(p2, 1, &err);
     cr_assert_not_null(d16, "%s", err.msg);
-    cr_expect_str_eq(dataset_info(d16)->dtype, "f16");
+    cr_expect_str_eq(kvc_dataset_info(d16)->dtype, "f16");
     float *k16 = malloc(600 * 3 * D * 4);
-    cr_assert_eq(dataset_read(d16, 2, KV_K, 0, 600, k16, &err), 0, "%s", err.msg);
-    cr_assert_eq(dataset_read(d, 2, KV_K, 0, 600, k, &err), 0);
+    cr_assert_eq(kvc_dataset_read(d16, 2, KV_K, 0, 600, k16, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_dataset_read(d, 2, KV_K, 0, 600, k, &err), 0);
     double worst = 0;
     for (int i = 0; i < 600 * 3 * D; i++) worst = fmax(worst, fabs(k16[i] - k[i]) / fmax(fabs(k[i]), 1.0));
     cr_expect(worst < F16_TOL, "f16 vs f32 worst relative difference %g", worst);
-    dataset_close(d16);
-    dataset_close(d);
-    model_free(m);
+    kvc_dataset_close(d16);
+    kvc_dataset_close(d);
+    kvc_model_free(m);
     free(k); free(v); free(q); free(k16); free(ids); free(x); free(xn); free(rk); free(rv); free(rq);
     unlink(p32);
     unlink(p16);

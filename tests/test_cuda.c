@@ -21,7 +21,7 @@ static float r1(void) { s = s * 1664525u + 1013904223u; return (float)(s >> 8) /
 
 static void need_gpu(void) {
     char why[256];
-    if (!backend_cuda_available(why, sizeof why)) cr_skip_test("CUDA parity skipped: %s", why);
+    if (!kvc_backend_cuda_available(why, sizeof why)) cr_skip_test("CUDA parity skipped: %s", why);
 }
 
 static void expect_close(const float *got, const float *ref, size_t n, double abs_tol, const char *what) {
@@ -37,19 +37,19 @@ Test(cuda, rmsnorm_rope_swiglu) {
     kvc_err err = {{0}};
     for (int i = 0; i < N * E; i++) x[i] = r1() * 3;
     for (int i = 0; i < E; i++) g[i] = r1();
-    rmsnorm_cpu(a, x, g, N, E, 1e-5f);
-    cr_assert_eq(rmsnorm_cuda(b, x, g, N, E, 1e-5f, &err), 0, "%s", err.msg);
+    kvc_rmsnorm_cpu(a, x, g, N, E, 1e-5f);
+    cr_assert_eq(kvc_rmsnorm_cuda(b, x, g, N, E, 1e-5f, &err), 0, "%s", err.msg);
     expect_close(b, a, N * E, 1e-6, "rmsnorm");
     int32_t pos[N] = {0, 1, 5, 100, 1000, 4000, 8191};
     memcpy(a, x, N * E * 4);
     memcpy(b, x, N * E * 4);
     cr_assert_eq(kvc_rope_apply(a, pos, N, H, D, 100000.0f), 0);
-    cr_assert_eq(rope_cuda(b, pos, N, H, D, 100000.0f, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_rope_cuda(b, pos, N, H, D, 100000.0f, &err), 0, "%s", err.msg);
     expect_close(b, a, N * E, 2e-4, "rope"); /* large angles: sincosf argument reduction differs */
     memcpy(a, x, N * E * 4);
     memcpy(b, x, N * E * 4);
-    swiglu_cpu(a, g, E);
-    cr_assert_eq(swiglu_cuda(b, g, E, &err), 0, "%s", err.msg);
+    kvc_swiglu_cpu(a, g, E);
+    cr_assert_eq(kvc_swiglu_cuda(b, g, E, &err), 0, "%s", err.msg);
     expect_close(b, a, E, 1e-6, "swiglu");
     free(x); free(g); free(a); free(b);
 }
@@ -66,16 +66,16 @@ Test(cuda, dequantize_and_matmul) {
     const uint32_t types[2] = {GGML_T_Q8_0, GGML_T_Q4_1};
     const int n_elems[2] = {NB * 32, (NB * 34 / 20) * 32};
     for (int t = 0; t < 2; t++) {
-        cr_assert_eq(dequantize_row(types[t], q, a, n_elems[t]), 0);
-        cr_assert_eq(dequantize_cuda(types[t], q, c, n_elems[t], &err), 0, "%s", err.msg);
-        expect_close(c, a, (size_t)n_elems[t], 0, ggml_type_name(types[t]));
+        cr_assert_eq(kvc_dequantize_row(types[t], q, a, n_elems[t]), 0);
+        cr_assert_eq(kvc_dequantize_cuda(types[t], q, c, n_elems[t], &err), 0, "%s", err.msg);
+        expect_close(c, a, (size_t)n_elems[t], 0, kvc_ggml_type_name(types[t]));
     }
     float *w = malloc(O * I * 4), *x = malloc(N * I * 4), *y1 = malloc(N * O * 4), *y2 = malloc(N * O * 4);
     for (int i = 0; i < O * I; i++) w[i] = r1();
     for (int i = 0; i < N * I; i++) x[i] = r1();
     kvc_matrix m = {NULL, GGML_T_F32, w, O, I, I * 4};
-    matmul_cpu(y1, x, &m, N);
-    cr_assert_eq(matmul_cuda(y2, x, w, N, O, I, &err), 0, "%s", err.msg);
+    kvc_matmul_cpu(y1, x, &m, N);
+    cr_assert_eq(kvc_matmul_cuda(y2, x, w, N, O, I, &err), 0, "%s", err.msg);
     expect_close(y2, y1, N * O, 1e-4, "matmul");
     free(w); free(x); free(y1); free(y2);
 }
@@ -85,8 +85,8 @@ Test(cuda, not_built) { cr_skip_test("CUDA parity skipped: this build has no CUD
 
 Test(cuda, cpu_build_runs_without_a_driver) {
     char why[256] = "";
-    int avail = backend_cuda_available(why, sizeof why);
+    int avail = kvc_backend_cuda_available(why, sizeof why);
     cr_expect(avail == 0 || avail == 1);
     cr_expect(why[0] != '\0', "backend must say what it found");
-    cr_log_info("CUDA compiled: %d, available: %d (%s)", backend_cuda_compiled(), avail, why);
+    cr_log_info("CUDA compiled: %d, available: %d (%s)", kvc_backend_cuda_compiled(), avail, why);
 }

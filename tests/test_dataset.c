@@ -67,8 +67,8 @@ static float stored_val(const char *dtype, int64_t t, int l, int kind, int e) {
  * and chunks do not line up. Positions restart every ctx tokens from the file's start. */
 static void make_file(const char *path, const kvc_kv_info *in, int64_t n, int64_t t_base, int chunk, int gzip) {
     kvc_err err = {{0}};
-    kvc_kv_writer *w = kv_writer_open(path, in, chunk, gzip, &err);
-    cr_assert(w, "kv_writer_open: %s", err.msg);
+    kvc_kv_writer *w = kvc_kv_writer_open(path, in, chunk, gzip, &err);
+    cr_assert(w, "kvc_kv_writer_open: %s", err.msg);
     const int S = 37, L = in->n_layers_stored;
     float *buf[3][KVC_MAX_LAYERS];
     for (int kind = 0; kind < 3; kind++)
@@ -84,15 +84,15 @@ static void make_file(const char *path, const kvc_kv_info *in, int64_t n, int64_
                     for (int e = 0; e < row_elems(in, kind); e++)
                         buf[kind][j][r * row_elems(in, kind) + e] = ref_val(t_base + t + r, in->layers[j], kind, e);
         }
-        cr_assert_eq(kv_writer_append(w, ids, pos, m, (const float *const *)buf[KV_K], (const float *const *)buf[KV_V],
+        cr_assert_eq(kvc_kv_writer_append(w, ids, pos, m, (const float *const *)buf[KV_K], (const float *const *)buf[KV_V],
                                       (const float *const *)buf[KV_Q], &err), 0, "append: %s", err.msg);
     }
-    cr_assert_eq(kv_writer_close(w, 1, &err), 0, "close: %s", err.msg);
+    cr_assert_eq(kvc_kv_writer_close(w, 1, &err), 0, "close: %s", err.msg);
     for (int kind = 0; kind < 3; kind++)
         for (int j = 0; j < L; j++) free(buf[kind][j]);
 }
 
-/* Asserts that no HDF5 file or object is left open (after dataset_close or a failed open). */
+/* Asserts that no HDF5 file or object is left open (after kvc_dataset_close or a failed open). */
 static void assert_no_open_hdf5(void) {
     ssize_t n = H5Fget_obj_count(H5F_OBJ_ALL, H5F_OBJ_ALL);
     cr_assert_eq(n, 0, "%zd HDF5 objects left open", n);
@@ -101,16 +101,16 @@ static void assert_no_open_hdf5(void) {
 /* Opens paths, asserting success. */
 static kvc_dataset *open_ok(const char *const *paths, int n) {
     kvc_err err = {{0}};
-    kvc_dataset *d = dataset_open(paths, n, &err);
-    cr_assert(d, "dataset_open: %s", err.msg);
+    kvc_dataset *d = kvc_dataset_open(paths, n, &err);
+    cr_assert(d, "kvc_dataset_open: %s", err.msg);
     return d;
 }
 
 /* Opens paths expecting failure; every string in want[] must be in the message. */
 static void open_fails(const char *const *paths, int n, const char *const *want, int n_want) {
     kvc_err err = {{0}};
-    kvc_dataset *d = dataset_open(paths, n, &err);
-    cr_assert_null(d, "dataset_open should have failed");
+    kvc_dataset *d = kvc_dataset_open(paths, n, &err);
+    cr_assert_null(d, "kvc_dataset_open should have failed");
     assert_no_open_hdf5();
     for (int i = 0; i < n_want; i++) cr_assert(strstr(err.msg, want[i]), "message '%s' lacks '%s'", err.msg, want[i]);
 }
@@ -252,13 +252,13 @@ static void make_file_by_hand(const char *path, const kvc_kv_info *in, int64_t n
  * positions restart at 0) as dtype_b. */
 static void check_reads(kvc_dataset *d, const char *dtype_a, int64_t split, const char *dtype_b, int64_t t0,
                         int64_t n) {
-    const kvc_kv_info *in = dataset_info(d);
+    const kvc_kv_info *in = kvc_dataset_info(d);
     kvc_err err = {{0}};
     for (int j = 0; j < in->n_layers_stored; j++)
         for (int kind = 0; kind < 3; kind++) {
             int re = row_elems(in, kind);
             float *out = malloc((size_t)n * re * sizeof *out);
-            cr_assert_eq(dataset_read(d, j, kind, t0, n, out, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_dataset_read(d, j, kind, t0, n, out, &err), 0, "%s", err.msg);
             for (int64_t t = 0; t < n; t++)
                 for (int e = 0; e < re; e++) {
                     int64_t g = t0 + t;
@@ -271,7 +271,7 @@ static void check_reads(kvc_dataset *d, const char *dtype_a, int64_t split, cons
             free(out);
         }
     int32_t *pos = malloc((size_t)n * sizeof *pos);
-    cr_assert_eq(dataset_read_positions(d, t0, n, pos, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_dataset_read_positions(d, t0, n, pos, &err), 0, "%s", err.msg);
     for (int64_t t = 0; t < n; t++) {
         int64_t g = t0 + t, local = g >= split ? g - split : g;
         cr_assert_eq(pos[t], local % in->ctx, "position of token %lld", (long long)g);
@@ -284,7 +284,7 @@ Test(dataset, roundtrip_f32) {
     const char *p = tmp_path("f32");
     make_file(p, &in, 100, 0, 16, 0);
     kvc_dataset *d = open_ok(&p, 1);
-    const kvc_kv_info *i = dataset_info(d);
+    const kvc_kv_info *i = kvc_dataset_info(d);
     cr_assert_eq(i->n_tokens, 100);
     cr_assert_str_eq(i->model_fingerprint, "0123456789abcdef");
     cr_assert_str_eq(i->model_name, "tiny-test");
@@ -300,7 +300,7 @@ Test(dataset, roundtrip_f32) {
     check_reads(d, "f32", 1 << 30, "f32", 0, 100);
     check_reads(d, "f32", 1 << 30, "f32", 13, 40); /* starts and ends inside chunks */
     check_reads(d, "f32", 1 << 30, "f32", 99, 1);
-    dataset_close(d);
+    kvc_dataset_close(d);
     assert_no_open_hdf5();
     unlink(p);
 }
@@ -310,10 +310,10 @@ Test(dataset, roundtrip_f16_within_half_rounding) {
     const char *p = tmp_path("f16");
     make_file(p, &in, 150, 0, 32, 0);
     kvc_dataset *d = open_ok(&p, 1);
-    cr_assert_str_eq(dataset_info(d)->dtype, "f16");
+    cr_assert_str_eq(kvc_dataset_info(d)->dtype, "f16");
     check_reads(d, "f16", 1 << 30, "f16", 0, 150);
     check_reads(d, "f16", 1 << 30, "f16", 31, 66);
-    dataset_close(d);
+    kvc_dataset_close(d);
     unlink(p);
 }
 
@@ -333,12 +333,12 @@ Test(dataset, f16_conversion_is_exact_for_every_finite_half) {
     kvc_dataset *d = open_ok(&p, 1);
     float *out = malloc(65536 * sizeof *out);
     kvc_err err = {{0}};
-    cr_assert_eq(dataset_read(d, 0, KV_K, 0, N, out, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_dataset_read(d, 0, KV_K, 0, N, out, &err), 0, "%s", err.msg);
     for (int i = 0; i < 65536; i++) {
         float want = kvc_f16_to_f32(h[i]);
         cr_assert(memcmp(&out[i], &want, 4) == 0, "half 0x%04x: %a != %a", h[i], out[i], want);
     }
-    dataset_close(d);
+    kvc_dataset_close(d);
     free(out);
     free(h);
     unlink(p);
@@ -351,7 +351,7 @@ Test(dataset, f16_reads_longer_than_the_staging_buffer) {
     make_file(p, &in, 600, 0, 64, 0);
     kvc_dataset *d = open_ok(&p, 1);
     check_reads(d, "f16", 1 << 30, "f16", 100, 450); /* pieces [100,256) [256,512) [512,550) */
-    dataset_close(d);
+    kvc_dataset_close(d);
     unlink(p);
 }
 
@@ -362,7 +362,7 @@ Test(dataset, roundtrip_gzip_chunks) {
     kvc_dataset *d = open_ok(&p, 1);
     check_reads(d, "f16", 1 << 30, "f16", 0, 120);
     check_reads(d, "f16", 1 << 30, "f16", 23, 50);
-    dataset_close(d);
+    kvc_dataset_close(d);
     unlink(p);
 }
 
@@ -373,7 +373,7 @@ Test(dataset, reads_a_file_written_by_hand_big_endian_unchunked) {
     kvc_dataset *d = open_ok(&p, 1);
     check_reads(d, "f16", 1 << 30, "f16", 0, 40);
     check_reads(d, "f16", 1 << 30, "f16", 7, 9);
-    dataset_close(d);
+    kvc_dataset_close(d);
     unlink(p);
 }
 
@@ -384,13 +384,13 @@ Test(dataset, two_files_read_as_one_across_the_boundary) {
     make_file(p[0], &a, 70, 0, 16, 0);
     make_file(p[1], &b, 45, 70, 16, 0);
     kvc_dataset *d = open_ok(p, 2);
-    cr_assert_eq(dataset_info(d)->n_tokens, 115);
-    cr_assert_str_eq(dataset_info(d)->dtype, "mixed");
+    cr_assert_eq(kvc_dataset_info(d)->n_tokens, 115);
+    cr_assert_str_eq(kvc_dataset_info(d)->dtype, "mixed");
     check_reads(d, "f32", 70, "f16", 0, 115);
     check_reads(d, "f32", 70, "f16", 60, 20);
     check_reads(d, "f32", 70, "f16", 70, 1);
     check_reads(d, "f32", 70, "f16", 69, 1);
-    dataset_close(d);
+    kvc_dataset_close(d);
     assert_no_open_hdf5();
     unlink(p[0]);
     unlink(p[1]);
@@ -491,13 +491,13 @@ Test(dataset, reports_nan_and_inf_with_file_layer_and_row) {
     kvc_dataset *d = open_ok(&p, 1);
     float out[50 * 32];
     kvc_err err = {{0}};
-    cr_assert_eq(dataset_read(d, 0, KV_V, 0, 50, out, &err), 0, "layer 1 is clean: %s", err.msg);
-    cr_assert_eq(dataset_read(d, 1, KV_V, 0, 21, out, &err), 0, "rows before the NaN are clean: %s", err.msg);
-    cr_assert_eq(dataset_read(d, 1, KV_V, 10, 20, out, &err), -1);
+    cr_assert_eq(kvc_dataset_read(d, 0, KV_V, 0, 50, out, &err), 0, "layer 1 is clean: %s", err.msg);
+    cr_assert_eq(kvc_dataset_read(d, 1, KV_V, 0, 21, out, &err), 0, "rows before the NaN are clean: %s", err.msg);
+    cr_assert_eq(kvc_dataset_read(d, 1, KV_V, 10, 20, out, &err), -1);
     cr_assert(strstr(err.msg, p) && strstr(err.msg, "NaN") && strstr(err.msg, "layer 3 v") && strstr(err.msg, "row 21"),
               "%s", err.msg);
     cr_assert(strstr(err.msg, "head 1, element 5"), "%s", err.msg);
-    dataset_close(d);
+    kvc_dataset_close(d);
 
     in = test_info("f32");
     const char *p2[2] = {tmp_path("clean"), tmp_path("inf")};
@@ -505,10 +505,10 @@ Test(dataset, reports_nan_and_inf_with_file_layer_and_row) {
     make_file(p2[1], &in, 30, 30, 16, 0);
     poke(p2[1], "/layer_01/q", 7, 0, 0, 0, INFINITY);
     d = open_ok(p2, 2);
-    cr_assert_eq(dataset_read(d, 0, KV_Q, 20, 20, out, &err), -1);
+    cr_assert_eq(kvc_dataset_read(d, 0, KV_Q, 20, 20, out, &err), -1);
     cr_assert(strstr(err.msg, p2[1]) && strstr(err.msg, "Inf") && strstr(err.msg, "layer 1 q") &&
               strstr(err.msg, "row 7") && strstr(err.msg, "token 37"), "%s", err.msg);
-    dataset_close(d);
+    kvc_dataset_close(d);
     unlink(p);
     unlink(p2[0]);
     unlink(p2[1]);
@@ -522,15 +522,15 @@ Test(dataset, rejects_out_of_range_reads) {
     float out[64 * 32];
     int32_t pos[64];
     kvc_err err = {{0}};
-    cr_assert_eq(dataset_read(d, 0, KV_K, 15, 6, out, &err), -1);
+    cr_assert_eq(kvc_dataset_read(d, 0, KV_K, 15, 6, out, &err), -1);
     cr_assert(strstr(err.msg, "[15, 21)") && strstr(err.msg, "has 20"), "%s", err.msg);
-    cr_assert_eq(dataset_read(d, 0, KV_K, -1, 2, out, &err), -1);
-    cr_assert_eq(dataset_read(d, 2, KV_K, 0, 2, out, &err), -1);
+    cr_assert_eq(kvc_dataset_read(d, 0, KV_K, -1, 2, out, &err), -1);
+    cr_assert_eq(kvc_dataset_read(d, 2, KV_K, 0, 2, out, &err), -1);
     cr_assert(strstr(err.msg, "stores 2 layers"), "%s", err.msg);
-    cr_assert_eq(dataset_read(d, 0, 3, 0, 2, out, &err), -1);
-    cr_assert_eq(dataset_read_positions(d, 10, 11, pos, &err), -1);
-    cr_assert_eq(dataset_read(d, 0, KV_K, 20, 0, out, &err), 0, "an empty read at the end is fine");
-    dataset_close(d);
+    cr_assert_eq(kvc_dataset_read(d, 0, 3, 0, 2, out, &err), -1);
+    cr_assert_eq(kvc_dataset_read_positions(d, 10, 11, pos, &err), -1);
+    cr_assert_eq(kvc_dataset_read(d, 0, KV_K, 20, 0, out, &err), 0, "an empty read at the end is fine");
+    kvc_dataset_close(d);
     unlink(p);
 }
 
@@ -540,12 +540,12 @@ Test(dataset, rejects_out_of_range_reads) {
  * (indexed from o->begin) and returns the batch count. order (optional) records the tokens. */
 static int run_epoch(kvc_batcher *bt, kvc_dataset *d, const kvc_batch_opts *o, const char *dtype, int *seen,
                      int64_t *order) {
-    const kvc_kv_info *in = dataset_info(d);
+    const kvc_kv_info *in = kvc_dataset_info(d);
     kvc_batch b;
     kvc_err err = {{0}};
     int rc, nb = 0;
     int64_t k = 0, total = o->end - o->begin;
-    while ((rc = batcher_next(bt, &b, &err)) == 1) {
+    while ((rc = kvc_batcher_next(bt, &b, &err)) == 1) {
         nb++;
         cr_assert(b.n > 0 && b.n <= o->batch_tokens);
         if (b.n < o->batch_tokens) cr_assert_eq(k + b.n, total, "only the last batch may be short");
@@ -569,7 +569,7 @@ static int run_epoch(kvc_batcher *bt, kvc_dataset *d, const kvc_batch_opts *o, c
         }
         k += b.n;
     }
-    cr_assert_eq(rc, 0, "batcher_next: %s", err.msg);
+    cr_assert_eq(rc, 0, "kvc_batcher_next: %s", err.msg);
     cr_assert_eq(k, total);
     return nb;
 }
@@ -583,22 +583,22 @@ Test(batcher, visits_every_token_once_per_epoch_with_a_bounded_buffer) {
     kvc_batch_opts o = {.begin = 90, .end = 1000, .batch_tokens = 50, .block_tokens = 0, .buffer_blocks = 3,
                         .seed = 7, .shuffle = 1, .want = want};
     kvc_err err = {{0}};
-    kvc_batcher *bt = batcher_new(d, &o, &err);
+    kvc_batcher *bt = kvc_batcher_new(d, &o, &err);
     cr_assert(bt, "%s", err.msg);
     /* buffer 3 blocks x 32 tokens of (16 + 32 + 16) floats, batch 50 rows likewise, plus indices */
     size_t rows_bytes = (size_t)(3 * 32 + 50) * (16 + 32 + 16) * 4;
-    cr_assert_geq(batcher_memory_bytes(bt), rows_bytes);
-    cr_assert_leq(batcher_memory_bytes(bt), rows_bytes + 4096, "%zu bytes", batcher_memory_bytes(bt));
+    cr_assert_geq(kvc_batcher_memory_bytes(bt), rows_bytes);
+    cr_assert_leq(kvc_batcher_memory_bytes(bt), rows_bytes + 4096, "%zu bytes", kvc_batcher_memory_bytes(bt));
     int seen[910];
     for (int epoch = 0; epoch < 3; epoch++) {
-        cr_assert_eq(batcher_epoch(bt), epoch);
+        cr_assert_eq(kvc_batcher_epoch(bt), epoch);
         memset(seen, 0, sizeof seen);
         int nb = run_epoch(bt, d, &o, "f16", seen, NULL);
         cr_assert_eq(nb, 19); /* 910 = 18 x 50 + 10 */
         for (int t = 0; t < 910; t++) cr_assert_eq(seen[t], 1, "token %d seen %d times in epoch %d", 90 + t, seen[t], epoch);
     }
-    batcher_free(bt);
-    dataset_close(d);
+    kvc_batcher_free(bt);
+    kvc_dataset_close(d);
     unlink(p);
 }
 
@@ -613,7 +613,7 @@ Test(batcher, seed_fixes_the_order_and_epochs_differ) {
     kvc_err err = {{0}};
     for (int s = 0; s < 3; s++) {
         kvc_batch_opts o = {0, 400, 64, 16, 4, seeds[s], 1, NULL};
-        kvc_batcher *bt = batcher_new(d, &o, &err);
+        kvc_batcher *bt = kvc_batcher_new(d, &o, &err);
         cr_assert(bt, "%s", err.msg);
         memset(seen, 0, sizeof seen);
         run_epoch(bt, d, &o, "f32", seen, ord[s]);
@@ -621,7 +621,7 @@ Test(batcher, seed_fixes_the_order_and_epochs_differ) {
             memset(seen, 0, sizeof seen);
             run_epoch(bt, d, &o, "f32", seen, ord[3]); /* second epoch of seed 1 */
         }
-        batcher_free(bt);
+        kvc_batcher_free(bt);
     }
     cr_assert(memcmp(ord[0], ord[1], sizeof ord[0]) == 0, "same seed, same order");
     cr_assert(memcmp(ord[0], ord[2], sizeof ord[0]) != 0, "another seed, another order");
@@ -629,7 +629,7 @@ Test(batcher, seed_fixes_the_order_and_epochs_differ) {
     int in_order = 0;
     for (int t = 1; t < 400; t++) in_order += ord[0][t] == ord[0][t - 1] + 1;
     cr_assert_lt(in_order, 40, "rows are shuffled, not handed out in file order (%d)", in_order);
-    dataset_close(d);
+    kvc_dataset_close(d);
     unlink(p);
 }
 
@@ -641,12 +641,12 @@ Test(batcher, no_shuffle_keeps_file_order_across_files) {
     kvc_dataset *d = open_ok(p, 2);
     kvc_batch_opts o = {10, 130, 32, 8, 2, 99, 0, NULL};
     kvc_err err = {{0}};
-    kvc_batcher *bt = batcher_new(d, &o, &err);
+    kvc_batcher *bt = kvc_batcher_new(d, &o, &err);
     cr_assert(bt, "%s", err.msg);
     kvc_batch b;
     int64_t next = 10;
     int nb = 0;
-    while (batcher_next(bt, &b, &err) == 1) {
+    while (kvc_batcher_next(bt, &b, &err) == 1) {
         cr_assert_eq(b.n, nb < 3 ? 32 : 24);
         for (int r = 0; r < b.n; r++, next++) {
             cr_assert_eq(b.token[r], next);
@@ -657,11 +657,11 @@ Test(batcher, no_shuffle_keeps_file_order_across_files) {
     }
     cr_assert_eq(next, 130);
     cr_assert_eq(nb, 4);
-    cr_assert_eq(batcher_epoch(bt), 1);
-    cr_assert_eq(batcher_next(bt, &b, &err), 1, "a new epoch starts");
+    cr_assert_eq(kvc_batcher_epoch(bt), 1);
+    cr_assert_eq(kvc_batcher_next(bt, &b, &err), 1, "a new epoch starts");
     cr_assert_eq(b.token[0], 10);
-    batcher_free(bt);
-    dataset_close(d);
+    kvc_batcher_free(bt);
+    kvc_dataset_close(d);
     unlink(p[0]);
     unlink(p[1]);
 }
@@ -675,15 +675,15 @@ Test(batcher, streams_a_file_many_times_its_buffer) {
     kvc_dataset *d = open_ok(&p, 1);
     kvc_batch_opts o = {0, N, 100, 0, 2, 3, 1, NULL}; /* blocks = chunks of 64; buffer 128 rows */
     kvc_err err = {{0}};
-    kvc_batcher *bt = batcher_new(d, &o, &err);
+    kvc_batcher *bt = kvc_batcher_new(d, &o, &err);
     cr_assert(bt, "%s", err.msg);
     size_t file_f32 = (size_t)N * (16 + 16 + 32) * 4;
-    cr_assert_lt(batcher_memory_bytes(bt) * 20, file_f32, "batcher holds %zu bytes for a %zu-byte dataset",
-                 batcher_memory_bytes(bt), file_f32);
+    cr_assert_lt(kvc_batcher_memory_bytes(bt) * 20, file_f32, "batcher holds %zu bytes for a %zu-byte dataset",
+                 kvc_batcher_memory_bytes(bt), file_f32);
     int *seen = calloc(N, sizeof *seen);
     kvc_batch b;
     int rc;
-    while ((rc = batcher_next(bt, &b, &err)) == 1) {
+    while ((rc = kvc_batcher_next(bt, &b, &err)) == 1) {
         /* chunk-aware: one batch draws from at most two buffer loads, i.e. 4 blocks */
         int64_t blocks[8];
         int nbk = 0;
@@ -701,8 +701,8 @@ Test(batcher, streams_a_file_many_times_its_buffer) {
     cr_assert_eq(rc, 0, "%s", err.msg);
     for (int t = 0; t < N; t++) cr_assert_eq(seen[t], 1, "token %d seen %d times", t, seen[t]);
     free(seen);
-    batcher_free(bt);
-    dataset_close(d);
+    kvc_batcher_free(bt);
+    kvc_dataset_close(d);
     unlink(p);
 }
 
@@ -714,16 +714,16 @@ Test(batcher, empty_range_gives_no_batches_and_bad_options_fail) {
     kvc_err err = {{0}};
     kvc_batch b;
     kvc_batch_opts o = {20, 20, 4, 0, 0, 1, 1, NULL};
-    kvc_batcher *bt = batcher_new(d, &o, &err);
+    kvc_batcher *bt = kvc_batcher_new(d, &o, &err);
     cr_assert(bt, "%s", err.msg);
-    cr_assert_eq(batcher_next(bt, &b, &err), 0);
-    batcher_free(bt);
+    cr_assert_eq(kvc_batcher_next(bt, &b, &err), 0);
+    kvc_batcher_free(bt);
     kvc_batch_opts bad = {0, 21, 4, 0, 0, 1, 1, NULL};
-    cr_assert_null(batcher_new(d, &bad, &err));
+    cr_assert_null(kvc_batcher_new(d, &bad, &err));
     cr_assert(strstr(err.msg, "[0, 21)"), "%s", err.msg);
     kvc_batch_opts bad2 = {0, 20, 0, 0, 0, 1, 1, NULL};
-    cr_assert_null(batcher_new(d, &bad2, &err));
-    dataset_close(d);
+    cr_assert_null(kvc_batcher_new(d, &bad2, &err));
+    kvc_dataset_close(d);
     unlink(p);
 }
 
@@ -735,30 +735,30 @@ Test(split, rounds_to_whole_capture_windows) {
     make_file(p, &in, 100, 0, 16, 0); /* windows of 16: cuts 0, 16, ..., 96, 100 */
     kvc_dataset *d = open_ok(&p, 1);
     int64_t te, vb;
-    dataset_split(d, 0.2, &te, &vb);
+    kvc_dataset_split(d, 0.2, &te, &vb);
     cr_assert(te == 80 && vb == 80, "%lld %lld", (long long)te, (long long)vb);
-    dataset_split(d, 0.1, &te, &vb); /* target 90: 96 is nearer than 80 */
+    kvc_dataset_split(d, 0.1, &te, &vb); /* target 90: 96 is nearer than 80 */
     cr_assert_eq(vb, 96);
-    dataset_split(d, 0.01, &te, &vb); /* rounds to nothing, but a non-zero fraction keeps one window */
+    kvc_dataset_split(d, 0.01, &te, &vb); /* rounds to nothing, but a non-zero fraction keeps one window */
     cr_assert_eq(vb, 96);
-    dataset_split(d, 0.0, &te, &vb);
+    kvc_dataset_split(d, 0.0, &te, &vb);
     cr_assert(te == 100 && vb == 100);
-    dataset_split(d, 0.95, &te, &vb); /* training keeps one window */
+    kvc_dataset_split(d, 0.95, &te, &vb); /* training keeps one window */
     cr_assert_eq(vb, 16);
-    dataset_split(d, 1.0, &te, &vb);
+    kvc_dataset_split(d, 1.0, &te, &vb);
     cr_assert_eq(vb, 0);
-    dataset_close(d);
+    kvc_dataset_close(d);
 
     /* two files of 50 and 40: windows restart at 50, so cuts are 0 16 32 48 50 66 82 90 */
     const char *p2[2] = {p, tmp_path("split2")};
     make_file(p2[1], &in, 40, 50, 16, 0);
     make_file(p, &in, 50, 0, 16, 0);
     d = open_ok(p2, 2);
-    dataset_split(d, 0.3, &te, &vb); /* target 63 */
+    kvc_dataset_split(d, 0.3, &te, &vb); /* target 63 */
     cr_assert_eq(vb, 66);
-    dataset_split(d, 0.42, &te, &vb); /* target 52.2 */
+    kvc_dataset_split(d, 0.42, &te, &vb); /* target 52.2 */
     cr_assert_eq(vb, 50);
-    dataset_close(d);
+    kvc_dataset_close(d);
     unlink(p);
     unlink(p2[1]);
 }

@@ -1,5 +1,5 @@
 /* test_eval.c - the measuring protocols (kvc/eval.h) on the real model: the full cache
- * against itself gives KL 0, top-1 1 and eval_perplexity's ppl; chunking changes little;
+ * against itself gives KL 0, top-1 1 and kvc_eval_perplexity's ppl; chunking changes little;
  * memory figures match the f32 layout; the passkey prompt hides the key where asked and the
  * answer check works; `kvcodec eval` refuses bad input before running. Small sizes: the
  * whole file runs in well under a minute on two busy cores. */
@@ -10,7 +10,7 @@
 #include "kvc/eval.h"
 #include "kvc/kvcache.h"
 
-#define PPL_REL_TOL 1e-9   /* stream with chunk = ctx vs eval_perplexity: the same arithmetic */
+#define PPL_REL_TOL 1e-9   /* stream with chunk = ctx vs kvc_eval_perplexity: the same arithmetic */
 #define CHUNK_REL_TOL 2e-4 /* stream ppl, chunk 16 vs chunk = ctx: only GEMM batch rounding differs */
 #define CHUNK_KL_TOL 1e-4  /* mean KL(P_ctx-chunk || P_16-chunk) over the scored tokens, nats */
 
@@ -18,7 +18,7 @@
 static kvc_model *load(int32_t **ids, int64_t n) {
     REQUIRE_MODEL(path);
     kvc_err err = {{0}};
-    kvc_model *m = model_load(path, &err);
+    kvc_model *m = kvc_model_load(path, &err);
     cr_assert_not_null(m, "%s", err.msg);
     char *text;
     size_t len;
@@ -27,7 +27,7 @@ static kvc_model *load(int32_t **ids, int64_t n) {
     cr_assert_eq(kvc_read_file(corpus, &text, &len, &err), 0, "%s", err.msg);
     if (len > 20000) len = 20000; /* plenty for the tokens asked for */
     *ids = malloc((len + 16) * sizeof(int32_t));
-    int64_t got = tokenizer_encode(m->tok, text, len, 0, *ids, (int64_t)len + 16, &err);
+    int64_t got = kvc_tokenizer_encode(m->tok, text, len, 0, *ids, (int64_t)len + 16, &err);
     free(text);
     cr_assert_geq(got, n, "corpus gave %lld tokens, need %lld (%s)", (long long)got, (long long)n, err.msg);
     return m;
@@ -35,8 +35,8 @@ static kvc_model *load(int32_t **ids, int64_t n) {
 
 static kvc_cache *full_cache(const kvc_model *m, int max_tokens) {
     kvc_err err = {{0}};
-    kvc_cache_shape s = model_cache_shape(m, max_tokens);
-    kvc_cache *c = cache_full_new(&s, &err);
+    kvc_cache_shape s = kvc_model_cache_shape(m, max_tokens);
+    kvc_cache *c = kvc_cache_full_new(&s, &err);
     cr_assert_not_null(c, "%s", err.msg);
     return c;
 }
@@ -49,7 +49,7 @@ Test(eval, stream_full_cache_against_itself, .timeout = 300) {
     kvc_err err = {{0}};
     kvc_measure_opts o = {.ctx = CTX, .chunk = CTX};
     kvc_quality q, q16;
-    cr_assert_eq(eval_stream(m, c, ref, ids, N, &o, &q, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_eval_stream(m, c, ref, ids, N, &o, &q, &err), 0, "%s", err.msg);
     cr_expect_eq(q.n_scored, N - 3, "scored %lld", (long long)q.n_scored);
     cr_expect_eq(q.n_units, 3);
     cr_expect_eq(q.n_tokens, N);
@@ -60,9 +60,9 @@ Test(eval, stream_full_cache_against_itself, .timeout = 300) {
 
     kvc_ppl_opts po = {CTX, CTX, 0};
     kvc_ppl_result pr;
-    cr_assert_eq(eval_perplexity(m, c, ids, N, &po, &pr, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_eval_perplexity(m, c, ids, N, &po, &pr, &err), 0, "%s", err.msg);
     cr_expect_eq(pr.n_scored, q.n_scored);
-    cr_expect(fabs(q.ppl / pr.ppl - 1.0) < PPL_REL_TOL, "stream ppl %.12g vs eval_perplexity %.12g", q.ppl, pr.ppl);
+    cr_expect(fabs(q.ppl / pr.ppl - 1.0) < PPL_REL_TOL, "stream ppl %.12g vs kvc_eval_perplexity %.12g", q.ppl, pr.ppl);
 
     /* memory of the f32 full cache: K and V rows plus one int32 position per layer and token */
     const double f32_bpt = 30.0 * (2 * 3 * 64 * 4 + 4);
@@ -75,15 +75,15 @@ Test(eval, stream_full_cache_against_itself, .timeout = 300) {
     /* chunks of 16: both caches see the same chunks, so KL stays exactly 0; against the
      * unchunked run only float rounding of the batched products differs */
     o.chunk = 16;
-    cr_assert_eq(eval_stream(m, c, ref, ids, N, &o, &q16, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_eval_stream(m, c, ref, ids, N, &o, &q16, &err), 0, "%s", err.msg);
     cr_expect_eq(q16.n_scored, q.n_scored);
     cr_expect(q16.kl_mean == 0.0 && q16.top1 == 1.0, "chunked KL %g top-1 %g", q16.kl_mean, q16.top1);
     cr_expect(fabs(q16.ppl / q.ppl - 1.0) < CHUNK_REL_TOL, "chunk 16 ppl %.9g vs chunk %d ppl %.9g", q16.ppl, CTX, q.ppl);
     cr_expect(fabs(q16.nll - q.nll) < CHUNK_KL_TOL, "mean NLL %.9g vs %.9g", q16.nll, q.nll);
-    cache_free(c);
-    cache_free(ref);
+    kvc_cache_free(c);
+    kvc_cache_free(ref);
     free(ids);
-    model_free(m);
+    kvc_model_free(m);
 }
 
 Test(eval, context_compression_memory_and_scoring, .timeout = 300) {
@@ -94,7 +94,7 @@ Test(eval, context_compression_memory_and_scoring, .timeout = 300) {
     kvc_err err = {{0}};
     kvc_measure_opts o = {.chunk = 32, .context_len = NC, .continuation = MC, .samples = S};
     kvc_quality q;
-    cr_assert_eq(eval_context(m, c, ref, ids, S * (NC + MC) + 5, &o, &q, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_eval_context(m, c, ref, ids, S * (NC + MC) + 5, &o, &q, &err), 0, "%s", err.msg);
     cr_expect_eq(q.n_units, S);
     cr_expect_eq(q.n_scored, S * (MC - 1));
     cr_expect_eq(q.n_tokens, S * (NC + MC));
@@ -106,39 +106,39 @@ Test(eval, context_compression_memory_and_scoring, .timeout = 300) {
 
     /* a compressed cache: streaming keeps half of the context; an evicting cache stores each
      * kept token's f32 K and V rows and its int32 position per (layer, kv head) */
-    kvc_cache_shape s = model_cache_shape(m, NC + MC);
-    kvc_cache *h = kvcache_new(&s, "f32", "streaming:budget=0.5", m->fingerprint, &err);
+    kvc_cache_shape s = kvc_model_cache_shape(m, NC + MC);
+    kvc_cache *h = kvc_kvcache_new(&s, "f32", "streaming:budget=0.5", m->fingerprint, &err);
     cr_assert_not_null(h, "%s", err.msg);
     kvc_quality qh;
-    cr_assert_eq(eval_context(m, h, ref, ids, S * (NC + MC) + 5, &o, &qh, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_eval_context(m, h, ref, ids, S * (NC + MC) + 5, &o, &qh, &err), 0, "%s", err.msg);
     cr_expect(qh.kept_frac == 0.5 && qh.removed_frac == 0.5, "kept %g removed %g", qh.kept_frac, qh.removed_frac);
     kvcache_stats st;
-    kvcache_get_stats(h, &st);
+    kvc_kvcache_get_stats(h, &st);
     cr_expect_eq(st.appended, NC + MC);
     cr_expect(qh.kl_mean > 0.0 && qh.kl_p99 >= qh.kl_mean && qh.top1 < 1.0 + 1e-12, "KL %g p99 %g", qh.kl_mean,
               qh.kl_p99);
     cr_expect(fabs(qh.nll_full - q.nll_full) < 1e-12, "the reference must not depend on the measured cache");
     cr_expect(qh.bytes_per_token == 0.5 * 30 * 3 * (2 * 64 * 4 + 4), "half of the f32 rows and positions: %g bytes/token",
               qh.bytes_per_token);
-    cache_free(h);
-    cache_free(c);
-    cache_free(ref);
+    kvc_cache_free(h);
+    kvc_cache_free(c);
+    kvc_cache_free(ref);
     free(ids);
-    model_free(m);
+    kvc_model_free(m);
 }
 
 Test(eval, passkey_prompt_and_check, .timeout = 120) {
     REQUIRE_MODEL(path);
     kvc_err err = {{0}};
-    kvc_model *m = model_load(path, &err);
+    kvc_model *m = kvc_model_load(path, &err);
     cr_assert_not_null(m, "%s", err.msg);
     const double depths[] = {0.0, 0.3, 0.5, 1.0};
     for (int i = 0; i < 4; i++) {
         kvc_passkey_prompt p;
-        cr_assert_eq(passkey_build(m->tok, 600, depths[i], "53817", &p, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_passkey_build(m->tok, 600, depths[i], "53817", &p, &err), 0, "%s", err.msg);
         cr_expect(p.n <= 600 && p.n > 600 - 25, "length %d", p.n);
         size_t len;
-        char *key = tokenizer_decode(m->tok, p.ids + p.key_at, p.key_len, &len);
+        char *key = kvc_tokenizer_decode(m->tok, p.ids + p.key_at, p.key_len, &len);
         cr_expect_str_eq(key, "53817");
         free(key);
         /* the needle starts at the sentence boundary nearest to depth * filler (one filler
@@ -147,33 +147,33 @@ Test(eval, passkey_prompt_and_check, .timeout = 120) {
         cr_expect(fabs(at - depths[i]) <= 20.0 / p.filler_len, "depth %g: needle at %g of the filler", depths[i], at);
         if (depths[i] == 0.0) cr_expect_eq(p.needle_at, p.filler_start);
         if (depths[i] == 1.0) cr_expect_eq(p.needle_at, p.filler_start + p.filler_len);
-        char *tail = tokenizer_decode(m->tok, p.ids + p.n_context, p.n - p.n_context, &len);
+        char *tail = kvc_tokenizer_decode(m->tok, p.ids + p.n_context, p.n - p.n_context, &len);
         cr_expect(len > 15 && !strcmp(tail + len - 15, "The pass key is"), "question '%s'", tail);
         free(tail);
-        passkey_prompt_free(&p);
+        kvc_passkey_prompt_free(&p);
     }
     kvc_passkey_prompt p;
-    cr_expect_eq(passkey_build(m->tok, 40, 0.5, "53817", &p, &err), -1);
+    cr_expect_eq(kvc_passkey_build(m->tok, 40, 0.5, "53817", &p, &err), -1);
     cr_expect(strstr(err.msg, "cannot hold") != NULL, "%s", err.msg);
-    cr_expect_eq(passkey_check(" 53817. Remember", "53817"), 1);
-    cr_expect_eq(passkey_check("53817", "53817"), 1);
-    cr_expect_eq(passkey_check(" 5381 7", "53817"), 0);
-    cr_expect_eq(passkey_check(" 53818.", "53817"), 0);
-    cr_expect_eq(passkey_check("", "53817"), 0);
-    model_free(m);
+    cr_expect_eq(kvc_passkey_check(" 53817. Remember", "53817"), 1);
+    cr_expect_eq(kvc_passkey_check("53817", "53817"), 1);
+    cr_expect_eq(kvc_passkey_check(" 5381 7", "53817"), 0);
+    cr_expect_eq(kvc_passkey_check(" 53818.", "53817"), 0);
+    cr_expect_eq(kvc_passkey_check("", "53817"), 0);
+    kvc_model_free(m);
 }
 
 Test(eval, passkey_full_cache_in_lockstep, .timeout = 300) {
     REQUIRE_MODEL(path);
     kvc_err err = {{0}};
-    kvc_model *m = model_load(path, &err);
+    kvc_model *m = kvc_model_load(path, &err);
     cr_assert_not_null(m, "%s", err.msg);
     kvc_cache *c = full_cache(m, 300), *ref = full_cache(m, 300);
     const int lengths[] = {256, 99999}; /* the second is beyond the model's context: skipped */
     const double depths[] = {0.5};
     kvc_passkey_opts o = {lengths, 2, depths, 1, 2, 7, 64, 8, 0};
     kvc_passkey_result r;
-    cr_assert_eq(eval_passkey(m, c, ref, &o, &r, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_eval_passkey(m, c, ref, &o, &r, &err), 0, "%s", err.msg);
     cr_expect_eq(r.n_cells, 2);
     cr_expect(r.cells[1].skipped && r.cells[1].trials == 0);
     cr_expect_eq(r.trials, 2);
@@ -181,10 +181,10 @@ Test(eval, passkey_full_cache_in_lockstep, .timeout = 300) {
     /* SmolLM2-135M recalls a key from a 256-token prompt (measured: 2 of 2) */
     cr_expect_eq(r.correct, 2, "full cache found %d of 2 keys; last answer '%s'", r.correct, r.cells[0].last_answer);
     cr_expect(r.kept_frac == 1.0 && r.bytes_per_token == 30.0 * (2 * 3 * 64 * 4 + 4));
-    passkey_result_free(&r);
-    cache_free(c);
-    cache_free(ref);
-    model_free(m);
+    kvc_passkey_result_free(&r);
+    kvc_cache_free(c);
+    kvc_cache_free(ref);
+    kvc_model_free(m);
 }
 
 /* Runs `kvcodec eval ARGS` from the source tree; returns the exit status, stderr in err. */

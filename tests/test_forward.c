@@ -18,9 +18,9 @@
 
 static kvc_model *load(void) {
     REQUIRE_MODEL(path);
-    ops_set_threads(2);
+    kvc_ops_set_threads(2);
     kvc_err err = {{0}};
-    kvc_model *m = model_load(path, &err);
+    kvc_model *m = kvc_model_load(path, &err);
     cr_assert_not_null(m, "%s", err.msg);
     return m;
 }
@@ -28,23 +28,23 @@ static kvc_model *load(void) {
 /* Runs tokens from an empty cache in one batch; returns (n, V) logits. */
 static float *logits_of(kvc_model *m, const int32_t *ids, int n, int batch) {
     kvc_err err = {{0}};
-    kvc_cache_shape s = model_cache_shape(m, n);
-    kvc_cache *c = cache_full_new(&s, &err);
-    kvc_run *r = run_new(m, batch, &err);
+    kvc_cache_shape s = kvc_model_cache_shape(m, n);
+    kvc_cache *c = kvc_cache_full_new(&s, &err);
+    kvc_run *r = kvc_run_new(m, batch, &err);
     cr_assert(c && r, "%s", err.msg);
     float *lg = malloc((size_t)n * m->hp.n_vocab * sizeof(float));
     int32_t *pos = malloc((size_t)n * sizeof *pos);
     for (int i = 0; i < n; i++) pos[i] = i;
-    if (batch >= n) cr_assert_eq(model_forward(m, r, c, ids, pos, n, lg, 1, &err), 0, "%s", err.msg);
+    if (batch >= n) cr_assert_eq(kvc_model_forward(m, r, c, ids, pos, n, lg, 1, &err), 0, "%s", err.msg);
     else /* feed in pieces of `batch` through separate calls, as decoding does */
         for (int i = 0; i < n; i += batch) {
             int nb = n - i < batch ? n - i : batch;
-            cr_assert_eq(model_forward(m, r, c, ids + i, pos + i, nb, lg + (size_t)i * m->hp.n_vocab, 1, &err), 0);
+            cr_assert_eq(kvc_model_forward(m, r, c, ids + i, pos + i, nb, lg + (size_t)i * m->hp.n_vocab, 1, &err), 0);
         }
-    cr_expect_eq(cache_n_tokens(c, 0), n);
+    cr_expect_eq(kvc_cache_n_tokens(c, 0), n);
     free(pos);
-    run_free(r);
-    cache_free(c);
+    kvc_run_free(r);
+    kvc_cache_free(c);
     return lg;
 }
 
@@ -71,8 +71,8 @@ Test(forward, logits_match_transformers, .timeout = 300) {
         int used;
         cr_assert_eq(sscanf(p, "row %d %d %lf%n", &pos, &am, &ref_lse, &used), 3);
         const float *row = lg + (size_t)pos * V;
-        argmax_ok += argmax_f32(row, V) == am;
-        cr_expect_eq(argmax_f32(row, V), am, "argmax differs at position %d", pos);
+        argmax_ok += kvc_argmax_f32(row, V) == am;
+        cr_expect_eq(kvc_argmax_f32(row, V), am, "argmax differs at position %d", pos);
         cr_expect(fabs(lse(row, V) - ref_lse) < LSE_ABS_TOL, "LSE at %d: %f vs %f", pos, lse(row, V), ref_lse);
         const char *q = p + used;
         for (int k = 0; k < 20; k++) {
@@ -105,7 +105,7 @@ Test(forward, logits_match_transformers, .timeout = 300) {
     fclose(fp);
     cr_log_info("max |logit - transformers| = %.2e over %d positions", worst, n);
     free(ref); free(lg); free(ids); free(fx);
-    model_free(m);
+    kvc_model_free(m);
 }
 
 Test(forward, greedy_continuations_match, .timeout = 300) {
@@ -117,25 +117,25 @@ Test(forward, greedy_continuations_match, .timeout = 300) {
         int32_t *ids = parse_ids(p, "prompt", &n);
         int32_t *want = parse_ids(find_line(p, "gen "), "gen", &ng);
         kvc_err err = {{0}};
-        kvc_cache_shape s = model_cache_shape(m, n + ng);
-        kvc_cache *c = cache_full_new(&s, &err);
-        kvc_run *r = run_new(m, n, &err);
+        kvc_cache_shape s = kvc_model_cache_shape(m, n + ng);
+        kvc_cache *c = kvc_cache_full_new(&s, &err);
+        kvc_run *r = kvc_run_new(m, n, &err);
         float *lg = malloc((size_t)m->hp.n_vocab * sizeof(float));
         int32_t *pos = malloc((size_t)n * sizeof *pos);
         for (int i = 0; i < n; i++) pos[i] = i;
-        cr_assert_eq(model_forward(m, r, c, ids, pos, n, lg, 0, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_model_forward(m, r, c, ids, pos, n, lg, 0, &err), 0, "%s", err.msg);
         for (int g = 0; g < ng; g++) {
-            int32_t tok = argmax_f32(lg, m->hp.n_vocab), p2 = n + g;
+            int32_t tok = kvc_argmax_f32(lg, m->hp.n_vocab), p2 = n + g;
             cr_expect_eq(tok, want[g], "case %d step %d: got %d, reference %d", cases, g, tok, want[g]);
             if (tok != want[g]) break;
-            cr_assert_eq(model_forward(m, r, c, &tok, &p2, 1, lg, 0, &err), 0);
+            cr_assert_eq(kvc_model_forward(m, r, c, &tok, &p2, 1, lg, 0, &err), 0);
         }
-        free(pos); free(lg); run_free(r); cache_free(c); free(ids); free(want);
+        free(pos); free(lg); kvc_run_free(r); kvc_cache_free(c); free(ids); free(want);
         cases++;
     }
     cr_expect_eq(cases, 3);
     free(fx);
-    model_free(m);
+    kvc_model_free(m);
 }
 
 Test(forward, perplexity_matches_references, .timeout = 600) {
@@ -159,18 +159,18 @@ Test(forward, perplexity_matches_references, .timeout = 600) {
     }
     cr_assert(tf > 0 && lc > 0 && ntok == n, "fixture lacks the %d-token figures", n);
     kvc_err err = {{0}};
-    kvc_cache_shape s = model_cache_shape(m, ctx);
-    kvc_cache *c = cache_full_new(&s, &err);
+    kvc_cache_shape s = kvc_model_cache_shape(m, ctx);
+    kvc_cache *c = kvc_cache_full_new(&s, &err);
     kvc_ppl_opts o = {ctx, 128, 0};
     kvc_ppl_result res;
-    cr_assert_eq(eval_perplexity(m, c, ids, n, &o, &res, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_eval_perplexity(m, c, ids, n, &o, &res, &err), 0, "%s", err.msg);
     cr_expect_eq(res.n_scored, n - n / ctx);
     cr_expect(fabs(res.ppl / tf - 1) < PPL_REL_TOL_TF, "ppl %f vs transformers %f", res.ppl, tf);
     cr_expect(fabs(res.ppl / lc - 1) < PPL_REL_TOL_LC, "ppl %f vs llama.cpp %f", res.ppl, lc);
     cr_log_info("ppl %.4f (transformers %.4f, llama.cpp %.4f)", res.ppl, tf, lc);
-    cache_free(c);
+    kvc_cache_free(c);
     free(ids); free(fx); free(pf);
-    model_free(m);
+    kvc_model_free(m);
 }
 
 Test(forward, batched_prefill_equals_token_by_token, .timeout = 300) {
@@ -188,22 +188,22 @@ Test(forward, batched_prefill_equals_token_by_token, .timeout = 300) {
     cr_expect(mx < BATCH_ABS_TOL, "batch 40 vs 1: max |d| %g", mx);
     cr_expect(mx3 < BATCH_ABS_TOL, "batch 40 vs 7: max |d| %g", mx3);
     free(a); free(b); free(c3); free(ids); free(fx);
-    model_free(m);
+    kvc_model_free(m);
 }
 
 Test(forward, rejects_bad_tokens_and_overflowing_cache) {
     kvc_model *m = load();
     kvc_err err = {{0}};
-    kvc_cache_shape s = model_cache_shape(m, 4);
-    kvc_cache *c = cache_full_new(&s, &err);
-    kvc_run *r = run_new(m, 8, &err);
+    kvc_cache_shape s = kvc_model_cache_shape(m, 4);
+    kvc_cache *c = kvc_cache_full_new(&s, &err);
+    kvc_run *r = kvc_run_new(m, 8, &err);
     int32_t ids[6] = {1, 2, 3, 4, 5, 6}, pos[6] = {0, 1, 2, 3, 4, 5};
     int32_t bad = m->hp.n_vocab;
-    cr_expect_eq(model_forward(m, r, c, &bad, pos, 1, NULL, 0, &err), -1);
+    cr_expect_eq(kvc_model_forward(m, r, c, &bad, pos, 1, NULL, 0, &err), -1);
     cr_expect(strstr(err.msg, "out of range") != NULL, "%s", err.msg);
-    cr_expect_eq(model_forward(m, r, c, ids, pos, 6, NULL, 0, &err), -1);
+    cr_expect_eq(kvc_model_forward(m, r, c, ids, pos, 6, NULL, 0, &err), -1);
     cr_expect(strstr(err.msg, "KV cache full") != NULL, "%s", err.msg);
-    run_free(r);
-    cache_free(c);
-    model_free(m);
+    kvc_run_free(r);
+    kvc_cache_free(c);
+    kvc_model_free(m);
 }

@@ -55,7 +55,7 @@ static gbuf make_valid(uint32_t alignment) {
     return b;
 }
 
-static gguf_file *open_buf(gbuf *b, kvc_err *err) { return gguf_open_buffer(b->p, b->n, err); }
+static gguf_file *open_buf(gbuf *b, kvc_err *err) { return kvc_gguf_open_buffer(b->p, b->n, err); }
 
 Test(gguf, parses_every_metadata_type) {
     gbuf b = make_valid(0);
@@ -64,54 +64,54 @@ Test(gguf, parses_every_metadata_type) {
     cr_assert_not_null(f, "%s", err.msg);
     cr_expect_eq(f->version, 3);
     cr_expect_eq(f->n_kv, 17);
-    cr_expect_eq(gguf_find_kv(f, "t.u8")->num.u, 255);
-    cr_expect_eq(gguf_find_kv(f, "t.i8")->num.i, -2);
-    cr_expect_eq(gguf_find_kv(f, "t.u16")->num.u, 65535);
-    cr_expect_eq(gguf_find_kv(f, "t.i16")->num.i, -300);
-    cr_expect_eq(gguf_find_kv(f, "t.i32")->num.i, -7);
-    cr_expect_eq(gguf_find_kv(f, "t.u64")->num.u, 1ull << 40);
-    cr_expect_eq(gguf_find_kv(f, "t.i64")->num.i, -(1ll << 40));
-    cr_expect_float_eq(gguf_find_kv(f, "t.f64")->num.f, 2.25, 1e-12);
-    cr_expect_eq(gguf_find_kv(f, "t.bool")->num.u, 1);
+    cr_expect_eq(kvc_gguf_find_kv(f, "t.u8")->num.u, 255);
+    cr_expect_eq(kvc_gguf_find_kv(f, "t.i8")->num.i, -2);
+    cr_expect_eq(kvc_gguf_find_kv(f, "t.u16")->num.u, 65535);
+    cr_expect_eq(kvc_gguf_find_kv(f, "t.i16")->num.i, -300);
+    cr_expect_eq(kvc_gguf_find_kv(f, "t.i32")->num.i, -7);
+    cr_expect_eq(kvc_gguf_find_kv(f, "t.u64")->num.u, 1ull << 40);
+    cr_expect_eq(kvc_gguf_find_kv(f, "t.i64")->num.i, -(1ll << 40));
+    cr_expect_float_eq(kvc_gguf_find_kv(f, "t.f64")->num.f, 2.25, 1e-12);
+    cr_expect_eq(kvc_gguf_find_kv(f, "t.bool")->num.u, 1);
     uint32_t u;
     float x;
     int bl;
     char s[16];
-    cr_expect_eq(gguf_get_u32(f, "t.u32", &u, &err), 0);
+    cr_expect_eq(kvc_gguf_get_u32(f, "t.u32", &u, &err), 0);
     cr_expect_eq(u, 4000000000u);
-    cr_expect_eq(gguf_get_f32(f, "t.f32", &x, &err), 0);
+    cr_expect_eq(kvc_gguf_get_f32(f, "t.f32", &x, &err), 0);
     cr_expect_float_eq(x, 1.5f, 0);
-    cr_expect_eq(gguf_get_bool(f, "t.bool", &bl, &err), 0);
+    cr_expect_eq(kvc_gguf_get_bool(f, "t.bool", &bl, &err), 0);
     cr_expect_eq(bl, 1);
-    cr_expect_eq(gguf_get_str(f, "t.str", s, sizeof s, &err), 0);
+    cr_expect_eq(kvc_gguf_get_str(f, "t.str", s, sizeof s, &err), 0);
     cr_expect_str_eq(s, "héllo");
-    cr_expect_eq(gguf_get_u32(f, "t.i64", &u, &err), -1, "negative value must not fit a u32");
-    cr_expect_eq(gguf_get_u32(f, "t.str", &u, &err), -1);
-    cr_expect_eq(gguf_get_u32(f, "missing", &u, &err), -1);
+    cr_expect_eq(kvc_gguf_get_u32(f, "t.i64", &u, &err), -1, "negative value must not fit a u32");
+    cr_expect_eq(kvc_gguf_get_u32(f, "t.str", &u, &err), -1);
+    cr_expect_eq(kvc_gguf_get_u32(f, "missing", &u, &err), -1);
     cr_expect(strstr(err.msg, "missing") != NULL);
-    const gguf_kv *a = gguf_find_kv(f, "t.arr_u32");
+    const gguf_kv *a = kvc_gguf_find_kv(f, "t.arr_u32");
     cr_assert_eq(a->type, GGUF_VT_ARRAY);
     cr_expect_eq(a->arr_type, GGUF_VT_UINT32);
     cr_expect_eq(a->n, 3);
     uint32_t third;
     memcpy(&third, a->data + 8, 4);
     cr_expect_eq(third, 30);
-    const gguf_kv *as = gguf_find_kv(f, "t.arr_str");
+    const gguf_kv *as = kvc_gguf_find_kv(f, "t.arr_str");
     cr_assert_not_null(as->strs);
-    cr_expect(gguf_str_eq(as->strs[1], "bc"));
-    cr_expect_eq(gguf_find_kv(f, "t.arr_nested")->n, 2);
-    cr_expect_eq(gguf_find_kv(f, "t.arr_empty")->n, 0);
-    const gguf_tensor *t0 = gguf_find_tensor(f, "w.f32"), *t1 = gguf_find_tensor(f, "w.q8");
+    cr_expect(kvc_gguf_str_eq(as->strs[1], "bc"));
+    cr_expect_eq(kvc_gguf_find_kv(f, "t.arr_nested")->n, 2);
+    cr_expect_eq(kvc_gguf_find_kv(f, "t.arr_empty")->n, 0);
+    const gguf_tensor *t0 = kvc_gguf_find_tensor(f, "w.f32"), *t1 = kvc_gguf_find_tensor(f, "w.q8");
     cr_assert(t0 && t1);
     cr_expect_eq(((const float *)t0->data)[2], 3.5f);
     cr_expect_eq(t1->nbytes, 68);
     cr_expect_eq(t1->ne[1], 2);
     float deq[64];
-    cr_assert_eq(dequantize_row(t1->type, t1->data, deq, 64), 0);
+    cr_assert_eq(kvc_dequantize_row(t1->type, t1->data, deq, 64), 0);
     cr_expect_float_eq(deq[0], -8.0f, 0);   /* (0 - 16) * 0.5 */
     cr_expect_float_eq(deq[63], 8.0f, 0);   /* (31 - 16 + 1) * 0.5 */
-    cr_expect_null(gguf_find_tensor(f, "nope"));
-    gguf_close(f);
+    cr_expect_null(kvc_gguf_find_tensor(f, "nope"));
+    kvc_gguf_close(f);
     free(b.p);
 }
 
@@ -122,8 +122,8 @@ Test(gguf, honours_custom_alignment) {
     cr_assert_not_null(f, "%s", err.msg);
     cr_expect_eq(f->alignment, 64);
     cr_expect_eq(f->data_offset % 64, 0);
-    cr_expect_eq(((const float *)gguf_find_tensor(f, "w.f32")->data)[1], -2.0f);
-    gguf_close(f);
+    cr_expect_eq(((const float *)kvc_gguf_find_tensor(f, "w.f32")->data)[1], -2.0f);
+    kvc_gguf_close(f);
     free(b.p);
 }
 
@@ -133,10 +133,10 @@ Test(gguf, every_truncation_is_an_error) {
         kvc_err err = {{0}};
         uint8_t *copy = malloc(n ? n : 1); /* exact-size copy so ASan sees any overread */
         memcpy(copy, b.p, n);
-        gguf_file *f = gguf_open_buffer(copy, n, &err);
+        gguf_file *f = kvc_gguf_open_buffer(copy, n, &err);
         cr_expect_null(f, "a file truncated to %zu of %zu bytes was accepted", n, b.n);
         cr_expect(err.msg[0] != '\0', "no message for truncation at %zu", n);
-        gguf_close(f);
+        kvc_gguf_close(f);
         free(copy);
     }
     free(b.p);
@@ -150,7 +150,7 @@ static void expect_patch_error(size_t off, uint32_t v, const char *needle) {
     gguf_file *f = open_buf(&b, &err);
     cr_expect_null(f, "patch at %zu accepted", off);
     cr_expect(strstr(err.msg, needle) != NULL, "message '%s' lacks '%s'", err.msg, needle);
-    gguf_close(f);
+    kvc_gguf_close(f);
     free(b.p);
 }
 
@@ -247,13 +247,13 @@ Test(gguf, random_corruption_never_crashes) {
             copy[at] ^= (uint8_t)(1u << ((s >> 20) & 7));
         }
         kvc_err err = {{0}};
-        gguf_file *f = gguf_open_buffer(copy, b.n, &err);
+        gguf_file *f = kvc_gguf_open_buffer(copy, b.n, &err);
         if (f) accepted++;
         else {
             rejected++;
             cr_expect(err.msg[0] != '\0');
         }
-        gguf_close(f);
+        kvc_gguf_close(f);
         free(copy);
     }
     cr_expect(rejected > 100, "only %d corruptions rejected", rejected);
@@ -263,16 +263,16 @@ Test(gguf, random_corruption_never_crashes) {
 
 Test(gguf, files_missing_empty_and_not_gguf) {
     kvc_err err = {{0}};
-    cr_expect_null(gguf_open("/nonexistent/model.gguf", &err));
+    cr_expect_null(kvc_gguf_open("/nonexistent/model.gguf", &err));
     cr_expect(strstr(err.msg, "cannot open") != NULL, "%s", err.msg);
     char path[] = "/tmp/kvc_test_XXXXXX";
     int fd = mkstemp(path);
     cr_assert(fd >= 0);
-    cr_expect_null(gguf_open(path, &err));
+    cr_expect_null(kvc_gguf_open(path, &err));
     cr_expect(strstr(err.msg, "empty") != NULL, "%s", err.msg);
     cr_assert_eq(write(fd, "hello world, not a model", 24), 24);
     close(fd);
-    cr_expect_null(gguf_open(path, &err));
+    cr_expect_null(kvc_gguf_open(path, &err));
     cr_expect(strstr(err.msg, "magic") != NULL, "%s", err.msg);
     unlink(path);
 }
@@ -289,7 +289,7 @@ Test(gguf, tensors_of_every_supported_quant_type) {
     uint32_t s = 77;
     for (int i = 0; i < NT; i++) {
         uint32_t be, bb;
-        cr_assert_eq(ggml_type_block(types[i], &be, &bb), 0);
+        cr_assert_eq(kvc_ggml_type_block(types[i], &be, &bb), 0);
         sizes[i] = NE / be * bb;
         blobs[i] = malloc(sizes[i]);
         for (size_t j = 0; j < sizes[i]; j++) { s = s * 1103515245u + 12345u; blobs[i][j] = (uint8_t)(s >> 16); }
@@ -317,15 +317,15 @@ Test(gguf, tensors_of_every_supported_quant_type) {
     float got[NE], want[NE];
     for (int i = 0; i < NT; i++) {
         snprintf(name, sizeof name, "t%d", i);
-        const gguf_tensor *t = gguf_find_tensor(f, name);
+        const gguf_tensor *t = kvc_gguf_find_tensor(f, name);
         cr_assert_not_null(t);
-        cr_expect_eq(t->nbytes, sizes[i], "%s size", ggml_type_name(types[i]));
-        cr_expect_eq(memcmp(t->data, blobs[i], sizes[i]), 0, "%s data misplaced", ggml_type_name(types[i]));
-        cr_assert_eq(dequantize_row(t->type, t->data, got, NE), 0, "%s", ggml_type_name(types[i]));
-        cr_assert_eq(dequantize_row(types[i], blobs[i], want, NE), 0);
+        cr_expect_eq(t->nbytes, sizes[i], "%s size", kvc_ggml_type_name(types[i]));
+        cr_expect_eq(memcmp(t->data, blobs[i], sizes[i]), 0, "%s data misplaced", kvc_ggml_type_name(types[i]));
+        cr_assert_eq(kvc_dequantize_row(t->type, t->data, got, NE), 0, "%s", kvc_ggml_type_name(types[i]));
+        cr_assert_eq(kvc_dequantize_row(types[i], blobs[i], want, NE), 0);
         cr_expect_eq(memcmp(got, want, sizeof got), 0);
         free(blobs[i]);
     }
-    gguf_close(f);
+    kvc_gguf_close(f);
     free(b.p);
 }

@@ -1,4 +1,4 @@
-/* test_keep.c - retention policies (codec/keep_*.c) and kvcache_select: the select against a
+/* test_keep.c - retention policies (codec/keep_*.c) and kvc_kvcache_select: the select against a
  * reference sort; every registered policy walked over a synthetic stream by a small driver
  * that plays the cache (budget and protection after every step); each policy's choice on tiny
  * hand-computed cases; bad specs; and, on the real model, LSH codes ranking keys like the
@@ -42,7 +42,7 @@ static kvc_keep *keep_ok(const char *spec) {
     return k;
 }
 
-/* ================================================================ kvcache_select ==== */
+/* ================================================================ kvc_kvcache_select ==== */
 
 /* Reference: candidates sorted by (score desc, index asc), the first `want` marked. */
 static int64_t select_ref(const float *score, int64_t n, int64_t keep, int sinks, int window, uint8_t *evict) {
@@ -66,19 +66,19 @@ Test(select, exact_budget_protection_and_ties_to_the_oldest) {
     for (int i = 0; i < N; i++) sc[i] = 1.0f;
     /* all equal: the oldest candidates go, by the arg-max path (8) and the sort path (10) */
     for (int want = 8; want <= 10; want += 2) {
-        cr_assert_eq(kvcache_select(sc, N, N - want, S, W, ev), want);
+        cr_assert_eq(kvc_kvcache_select(sc, N, N - want, S, W, ev), want);
         for (int i = 0; i < N; i++) cr_expect_eq(ev[i], i >= S && i < S + want, "want %d: index %d", want, i);
     }
     /* the highest scores go first, even where the sinks and window score higher still */
     for (int i = 0; i < N; i++) sc[i] = (float)(i % 5);
     sc[0] = sc[N - 1] = 100.0f;
-    cr_assert_eq(kvcache_select(sc, N, N - 3, S, W, ev), 3);
+    cr_assert_eq(kvc_kvcache_select(sc, N, N - 3, S, W, ev), 3);
     for (int i = 0; i < N; i++) cr_expect_eq(ev[i], i == 4 || i == 9 || i == 14, "index %d", i);
     /* protection leaves too few candidates: all of them and no more */
-    cr_expect_eq(kvcache_select(sc, 10, 2, 4, 4, ev), 2);
+    cr_expect_eq(kvc_kvcache_select(sc, 10, 2, 4, 4, ev), 2);
     for (int i = 0; i < 10; i++) cr_expect_eq(ev[i], i == 4 || i == 5);
-    cr_expect_eq(kvcache_select(sc, 10, 10, 0, 0, ev), 0, "nothing over budget");
-    cr_expect_eq(kvcache_select(sc, 6, 1, 3, 3, ev), 0, "no candidate at all");
+    cr_expect_eq(kvc_kvcache_select(sc, 10, 10, 0, 0, ev), 0, "nothing over budget");
+    cr_expect_eq(kvc_kvcache_select(sc, 6, 1, 3, 3, ev), 0, "no candidate at all");
 }
 
 Test(select, both_paths_agree_with_a_sort_on_random_inputs) {
@@ -90,7 +90,7 @@ Test(select, both_paths_agree_with_a_sort_on_random_inputs) {
         int64_t keep = (int64_t)(urand() * (n + 1));
         int levels = trial % 3 == 0 ? 3 : 1000; /* few levels: many ties */
         for (int64_t i = 0; i < n; i++) sc[i] = (float)(int)(urand() * levels);
-        int64_t got = kvcache_select(sc, n, keep, sinks, window, ev);
+        int64_t got = kvc_kvcache_select(sc, n, keep, sinks, window, ev);
         int64_t exp = select_ref(sc, n, keep, sinks, window, ref);
         cr_assert_eq(got, exp, "trial %d: n %lld keep %lld: %lld marked, expected %lld", trial, (long long)n,
                      (long long)keep, (long long)got, (long long)exp);
@@ -98,7 +98,7 @@ Test(select, both_paths_agree_with_a_sort_on_random_inputs) {
                   trial, (long long)n, (long long)keep, sinks, window);
         /* one more eviction crosses from the arg-max path (<= 8) to the sort: a superset */
         if (got == 8 && keep > 0) {
-            kvcache_select(sc, n, keep - 1, sinks, window, ev2);
+            kvc_kvcache_select(sc, n, keep - 1, sinks, window, ev2);
             for (int64_t i = 0; i < n; i++) cr_assert(!ev[i] || ev2[i], "trial %d: 9-eviction set drops %lld", trial, (long long)i);
         }
     }
@@ -167,7 +167,7 @@ static void sim_step(sim_head *s, const float *kn, const float *q, int n) {
     uint8_t *ev = malloc(s->v.n);
     k->ops->score(k, &s->v, sc);
     for (int64_t t = 0; t < s->v.n; t++) cr_assert(isfinite(sc[t]), "%s: score %lld is %g", k->ops->name, (long long)t, sc[t]);
-    kvcache_select(sc, s->v.n, s->budget, k->budget.sinks, k->budget.window, ev);
+    kvc_kvcache_select(sc, s->v.n, s->budget, k->budget.sinks, k->budget.window, ev);
     int64_t o = 0;
     for (int64_t t = 0; t < s->v.n; t++) {
         if (ev[t]) continue;
@@ -199,12 +199,12 @@ static const char *const WALK_SPECS[] = {
 
 Test(keep, every_policy_holds_its_budget_sinks_and_window_on_a_stream) {
     enum { TOTAL = 300 };
-    for (int p = 0; KVC_KEEPS[p]; p++) {
+    for (int p = 0; KVC_KVC_KEEPS[p]; p++) {
         int found = 0;
         for (int i = 0; WALK_SPECS[i]; i++)
-            found |= !strncmp(WALK_SPECS[i], KVC_KEEPS[p]->name, strlen(KVC_KEEPS[p]->name)) &&
-                     (WALK_SPECS[i][strlen(KVC_KEEPS[p]->name)] == ':' || !WALK_SPECS[i][strlen(KVC_KEEPS[p]->name)]);
-        cr_expect(found, "policy '%s' has no spec in WALK_SPECS", KVC_KEEPS[p]->name);
+            found |= !strncmp(WALK_SPECS[i], KVC_KVC_KEEPS[p]->name, strlen(KVC_KVC_KEEPS[p]->name)) &&
+                     (WALK_SPECS[i][strlen(KVC_KVC_KEEPS[p]->name)] == ':' || !WALK_SPECS[i][strlen(KVC_KVC_KEEPS[p]->name)]);
+        cr_expect(found, "policy '%s' has no spec in WALK_SPECS", KVC_KVC_KEEPS[p]->name);
     }
     static float keys[2][TOTAL * D], qs[2][TOTAL * G * D];
     for (int h = 0; h < 2; h++)
@@ -248,7 +248,7 @@ Test(keep, every_policy_holds_its_budget_sinks_and_window_on_a_stream) {
 /* Scores tokens of a view and returns the select's marks in ev. */
 static void choose(kvc_keep *k, kvc_keep_view *v, int64_t keep, float *sc, uint8_t *ev) {
     k->ops->score(k, v, sc);
-    kvcache_select(sc, v->n, keep, k->budget.sinks, k->budget.window, ev);
+    kvc_kvcache_select(sc, v->n, keep, k->budget.sinks, k->budget.window, ev);
 }
 
 Test(keep, full_never_evicts_and_refuses_a_budget) {
@@ -352,10 +352,10 @@ Test(keep, random_is_reproducible_by_seed_and_fresh_every_step) {
 static uint64_t code_of(const float *x, int bits) {
     kvc_simhash h;
     kvc_err err = {{0}};
-    cr_assert_eq(simhash_init(&h, D, bits, 1, &err), 0);
+    cr_assert_eq(kvc_simhash_init(&h, D, bits, 1, &err), 0);
     uint64_t c;
-    simhash_codes_cpu(&h, x, D, 1, &c);
-    simhash_free(&h);
+    kvc_simhash_codes_cpu(&h, x, D, 1, &c);
+    kvc_simhash_free(&h);
     return c;
 }
 
@@ -568,7 +568,7 @@ static double spearman(const double *a, const double *b, int n) {
 Test(keep, lsh_codes_rank_keys_like_attention_on_real_data, .timeout = 120) {
     REQUIRE_MODEL(path);
     kvc_err err = {{0}};
-    kvc_model *m = model_load(path, &err);
+    kvc_model *m = kvc_model_load(path, &err);
     cr_assert_not_null(m, "%s", err.msg);
     const int L = m->hp.n_layer, H = m->hp.n_head, K = m->hp.n_head_kv, hd = m->hp.head_dim, g = H / K;
     cr_assert_eq(hd, D);
@@ -576,19 +576,19 @@ Test(keep, lsh_codes_rank_keys_like_attention_on_real_data, .timeout = 120) {
     size_t len;
     cr_assert_eq(kvc_read_file(KVC_SOURCE_DIR "/data/corpora/eval-debian-handbook.txt", &txt, &len, &err), 0, "%s", err.msg);
     int32_t *ids = malloc(4096 * sizeof *ids), pos[SP_TOKENS];
-    int64_t nt = tokenizer_encode(m->tok, txt, len < 16000 ? len : 16000, 0, ids, 4096, &err);
+    int64_t nt = kvc_tokenizer_encode(m->tok, txt, len < 16000 ? len : 16000, 0, ids, 4096, &err);
     free(txt);
     cr_assert(nt >= SP_TOKENS, "only %lld tokens", (long long)nt);
     for (int i = 0; i < SP_TOKENS; i++) pos[i] = i;
     tap_store ts = {H * hd, K * hd, NULL, NULL};
     ts.q = malloc((size_t)L * SP_TOKENS * ts.nq * sizeof(float));
     ts.k = malloc((size_t)L * SP_TOKENS * ts.nk * sizeof(float));
-    kvc_cache_shape shape = model_cache_shape(m, SP_TOKENS);
-    kvc_cache *c = cache_full_new(&shape, &err);
-    kvc_run *r = run_new(m, 128, &err);
+    kvc_cache_shape shape = kvc_model_cache_shape(m, SP_TOKENS);
+    kvc_cache *c = kvc_cache_full_new(&shape, &err);
+    kvc_run *r = kvc_run_new(m, 128, &err);
     cr_assert(c && r, "%s", err.msg);
-    run_set_tap(r, tap_keep, &ts);
-    cr_assert_eq(model_forward(m, r, c, ids, pos, SP_TOKENS, NULL, 0, &err), 0, "%s", err.msg);
+    kvc_run_set_tap(r, tap_keep, &ts);
+    cr_assert_eq(kvc_model_forward(m, r, c, ids, pos, SP_TOKENS, NULL, 0, &err), 0, "%s", err.msg);
     for (int l = 0; l < L; l++) {
         cr_assert_eq(kvc_rope_apply(ts.q + (size_t)l * SP_TOKENS * ts.nq, pos, SP_TOKENS, H, hd, m->hp.rope_base), 0);
         cr_assert_eq(kvc_rope_apply(ts.k + (size_t)l * SP_TOKENS * ts.nk, pos, SP_TOKENS, K, hd, m->hp.rope_base), 0);
@@ -599,13 +599,13 @@ Test(keep, lsh_codes_rank_keys_like_attention_on_real_data, .timeout = 120) {
     const int BITS[4] = {8, 16, 32, 64};
     for (int b = 0; b < 4; b++) {
         kvc_simhash sh;
-        cr_assert_eq(simhash_init(&sh, hd, BITS[b], 1, &err), 0);
+        cr_assert_eq(kvc_simhash_init(&sh, hd, BITS[b], 1, &err), 0);
         double sum = 0, worst = 1;
         int cnt = 0;
         for (int l = 0; l < L; l++)
             for (int h = 0; h < K; h++) {
                 const float *kl = ts.k + (size_t)l * SP_TOKENS * ts.nk + h * hd;
-                simhash_codes_cpu(&sh, kl, ts.nk, SP_TOKENS, codes);
+                kvc_simhash_codes_cpu(&sh, kl, ts.nk, SP_TOKENS, codes);
                 for (int qi = SP_TOKENS - SP_QUERIES; qi < SP_TOKENS; qi++) {
                     float qm[D];
                     const float *qq = ts.q + ((size_t)l * SP_TOKENS + qi) * ts.nq + (size_t)h * g * hd;
@@ -615,7 +615,7 @@ Test(keep, lsh_codes_rank_keys_like_attention_on_real_data, .timeout = 120) {
                         qm[d] = s / g;
                     }
                     uint64_t pc;
-                    simhash_codes_cpu(&sh, qm, hd, 1, &pc);
+                    kvc_simhash_codes_cpu(&sh, qm, hd, 1, &pc);
                     for (int t = 0; t <= qi; t++) {
                         double s = 0;
                         for (int d = 0; d < hd; d++) s += (double)qm[d] * kl[(size_t)t * ts.nk + d];
@@ -627,18 +627,18 @@ Test(keep, lsh_codes_rank_keys_like_attention_on_real_data, .timeout = 120) {
             }
         mean[b] = sum / cnt;
         cr_log_info("lsh %2d bits: mean Spearman %.4f over %d (layer, head, query), worst %.4f", BITS[b], mean[b], cnt, worst);
-        simhash_free(&sh);
+        kvc_simhash_free(&sh);
     }
     for (int b = 0; b < 4; b++) cr_expect(mean[b] > SP_BOUND[b], "%d bits: mean Spearman %.4f <= %.2f", BITS[b], mean[b], SP_BOUND[b]);
     for (int b = 1; b < 4; b++) cr_expect(mean[b] > mean[b - 1], "%d bits (%.4f) not above %d bits (%.4f)", BITS[b], mean[b], BITS[b - 1], mean[b - 1]);
     free(ts.q), free(ts.k), free(ids);
-    run_free(r);
-    cache_free(c);
-    model_free(m);
+    kvc_run_free(r);
+    kvc_cache_free(c);
+    kvc_model_free(m);
 }
 
 /* center=on hashes each key minus the running mean of its head's keys (itself included),
- * and cache_reset's hook forgets that mean. */
+ * and kvc_cache_reset's hook forgets that mean. */
 Test(keep, lsh_center_hashes_keys_minus_their_running_mean) {
     kvc_keep *k = keep_ok("lsh:budget=16,sinks=1,window=1,center=on,score=current");
     char buf[128];

@@ -1,7 +1,7 @@
 /* test_kvattn.c - the CPU hot paths of the compressed cache (kernels/kvattn.c): attention of
  * one KV head against a naive double-precision softmax, the latent form against decoding then
- * attending, codec layers against ae_export_run and a double formula per activation, RoPE
- * rows against rope_cpu, and the eviction top-k against kvcache_select's marks. */
+ * attending, codec layers against kvc_ae_export_run and a double formula per activation, RoPE
+ * rows against rope_cpu, and the eviction top-k against kvc_kvcache_select's marks. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
@@ -21,7 +21,7 @@
  * where outputs cancel towards 0. Weights: |got - ref| <= PROB_ATOL + ATTN_RTOL ref. */
 #define ATTN_RTOL 1e-5
 #define PROB_ATOL 1e-7
-/* Codec layers against ae_export_run (same GEMM and formulas): |a - b| <= DENSE_TOL (1 + |b|);
+/* Codec layers against kvc_ae_export_run (same GEMM and formulas): |a - b| <= DENSE_TOL (1 + |b|);
  * against the activation worked out in double: DENSE_DBL_TOL (1 + |b|). */
 #define DENSE_TOL 1e-6
 #define DENSE_DBL_TOL 1e-5
@@ -77,7 +77,7 @@ static const attn_case CASES[] = {
 };
 
 /* Runs one case for the exact and latent forms and checks both against the double reference;
- * the latent form also against decoding the values then attending with attend_head_cpu. */
+ * the latent form also against decoding the values then attending with kvc_attend_head_cpu. */
 static void check_case(const attn_case *c, int r) {
     const int n_q = c->n_q, g = c->g, d = c->d, rows = n_q * g;
     const int64_t t = c->t;
@@ -98,8 +98,8 @@ static void check_case(const attn_case *c, int r) {
     float *out = malloc((size_t)rows * d * sizeof(float)), *outl = malloc((size_t)rows * d * sizeof(float));
     float *pr = malloc((size_t)rows * t * sizeof(float)), *prl = malloc((size_t)rows * t * sizeof(float));
     double *ref = malloc((size_t)d * sizeof(double)), *refp = malloc((size_t)t * sizeof(double));
-    attend_head_cpu(q, qpos, n_q, g, d, k, v, kpos, t, out, pr);
-    attend_latent_cpu(q, qpos, n_q, g, d, k, z, r, w, bias, kpos, t, outl, prl);
+    kvc_attend_head_cpu(q, qpos, n_q, g, d, k, v, kpos, t, out, pr);
+    kvc_attend_latent_cpu(q, qpos, n_q, g, d, k, z, r, w, bias, kpos, t, outl, prl);
     double vmax = 0, worst = 0, worst_l = 0;
     for (int64_t i = 0; i < t * d; i++) vmax = fmax(vmax, fabs(v[i]));
     for (int row = 0; row < rows; row++) {
@@ -141,11 +141,11 @@ Test(kvattn, attend_without_weights_and_without_keys) {
     float *q = randn(Q * G * D, 1), *k = randn(T * D, 1), *v = randn(T * D, 1), a[Q * G * D], b[Q * G * D];
     float pr[Q * G * T];
     int32_t *kpos = gapped_positions(T, 3), qpos[Q] = {1000, 1001};
-    attend_head_cpu(q, qpos, Q, G, D, k, v, kpos, T, a, pr);
-    attend_head_cpu(q, qpos, Q, G, D, k, v, kpos, T, b, NULL);
+    kvc_attend_head_cpu(q, qpos, Q, G, D, k, v, kpos, T, a, pr);
+    kvc_attend_head_cpu(q, qpos, Q, G, D, k, v, kpos, T, b, NULL);
     cr_assert(!memcmp(a, b, sizeof a), "probs=NULL must not change the output");
     for (int i = 0; i < Q * G * D; i++) b[i] = 1;
-    attend_head_cpu(q, qpos, Q, G, D, k, v, kpos, 0, b, NULL);
+    kvc_attend_head_cpu(q, qpos, Q, G, D, k, v, kpos, 0, b, NULL);
     for (int i = 0; i < Q * G * D; i++) cr_assert_eq(b[i], 0.0f, "no keys: output must be 0");
     free(q), free(k), free(v), free(kpos);
 }
@@ -222,22 +222,22 @@ Test(kvattn, dense_rows_equals_ae_export_run) {
         for (int hidden = 0; hidden <= H; hidden += H) {
             if (!hidden && act) continue;
             ae_config c;
-            ae_config_defaults(&c);
+            kvc_ae_config_defaults(&c);
             c.in_dim = D, c.hidden = hidden, c.latent = R, c.act = (ae_act)act, c.norm = hidden ? AE_NORM_BATCH : AE_NORM_NONE;
             c.leaky_slope = 0.2f;
-            ae_model *m = ae_new(&c, 11 + act, &err);
+            ae_model *m = kvc_ae_new(&c, 11 + act, &err);
             cr_assert(m, "%s", err.msg);
-            for (int i = 0; i < ae_n_tensors(m); i++) { /* non-trivial BatchNorm statistics to fold */
-                ae_tensor tt = ae_tensor_at(m, i);
+            for (int i = 0; i < kvc_ae_n_tensors(m); i++) { /* non-trivial BatchNorm statistics to fold */
+                ae_tensor tt = kvc_ae_tensor_at(m, i);
                 if (strstr(tt.name, "running_mean")) for (int j = 0; j < tt.rows; j++) tt.data[j] = 0.3f * gauss();
                 if (strstr(tt.name, "running_var")) for (int j = 0; j < tt.rows; j++) tt.data[j] = 0.5f + fabsf(gauss());
             }
             ae_export e;
-            cr_assert_eq(ae_export_folded(m, &e, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_ae_export_folded(m, &e, &err), 0, "%s", err.msg);
             float *x = randn((size_t)N * D, 1.5f), *z = malloc(N * R * 4), *z2 = malloc(N * R * 4);
             float *y = malloc((size_t)N * D * 4), *y2 = malloc((size_t)N * D * 4), *h = malloc((size_t)N * H * 4);
-            ae_export_run(e.enc, e.n_enc, e.leaky_slope, x, N, z);
-            ae_export_run(e.dec, e.n_dec, e.leaky_slope, z, N, y);
+            kvc_ae_export_run(e.enc, e.n_enc, e.leaky_slope, x, N, z);
+            kvc_ae_export_run(e.dec, e.n_dec, e.leaky_slope, z, N, y);
             for (int half = 0; half < 2; half++) { /* encode, then decode, layer by layer */
                 const ae_dense *L = half ? e.dec : e.enc;
                 int nl = half ? e.n_dec : e.n_enc;
@@ -245,7 +245,7 @@ Test(kvattn, dense_rows_equals_ae_export_run) {
                 float *out = half ? y2 : z2;
                 for (int l = 0; l < nl; l++) {
                     float *o = l == nl - 1 ? out : h;
-                    dense_rows_cpu(l ? h : in, N, L[l].in, L[l].w, L[l].b, L[l].out, L[l].act, e.leaky_slope, o);
+                    kvc_dense_rows_cpu(l ? h : in, N, L[l].in, L[l].w, L[l].b, L[l].out, L[l].act, e.leaky_slope, o);
                     if (l == 0) /* the first layer (with its activation) against a double formula */
                         for (int i = 0; i < N; i += 37)
                             for (int j = 0; j < L[0].out; j++) {
@@ -253,7 +253,7 @@ Test(kvattn, dense_rows_equals_ae_export_run) {
                                 for (int kk = 0; kk < L[0].in; kk++) a += (double)in[i * L[0].in + kk] * L[0].w[j * L[0].in + kk];
                                 double want = act_ref(a, L[0].act, e.leaky_slope);
                                 cr_assert(fabs(o[i * L[0].out + j] - want) <= DENSE_DBL_TOL * (1 + fabs(want)),
-                                          "%s layer 0 [%d,%d]: %g vs %g", ae_act_name((ae_act)act), i, j,
+                                          "%s layer 0 [%d,%d]: %g vs %g", kvc_ae_act_name((ae_act)act), i, j,
                                           o[i * L[0].out + j], want);
                             }
                 }
@@ -261,19 +261,19 @@ Test(kvattn, dense_rows_equals_ae_export_run) {
             double worst = 0;
             for (int i = 0; i < N * R; i++) {
                 cr_assert(fabsf(z2[i] - z[i]) <= DENSE_TOL * (1 + fabsf(z[i])), "%s enc [%d]: %g vs %g",
-                          ae_act_name((ae_act)act), i, z2[i], z[i]);
+                          kvc_ae_act_name((ae_act)act), i, z2[i], z[i]);
                 worst = fmax(worst, fabsf(z2[i] - z[i]));
             }
             for (int i = 0; i < N * D; i++) {
                 cr_assert(fabsf(y2[i] - y[i]) <= DENSE_TOL * (1 + fabsf(y[i])), "%s dec [%d]: %g vs %g",
-                          ae_act_name((ae_act)act), i, y2[i], y[i]);
+                          kvc_ae_act_name((ae_act)act), i, y2[i], y[i]);
                 worst = fmax(worst, fabsf(y2[i] - y[i]));
             }
-            fprintf(stderr, "dense_rows %s hidden %d: worst |diff| to ae_export_run %.2e\n", ae_act_name((ae_act)act),
+            fprintf(stderr, "dense_rows %s hidden %d: worst |diff| to kvc_ae_export_run %.2e\n", kvc_ae_act_name((ae_act)act),
                     hidden, worst);
             free(x), free(z), free(z2), free(y), free(y2), free(h);
-            ae_export_free(&e);
-            ae_free(m);
+            kvc_ae_export_free(&e);
+            kvc_ae_free(m);
         }
     }
 }
@@ -292,16 +292,16 @@ Test(kvattn, topk_agrees_with_kvcache_select) {
             score[i] = (float)(urand(levels) - levels / 2) * 0.25f;
             if (score[i] == 0 && urand(2)) score[i] = -0.0f; /* -0 and +0 tie */
         }
-        int64_t marked = kvcache_select(score, n, keep, (int)sinks, (int)window, mark);
-        int64_t kk = n - keep, got = topk_unprotected_cpu(score, n, sinks, window, kk, idx);
+        int64_t marked = kvc_kvcache_select(score, n, keep, (int)sinks, (int)window, mark);
+        int64_t kk = n - keep, got = kvc_topk_unprotected_cpu(score, n, sinks, window, kk, idx);
         cr_assert_eq(got, marked, "n %lld keep %lld sinks %lld window %lld: %lld indices, select marked %lld",
                      (long long)n, (long long)keep, (long long)sinks, (long long)window, (long long)got,
                      (long long)marked);
-        big += marked > 8; /* kvcache_select's sorting path, not only its arg-max path */
+        big += marked > 8; /* kvc_kvcache_select's sorting path, not only its arg-max path */
         int64_t seen = 0;
         for (int64_t j = 0; j < got; j++) {
             cr_assert(idx[j] >= sinks && idx[j] < n - window, "index %lld is protected", (long long)idx[j]);
-            cr_assert(mark[idx[j]], "n %lld: index %lld chosen but not marked by kvcache_select", (long long)n,
+            cr_assert(mark[idx[j]], "n %lld: index %lld chosen but not marked by kvc_kvcache_select", (long long)n,
                       (long long)idx[j]);
             if (j) { /* ranked: higher score first, ties the older first */
                 float a = score[idx[j - 1]], b = score[idx[j]];
@@ -318,10 +318,10 @@ Test(kvattn, topk_by_hand) {
     const float s[10] = {9, 1, 5, 5, 7, -1, 5, 8, 2, 9};
     int64_t idx[10];
     /* candidates [2, 8): 5 5 7 -1 5 8 -> 7 (8), 4 (7), then the 5s oldest first: 2, 3, 6 */
-    cr_assert_eq(topk_unprotected_cpu(s, 10, 2, 2, 4, idx), 4);
+    cr_assert_eq(kvc_topk_unprotected_cpu(s, 10, 2, 2, 4, idx), 4);
     const int64_t want[4] = {7, 4, 2, 3};
     for (int i = 0; i < 4; i++) cr_assert_eq(idx[i], want[i], "idx[%d] = %lld", i, (long long)idx[i]);
-    cr_assert_eq(topk_unprotected_cpu(s, 10, 2, 2, 100, idx), 6, "capped by the candidates");
-    cr_assert_eq(topk_unprotected_cpu(s, 10, 5, 5, 3, idx), 0, "protection leaves nothing");
-    cr_assert_eq(topk_unprotected_cpu(s, 10, 0, 0, 0, idx), 0);
+    cr_assert_eq(kvc_topk_unprotected_cpu(s, 10, 2, 2, 100, idx), 6, "capped by the candidates");
+    cr_assert_eq(kvc_topk_unprotected_cpu(s, 10, 5, 5, 3, idx), 0, "protection leaves nothing");
+    cr_assert_eq(kvc_topk_unprotected_cpu(s, 10, 0, 0, 0, idx), 0);
 }

@@ -35,7 +35,7 @@
 #ifdef KVC_HAVE_CUDA
 static void need_gpu(void) {
     char why[256];
-    if (!backend_cuda_available(why, sizeof why)) cr_skip_test("CUDA parity skipped: %s", why);
+    if (!kvc_backend_cuda_available(why, sizeof why)) cr_skip_test("CUDA parity skipped: %s", why);
 }
 
 /* Asserts |got - ref| <= abs_tol + eps |ref| everywhere and returns the worst |got - ref|. */
@@ -62,10 +62,10 @@ Test(kvattn_cuda, dense_rows) {
         float *x = randn((size_t)n * in, 1.0f), *w = randn((size_t)out * in, 1.0f / sqrtf((float)in));
         float *b = randn(out, 0.5f), *y1 = malloc((size_t)n * out * 4), *y2 = malloc((size_t)n * out * 4);
         for (int nob = 0; nob < 2; nob++) {
-            dense_rows_cpu(x, n, in, w, nob ? NULL : b, out, cs[c].act, 0.1f, y1);
-            cr_assert_eq(dense_rows_cuda(x, n, in, w, nob ? NULL : b, out, cs[c].act, 0.1f, y2, &err), 0, "%s", err.msg);
+            kvc_dense_rows_cpu(x, n, in, w, nob ? NULL : b, out, cs[c].act, 0.1f, y1);
+            cr_assert_eq(kvc_dense_rows_cuda(x, n, in, w, nob ? NULL : b, out, cs[c].act, 0.1f, y2, &err), 0, "%s", err.msg);
             double worst = expect_close(y2, y1, (size_t)n * out, DENSE_ABS, DENSE_EPS, "dense");
-            if (!nob) fprintf(stderr, "dense %d x %d -> %d %s: worst %.2e\n", n, in, out, ae_act_name((ae_act)cs[c].act), worst);
+            if (!nob) fprintf(stderr, "dense %d x %d -> %d %s: worst %.2e\n", n, in, out, kvc_ae_act_name((ae_act)cs[c].act), worst);
         }
         free(x), free(w), free(b), free(y1), free(y2);
     }
@@ -83,7 +83,7 @@ Test(kvattn_cuda, rope_rows) {
     cr_assert_eq(kvc_rope_table_reserve(&tab, (int64_t)pos[N - 1] + 1), 0);
     kvc_rope_rows(&tab, x + 64, LD, pos, N, a, D);
     kvc_rope_table_free(&tab);
-    cr_assert_eq(rope_rows_cuda(x + 64, LD, pos, N, D, 100000.0f, b, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_rope_rows_cuda(x + 64, LD, pos, N, D, 100000.0f, b, &err), 0, "%s", err.msg);
     fprintf(stderr, "rope_rows: worst %.2e\n", expect_close(b, a, (size_t)N * D, ROPE_ABS, ROPE_EPS, "rope"));
     free(x), free(a), free(b), free(pos);
 }
@@ -112,13 +112,13 @@ static void attend_case(int n_q, int g, int d, int r, int64_t t, float kscale) {
         }
     char what[96];
     for (int with_p = 0; with_p < 2; with_p++) {
-        attend_head_cpu(q, qpos, n_q, g, d, k, v, kpos, t, o1, with_p ? p1 : NULL);
-        cr_assert_eq(attend_head_cuda(q, qpos, n_q, g, d, k, v, kpos, t, o2, with_p ? p2 : NULL, &err), 0, "%s", err.msg);
+        kvc_attend_head_cpu(q, qpos, n_q, g, d, k, v, kpos, t, o1, with_p ? p1 : NULL);
+        cr_assert_eq(kvc_attend_head_cuda(q, qpos, n_q, g, d, k, v, kpos, t, o2, with_p ? p2 : NULL, &err), 0, "%s", err.msg);
         snprintf(what, sizeof what, "attend Q=%d G=%d D=%d T=%lld", n_q, g, d, (long long)t);
         double wo = expect_close(o2, o1, (size_t)rows * d, ATTN_EPS * vmax, ATTN_EPS, what);
         double wp = with_p ? expect_close(p2, p1, (size_t)rows * t, PROB_ABS, ATTN_EPS, "weights") : 0;
-        attend_latent_cpu(q, qpos, n_q, g, d, k, z, r, w, b, kpos, t, o1, with_p ? p1 : NULL);
-        cr_assert_eq(attend_latent_cuda(q, qpos, n_q, g, d, k, z, r, w, b, kpos, t, o2, with_p ? p2 : NULL, &err), 0,
+        kvc_attend_latent_cpu(q, qpos, n_q, g, d, k, z, r, w, b, kpos, t, o1, with_p ? p1 : NULL);
+        cr_assert_eq(kvc_attend_latent_cuda(q, qpos, n_q, g, d, k, z, r, w, b, kpos, t, o2, with_p ? p2 : NULL, &err), 0,
                      "%s", err.msg);
         snprintf(what, sizeof what, "latent Q=%d G=%d D=%d R=%d T=%lld", n_q, g, d, r, (long long)t);
         double wl = expect_close(o2, o1, (size_t)rows * d, ATTN_EPS * zmax, ATTN_EPS, what);
@@ -157,8 +157,8 @@ static void topk_case(int64_t n, int levels) {
     const int64_t ks[4] = {1, 7, n / 10 + 1, n};
     for (int c = 0; c < 4; c++) {
         int64_t sinks = urand(8), window = urand(32);
-        int64_t na = topk_unprotected_cpu(s, n, sinks, window, ks[c], a);
-        int64_t nb = topk_unprotected_cuda(s, n, sinks, window, ks[c], b, &err);
+        int64_t na = kvc_topk_unprotected_cpu(s, n, sinks, window, ks[c], a);
+        int64_t nb = kvc_topk_unprotected_cuda(s, n, sinks, window, ks[c], b, &err);
         cr_assert_eq(nb, na, "n %lld k %lld: cuda gave %lld indices, cpu %lld (%s)", (long long)n, (long long)ks[c],
                      (long long)nb, (long long)na, err.msg);
         for (int64_t i = 0; i < na; i++)

@@ -40,17 +40,17 @@ static float run_pair(kvc_cache *a, kvc_cache *b, int n_steps, int chunk, int32_
         for (int l = 0; l < s.n_layer; l++) {
             for (int i = 0; i < chunk * K * D; i++) k[i] = frand(), v[i] = frand();
             for (int i = 0; i < chunk * H * D; i++) q[i] = 2.0f * frand();
-            cr_assert_eq(cache_append(a, l, k, v, pos, chunk, &err), 0, "%s", err.msg);
-            cr_assert_eq(cache_append(b, l, k, v, pos, chunk, &err), 0, "%s", err.msg);
-            cr_assert_eq(cache_attend(a, l, q, pos, chunk, oa, &err), 0, "%s", err.msg);
-            cr_assert_eq(cache_attend(b, l, q, pos, chunk, ob, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_cache_append(a, l, k, v, pos, chunk, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_cache_append(b, l, k, v, pos, chunk, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_cache_attend(a, l, q, pos, chunk, oa, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_cache_attend(b, l, q, pos, chunk, ob, &err), 0, "%s", err.msg);
             for (int i = 0; i < chunk * H * D; i++) {
                 float d = fabsf(oa[i] - ob[i]);
                 worst = d > worst ? d : worst;
             }
         }
-        cr_assert_eq(cache_end_step(a, &err), 0, "%s", err.msg);
-        cr_assert_eq(cache_end_step(b, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_cache_end_step(a, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_cache_end_step(b, &err), 0, "%s", err.msg);
     }
     free(k), free(v), free(q), free(oa), free(ob), free(pos);
     return worst;
@@ -60,7 +60,7 @@ static float run_pair(kvc_cache *a, kvc_cache *b, int n_steps, int chunk, int32_
 static kvc_model *load_model_or_skip(void) {
     REQUIRE_MODEL(path);
     kvc_err err;
-    kvc_model *m = model_load(path, &err);
+    kvc_model *m = kvc_model_load(path, &err);
     cr_assert_not_null(m, "%s", err.msg);
     return m;
 }
@@ -68,32 +68,32 @@ static kvc_model *load_model_or_skip(void) {
 Test(kvcache, f32_full_reproduces_full_cache_exactly) {
     kvc_cache_shape s = small_shape(256);
     kvc_err err;
-    kvc_cache *full = cache_full_new(&s, &err);
-    kvc_cache *kc = kvcache_new(&s, "f32", "full", NULL, &err);
+    kvc_cache *full = kvc_cache_full_new(&s, &err);
+    kvc_cache *kc = kvc_kvcache_new(&s, "f32", "full", NULL, &err);
     cr_assert_not_null(kc, "%s", err.msg);
     int32_t p = 0;
     cr_expect_eq(run_pair(full, kc, 10, 7, &p), 0.0f, "f32 through the codec path must be bit-exact");
     /* single-token steps (exact decoding) too */
     cr_expect_eq(run_pair(full, kc, 20, 1, &p), 0.0f);
-    cr_expect_eq(cache_n_tokens(kc, 2), 90);
-    cache_free(full);
-    cache_free(kc);
+    cr_expect_eq(kvc_cache_n_tokens(kc, 2), 90);
+    kvc_cache_free(full);
+    kvc_cache_free(kc);
 }
 
 Test(kvcache, f16_full_close_to_full_cache) {
     kvc_cache_shape s = small_shape(256);
     kvc_err err;
-    kvc_cache *full = cache_full_new(&s, &err);
-    kvc_cache *kc = kvcache_new(&s, "f16", "full", NULL, &err);
+    kvc_cache *full = kvc_cache_full_new(&s, &err);
+    kvc_cache *kc = kvc_kvcache_new(&s, "f16", "full", NULL, &err);
     cr_assert_not_null(kc, "%s", err.msg);
     int32_t p = 0;
     float d = run_pair(full, kc, 8, 16, &p);
     cr_expect(d > 0.0f && d < 2e-3f, "f16 rows: max |diff| %g, budget 2e-3", d);
     /* bytes: f16 K and V, no positions (nothing is evicted, so none are stored) */
     size_t want = (size_t)128 * s.n_layer * s.n_head_kv * s.head_dim * 2 * 2;
-    cr_expect_eq(cache_bytes(kc), want, "bytes %zu, want %zu", cache_bytes(kc), want);
-    cache_free(full);
-    cache_free(kc);
+    cr_expect_eq(kvc_cache_bytes(kc), want, "bytes %zu, want %zu", kvc_cache_bytes(kc), want);
+    kvc_cache_free(full);
+    kvc_cache_free(kc);
 }
 
 /* After eviction, attention over what the cache kept must equal a full cache that holds
@@ -103,9 +103,9 @@ Test(kvcache, evicted_tokens_leave_gaps_and_keep_true_positions) {
     kvc_cache_shape s = small_shape(512);
     const int K = s.n_head_kv, H = s.n_head, D = s.head_dim, L = s.n_layer;
     kvc_err err;
-    kvc_cache *kc = kvcache_new(&s, "f32", "streaming:budget=24,sinks=4,window=0", NULL, &err);
+    kvc_cache *kc = kvc_kvcache_new(&s, "f32", "streaming:budget=24,sinks=4,window=0", NULL, &err);
     cr_assert_not_null(kc, "%s", err.msg);
-    cr_assert_eq(cache_set_budget(kc, 100, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_cache_set_budget(kc, 100, &err), 0, "%s", err.msg);
     const int steps = 10, chunk = 8, n = steps * chunk;
     float *k = malloc(sizeof(float) * n * L * K * D), *v = malloc(sizeof(float) * n * L * K * D);
     for (int i = 0; i < n * L * K * D; i++) k[i] = frand(), v[i] = frand();
@@ -115,39 +115,39 @@ Test(kvcache, evicted_tokens_leave_gaps_and_keep_true_positions) {
         for (int t = 0; t < chunk; t++) pos[t] = st * chunk + t;
         for (int l = 0; l < L; l++) {
             const size_t at = ((size_t)l * n + (size_t)st * chunk) * K * D;
-            cr_assert_eq(cache_append(kc, l, k + at, v + at, pos, chunk, &err), 0, "%s", err.msg);
-            cr_assert_eq(cache_attend(kc, l, q, pos, chunk, oa, &err), 0);
+            cr_assert_eq(kvc_cache_append(kc, l, k + at, v + at, pos, chunk, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_cache_attend(kc, l, q, pos, chunk, oa, &err), 0);
         }
-        cr_assert_eq(cache_end_step(kc, &err), 0, "%s", err.msg);
-        for (int l = 0; l < L; l++) cr_assert_eq(cache_n_tokens(kc, l), (st + 1) * chunk < 24 ? (st + 1) * chunk : 24);
+        cr_assert_eq(kvc_cache_end_step(kc, &err), 0, "%s", err.msg);
+        for (int l = 0; l < L; l++) cr_assert_eq(kvc_cache_n_tokens(kc, l), (st + 1) * chunk < 24 ? (st + 1) * chunk : 24);
     }
     /* the kept set: positions 0..3 and n-20..n-1; a query at a new position */
-    kvc_cache *ref = cache_full_new(&s, &err);
+    kvc_cache *ref = kvc_cache_full_new(&s, &err);
     for (int l = 0; l < L; l++) {
         for (int t = 0; t < n; t++) {
             if (t >= 4 && t < n - 20) continue;
             int32_t p = t;
             const size_t at = ((size_t)l * n + (size_t)t) * K * D;
-            cr_assert_eq(cache_append(ref, l, k + at, v + at, &p, 1, &err), 0);
+            cr_assert_eq(kvc_cache_append(ref, l, k + at, v + at, &p, 1, &err), 0);
         }
     }
     int32_t qp = n + 5;
     for (int i = 0; i < H * D; i++) q[i] = 3.0f * frand();
     for (int l = 0; l < L; l++) {
-        cr_assert_eq(cache_attend(kc, l, q, &qp, 1, oa, &err), 0);
-        cr_assert_eq(cache_attend(ref, l, q, &qp, 1, ob, &err), 0);
+        cr_assert_eq(kvc_cache_attend(kc, l, q, &qp, 1, oa, &err), 0);
+        cr_assert_eq(kvc_cache_attend(ref, l, q, &qp, 1, ob, &err), 0);
         cr_expect_arr_eq(oa, ob, sizeof(float) * H * D, "layer %d: attention over kept tokens differs", l);
     }
     kvcache_stats st;
-    kvcache_get_stats(kc, &st);
+    kvc_kvcache_get_stats(kc, &st);
     cr_expect_eq(st.appended, n);
     cr_expect_eq(st.held, 24 * L * K);
     cr_expect_eq(st.evicted, (int64_t)(n - 24) * L * K);
     /* f32 rows + positions */
     cr_expect_eq(st.bytes, (size_t)24 * L * K * (2 * D * 4 + 4));
     free(k), free(v);
-    cache_free(kc);
-    cache_free(ref);
+    kvc_cache_free(kc);
+    kvc_cache_free(ref);
 }
 
 /* Every policy in the table, through the real cache: the budget holds exactly after every
@@ -155,15 +155,15 @@ Test(kvcache, evicted_tokens_leave_gaps_and_keep_true_positions) {
 Test(kvcache, every_policy_holds_its_budget) {
     kvc_cache_shape s = small_shape(1024);
     const int K = s.n_head_kv, H = s.n_head, D = s.head_dim, L = s.n_layer;
-    for (int p = 0; KVC_KEEPS[p]; p++) {
-        const char *nm = KVC_KEEPS[p]->name;
+    for (int p = 0; KVC_KVC_KEEPS[p]; p++) {
+        const char *nm = KVC_KVC_KEEPS[p]->name;
         char spec[128];
         int evicts = strcmp(nm, "full") != 0;
         snprintf(spec, sizeof spec, evicts ? "%s:budget=0.25,sinks=3,window=5" : "%s", nm);
         kvc_err err;
-        kvc_cache *kc = kvcache_new(&s, "f16", spec, NULL, &err);
+        kvc_cache *kc = kvc_kvcache_new(&s, "f16", spec, NULL, &err);
         cr_assert_not_null(kc, "%s: %s", spec, err.msg);
-        cr_assert_eq(cache_set_budget(kc, 128, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_cache_set_budget(kc, 128, &err), 0, "%s", err.msg);
         const int chunk = 5;
         float k[5 * 2 * 8], v[5 * 2 * 8], q[5 * 4 * 8], o[5 * 4 * 8];
         int32_t pos[5];
@@ -173,32 +173,32 @@ Test(kvcache, every_policy_holds_its_budget) {
             for (int l = 0; l < L; l++) {
                 for (int i = 0; i < chunk * K * D; i++) k[i] = frand(), v[i] = frand();
                 for (int i = 0; i < chunk * H * D; i++) q[i] = frand();
-                cr_assert_eq(cache_append(kc, l, k, v, pos, chunk, &err), 0, "%s", err.msg);
-                cr_assert_eq(cache_attend(kc, l, q, pos, chunk, o, &err), 0, "%s", err.msg);
+                cr_assert_eq(kvc_cache_append(kc, l, k, v, pos, chunk, &err), 0, "%s", err.msg);
+                cr_assert_eq(kvc_cache_attend(kc, l, q, pos, chunk, o, &err), 0, "%s", err.msg);
                 for (int i = 0; i < chunk * H * D; i++) cr_assert(isfinite(o[i]));
             }
             seen += chunk;
-            cr_assert_eq(cache_end_step(kc, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_cache_end_step(kc, &err), 0, "%s", err.msg);
             int64_t want = evicts && seen > 32 ? 32 : seen;
             kvcache_stats stt;
-            kvcache_get_stats(kc, &stt);
+            kvc_kvcache_get_stats(kc, &stt);
             cr_assert_eq(stt.held, want * L * K, "%s: step %d holds %lld, want %lld", spec, st,
                          (long long)stt.held, (long long)want * L * K);
         }
-        cache_free(kc);
+        kvc_cache_free(kc);
     }
 }
 
 Test(kvcache, hold_then_compress_once) {
     kvc_cache_shape s = small_shape(512);
     kvc_err err;
-    kvc_cache *kc = kvcache_new(&s, "int8", "l2:budget=0.25,sinks=2,window=4", NULL, &err);
+    kvc_cache *kc = kvc_kvcache_new(&s, "int8", "l2:budget=0.25,sinks=2,window=4", NULL, &err);
     cr_assert_not_null(kc, "%s", err.msg);
-    kvc_cache *full = cache_full_new(&s, &err);
-    cr_assert_eq(cache_set_budget(kc, -1, &err), 0);
+    kvc_cache *full = kvc_cache_full_new(&s, &err);
+    cr_assert_eq(kvc_cache_set_budget(kc, -1, &err), 0);
     int32_t p = 0;
     run_pair(full, kc, 8, 16, &p); /* 128 tokens held, none evicted */
-    cr_expect_eq(cache_n_tokens(kc, 0), 128);
+    cr_expect_eq(kvc_cache_n_tokens(kc, 0), 128);
     /* bytes by hand, per (layer, kv head): int8 values per token in one group of 8 (8 codes +
      * f16 scale + f16 min), keys per channel in 4 blocks of 32 tokens (8 codes a token, a
      * block of 8 f16 scales + 8 f16 minimums), a uint16 block index per key token (the policy
@@ -207,16 +207,16 @@ Test(kvcache, hold_then_compress_once) {
     cr_assert_not_null(kp, "%s", err.msg);
     size_t per_head = 128 * (12 + 8) + 4 * 32 + 128 * 2 + 128 * 4 + 128 * kp->state_bytes;
     kvc_keep_free(kp);
-    cr_expect_eq(cache_bytes(kc), per_head * s.n_layer * s.n_head_kv, "bytes %zu, want %zu", cache_bytes(kc),
+    cr_expect_eq(kvc_cache_bytes(kc), per_head * s.n_layer * s.n_head_kv, "bytes %zu, want %zu", kvc_cache_bytes(kc),
                  per_head * s.n_layer * s.n_head_kv);
-    cr_assert_eq(cache_set_budget(kc, 128, &err), 0, "%s", err.msg);
-    cr_assert_eq(cache_end_step(kc, &err), 0);
-    cr_expect_eq(cache_n_tokens(kc, 0), 32);
-    cr_assert_eq(cache_set_budget(kc, -1, &err), 0);
+    cr_assert_eq(kvc_cache_set_budget(kc, 128, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_cache_end_step(kc, &err), 0);
+    cr_expect_eq(kvc_cache_n_tokens(kc, 0), 32);
+    cr_assert_eq(kvc_cache_set_budget(kc, -1, &err), 0);
     run_pair(full, kc, 1, 16, &p); /* frozen: grows again */
-    cr_expect_eq(cache_n_tokens(kc, 0), 48);
-    cache_free(kc);
-    cache_free(full);
+    cr_expect_eq(kvc_cache_n_tokens(kc, 0), 48);
+    kvc_cache_free(kc);
+    kvc_cache_free(full);
 }
 
 Test(kvcache, bad_specs_and_budgets) {
@@ -236,24 +236,24 @@ Test(kvcache, bad_specs_and_budgets) {
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         err.msg[0] = '\0';
-        kvc_cache *c = kvcache_new(&s, bad[i].repr, bad[i].keep, NULL, &err);
+        kvc_cache *c = kvc_kvcache_new(&s, bad[i].repr, bad[i].keep, NULL, &err);
         cr_expect_null(c, "%s / %s should fail", bad[i].repr, bad[i].keep);
         cr_expect(strstr(err.msg, bad[i].msg) != NULL, "%s / %s: message '%s' lacks '%s'", bad[i].repr, bad[i].keep,
                   err.msg, bad[i].msg);
-        cache_free(c);
+        kvc_cache_free(c);
     }
     /* a fraction that resolves below sinks + window is caught when the reference is known */
-    kvc_cache *c = kvcache_new(&s, "f16", "lsh:budget=0.125,sinks=4,window=10", NULL, &err);
+    kvc_cache *c = kvc_kvcache_new(&s, "f16", "lsh:budget=0.125,sinks=4,window=10", NULL, &err);
     cr_assert_not_null(c, "%s", err.msg);
-    cr_expect_eq(cache_set_budget(c, 64, &err), -1);
+    cr_expect_eq(kvc_cache_set_budget(c, 64, &err), -1);
     cr_expect(strstr(err.msg, "smaller than sinks 4 + window 10") != NULL, "%s", err.msg);
-    cr_expect_eq(cache_set_budget(c, 1024, &err), 0, "%s", err.msg);
+    cr_expect_eq(kvc_cache_set_budget(c, 1024, &err), 0, "%s", err.msg);
     /* positions must grow */
     float k[2 * 8] = {0}, v[2 * 8] = {0};
     int32_t p5 = 5, p3 = 3;
-    cr_expect_eq(cache_append(c, 0, k, v, &p5, 1, &err), 0);
-    cr_expect_eq(cache_append(c, 0, k, v, &p3, 1, &err), -1);
-    cache_free(c);
+    cr_expect_eq(kvc_cache_append(c, 0, k, v, &p5, 1, &err), 0);
+    cr_expect_eq(kvc_cache_append(c, 0, k, v, &p3, 1, &err), -1);
+    kvc_cache_free(c);
 }
 
 /* The default model: the codec path with exact rows reproduces the full cache's logits bit
@@ -264,27 +264,27 @@ Test(kvcache, model_logits_identity_and_codec, .timeout = 300) {
     const char *text = "The Debian package manager keeps track of installed software, its versions and "
                        "the files each package owns, so that upgrades and removals stay consistent.";
     int32_t *ids = malloc(sizeof(int32_t) * 256);
-    int64_t n = tokenizer_encode(m->tok, text, strlen(text), 0, ids, 256, &err);
+    int64_t n = kvc_tokenizer_encode(m->tok, text, strlen(text), 0, ids, 256, &err);
     cr_assert(n > 16 && n <= 256, "%s", err.msg);
     const int V = m->hp.n_vocab;
-    kvc_cache_shape s = model_cache_shape(m, 256);
-    kvc_cache *full = cache_full_new(&s, &err);
-    kvc_cache *kc = kvcache_new(&s, "f32", "full", m->fingerprint, &err);
+    kvc_cache_shape s = kvc_model_cache_shape(m, 256);
+    kvc_cache *full = kvc_cache_full_new(&s, &err);
+    kvc_cache *kc = kvc_kvcache_new(&s, "f32", "full", m->fingerprint, &err);
     cr_assert_not_null(kc, "%s", err.msg);
     char ck[512];
     snprintf(ck, sizeof ck, "ae:%s/checkpoints/smollm2-135m-ae32.h5", KVC_SOURCE_DIR);
-    kvc_cache *ae = kvcache_new(&s, ck, "full", m->fingerprint, &err);
+    kvc_cache *ae = kvc_kvcache_new(&s, ck, "full", m->fingerprint, &err);
     cr_assert_not_null(ae, "%s", err.msg);
-    kvc_run *r = run_new(m, 8, &err);
+    kvc_run *r = kvc_run_new(m, 8, &err);
     float *la = malloc(sizeof(float) * 8 * V), *lb = malloc(sizeof(float) * 8 * V), *lc = malloc(sizeof(float) * 8 * V);
     int32_t pos[8];
     int agree = 0, total = 0;
     for (int64_t i = 0; i < n; i += 8) {
         int nb = n - i < 8 ? (int)(n - i) : 8;
         for (int t = 0; t < nb; t++) pos[t] = (int32_t)(i + t);
-        cr_assert_eq(model_forward(m, r, full, ids + i, pos, nb, la, 1, &err), 0, "%s", err.msg);
-        cr_assert_eq(model_forward(m, r, kc, ids + i, pos, nb, lb, 1, &err), 0, "%s", err.msg);
-        cr_assert_eq(model_forward(m, r, ae, ids + i, pos, nb, lc, 1, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_model_forward(m, r, full, ids + i, pos, nb, la, 1, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_model_forward(m, r, kc, ids + i, pos, nb, lb, 1, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_model_forward(m, r, ae, ids + i, pos, nb, lc, 1, &err), 0, "%s", err.msg);
         cr_assert_arr_eq(la, lb, sizeof(float) * nb * V, "logits differ at chunk %lld", (long long)i);
         for (int t = 0; t < nb; t++) {
             int a = 0, b = 0;
@@ -300,11 +300,11 @@ Test(kvcache, model_logits_identity_and_codec, .timeout = 300) {
     cr_expect(agree * 10 >= total * 7, "ae32 top-1 agreement %d/%d", agree, total);
     /* memory: reused heads store nothing, so the codec holds less than f16 latents of all heads */
     size_t all_latent = (size_t)n * s.n_layer * s.n_head_kv * 2 * 32 * 2;
-    cr_expect(cache_bytes(ae) < all_latent, "ae32 bytes %zu, f16 latents everywhere %zu", cache_bytes(ae), all_latent);
+    cr_expect(kvc_cache_bytes(ae) < all_latent, "ae32 bytes %zu, f16 latents everywhere %zu", kvc_cache_bytes(ae), all_latent);
     free(la), free(lb), free(lc), free(ids);
-    run_free(r);
-    cache_free(full), cache_free(kc), cache_free(ae);
-    model_free(m);
+    kvc_run_free(r);
+    kvc_cache_free(full), kvc_cache_free(kc), kvc_cache_free(ae);
+    kvc_model_free(m);
 }
 
 /* A sweep replays the reference's recorded logits instead of rerunning it: the figures must be
@@ -317,21 +317,21 @@ Test(kvcache, reference_store_replays_identical_figures, .timeout = 300) {
     cr_assert_eq(kvc_read_file(KVC_SOURCE_DIR "/data/corpora/eval-debian-handbook.txt", &text, &len, &err), 0);
     if (len > 4000) len = 4000;
     int32_t *ids = malloc(sizeof(int32_t) * 4000);
-    int64_t n = tokenizer_encode(m->tok, text, len, 0, ids, 4000, &err);
+    int64_t n = kvc_tokenizer_encode(m->tok, text, len, 0, ids, 4000, &err);
     cr_assert(n >= 3 * 80, "%s", err.msg);
-    kvc_cache_shape s = model_cache_shape(m, 128);
-    kvc_cache *ref = cache_full_new(&s, &err);
-    kvc_cache *c = kvcache_new(&s, "int4", "h2o:budget=0.5", m->fingerprint, &err);
+    kvc_cache_shape s = kvc_model_cache_shape(m, 128);
+    kvc_cache *ref = kvc_cache_full_new(&s, &err);
+    kvc_cache *c = kvc_kvcache_new(&s, "int4", "h2o:budget=0.5", m->fingerprint, &err);
     cr_assert_not_null(c, "%s", err.msg);
-    kvc_ref_store *st = ref_store_new((size_t)1 << 30);
+    kvc_ref_store *st = kvc_ref_store_new((size_t)1 << 30);
     kvc_measure_opts lock = {0, 16, 64, 16, 3, 0, NULL}, rec = lock;
     rec.ref_store = st;
     kvc_quality a, b, d;
-    cr_assert_eq(eval_context(m, c, ref, ids, n, &lock, &a, &err), 0, "%s", err.msg);
-    cr_assert_eq(ref_store_ready(st), 0);
-    cr_assert_eq(eval_context(m, c, ref, ids, n, &rec, &b, &err), 0, "%s", err.msg); /* records */
-    cr_assert_eq(ref_store_ready(st), 1);
-    cr_assert_eq(eval_context(m, c, ref, ids, n, &rec, &d, &err), 0, "%s", err.msg); /* replays */
+    cr_assert_eq(kvc_eval_context(m, c, ref, ids, n, &lock, &a, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_ref_store_ready(st), 0);
+    cr_assert_eq(kvc_eval_context(m, c, ref, ids, n, &rec, &b, &err), 0, "%s", err.msg); /* records */
+    cr_assert_eq(kvc_ref_store_ready(st), 1);
+    cr_assert_eq(kvc_eval_context(m, c, ref, ids, n, &rec, &d, &err), 0, "%s", err.msg); /* replays */
     const kvc_quality *q[2] = {&b, &d};
     for (int i = 0; i < 2; i++) {
         cr_expect_eq(q[i]->n_scored, a.n_scored);
@@ -345,14 +345,14 @@ Test(kvcache, reference_store_replays_identical_figures, .timeout = 300) {
     kvc_measure_opts other = rec, other_lock = lock;
     other.continuation = other_lock.continuation = 12;
     kvc_quality e, g;
-    cr_assert_eq(eval_context(m, c, ref, ids, n, &other, &e, &err), 0, "%s", err.msg);
-    cr_assert_eq(eval_context(m, c, ref, ids, n, &other_lock, &g, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_eval_context(m, c, ref, ids, n, &other, &e, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_eval_context(m, c, ref, ids, n, &other_lock, &g, &err), 0, "%s", err.msg);
     cr_expect_eq(e.nll_full, g.nll_full);
     cr_expect_eq(e.kl_mean, g.kl_mean);
-    ref_store_free(st);
-    cache_free(c), cache_free(ref);
+    kvc_ref_store_free(st);
+    kvc_cache_free(c), kvc_cache_free(ref);
     free(ids), free(text);
-    model_free(m);
+    kvc_model_free(m);
 }
 
 /* Heads the codec predicts from the layer below keep exactly that layer's tokens: with the
@@ -364,9 +364,9 @@ Test(kvcache, reused_heads_follow_the_layer_below_under_eviction) {
     kvc_err err;
     char ck[512];
     snprintf(ck, sizeof ck, "ae:%s/checkpoints/smollm2-135m-ae32.h5,int8", KVC_SOURCE_DIR);
-    kvc_cache *c = kvcache_new(&s, ck, "lsh:budget=24,sinks=2,window=4", "55d17dc8d1d9a03e", &err);
+    kvc_cache *c = kvc_kvcache_new(&s, ck, "lsh:budget=24,sinks=2,window=4", "55d17dc8d1d9a03e", &err);
     cr_assert_not_null(c, "%s", err.msg);
-    cr_assert_eq(cache_set_budget(c, 64, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_cache_set_budget(c, 64, &err), 0, "%s", err.msg);
     const int K = 3, H = 9, D = 64, chunk = 8;
     float *k = malloc(sizeof(float) * chunk * K * D), *v = malloc(sizeof(float) * chunk * K * D);
     float *q = malloc(sizeof(float) * chunk * H * D), *o = malloc(sizeof(float) * chunk * H * D);
@@ -376,16 +376,16 @@ Test(kvcache, reused_heads_follow_the_layer_below_under_eviction) {
         for (int l = 0; l < s.n_layer; l++) {
             for (int i = 0; i < chunk * K * D; i++) k[i] = frand(), v[i] = frand();
             for (int i = 0; i < chunk * H * D; i++) q[i] = frand();
-            cr_assert_eq(cache_append(c, l, k, v, pos, chunk, &err), 0, "%s", err.msg);
-            cr_assert_eq(cache_attend(c, l, q, pos, chunk, o, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_cache_append(c, l, k, v, pos, chunk, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_cache_attend(c, l, q, pos, chunk, o, &err), 0, "%s", err.msg);
             for (int i = 0; i < chunk * H * D; i++) cr_assert(isfinite(o[i]), "layer %d: non-finite output", l);
         }
-        cr_assert_eq(cache_end_step(c, &err), 0, "step %d: %s", st, err.msg);
+        cr_assert_eq(kvc_cache_end_step(c, &err), 0, "step %d: %s", st, err.msg);
         kvcache_stats stt;
-        kvcache_get_stats(c, &stt);
+        kvc_kvcache_get_stats(c, &stt);
         int64_t want = (st + 1) * chunk < 24 ? (st + 1) * chunk : 24;
         cr_assert_eq(stt.held, want * s.n_layer * K, "step %d: held %lld", st, (long long)stt.held);
     }
     free(k), free(v), free(q), free(o);
-    cache_free(c);
+    kvc_cache_free(c);
 }

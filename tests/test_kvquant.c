@@ -30,9 +30,9 @@ Test(kvquant, per_token_error_is_within_half_a_step) {
     static uint16_t sc[N * C / G], mn[N * C / G];
     fill(x, N, C);
     for (int bits = 4; bits <= 8; bits += 4) {
-        cr_assert(kvq_params_ok(bits, G, C));
-        kvq_quant_tokens_cpu(x, N, C, G, bits, codes, sc, mn);
-        kvq_dequant_tokens_cpu(codes, sc, mn, N, C, G, bits, y);
+        cr_assert(kvc_kvq_params_ok(bits, G, C));
+        kvc_kvq_quant_tokens_cpu(x, N, C, G, bits, codes, sc, mn);
+        kvc_kvq_dequant_tokens_cpu(codes, sc, mn, N, C, G, bits, y);
         double se = 0, sx = 0;
         for (int t = 0; t < N; t++)
             for (int i = 0; i < C; i++) {
@@ -55,8 +55,8 @@ Test(kvquant, per_channel_error_is_within_half_a_step) {
     uint16_t sc[C], mn[C];
     fill(x, GT, C);
     for (int bits = 4; bits <= 8; bits += 4) {
-        kvq_quant_channels_cpu(x, GT, C, bits, codes, sc, mn);
-        kvq_dequant_channels_cpu(codes, sc, mn, GT, C, bits, y);
+        kvc_kvq_quant_channels_cpu(x, GT, C, bits, codes, sc, mn);
+        kvc_kvq_dequant_channels_cpu(codes, sc, mn, GT, C, bits, y);
         double se = 0, sx = 0;
         for (int t = 0; t < GT; t++)
             for (int i = 0; i < C; i++) {
@@ -74,8 +74,8 @@ Test(kvquant, constant_groups_are_exact_and_packing_is_low_nibble_first) {
     float x[8] = {1.5f, 1.5f, 1.5f, 1.5f, 0.0f, 1.0f, 2.0f, 3.0f}, y[8];
     uint8_t codes[4];
     uint16_t sc[2], mn[2];
-    kvq_quant_tokens_cpu(x, 1, 8, 4, 4, codes, sc, mn);
-    kvq_dequant_tokens_cpu(codes, sc, mn, 1, 8, 4, 4, y);
+    kvc_kvq_quant_tokens_cpu(x, 1, 8, 4, 4, codes, sc, mn);
+    kvc_kvq_dequant_tokens_cpu(codes, sc, mn, 1, 8, 4, 4, y);
     for (int i = 0; i < 4; i++) cr_expect_eq(y[i], 1.5f, "constant group must be exact");
     cr_expect_eq(kvc_f16_to_f32(sc[0]), 0.0f);
     /* group 2: min 0, span 3 over 15 steps: scale 0.2 (f16 rounded up), codes 0, 5, 10, 15 */
@@ -85,13 +85,13 @@ Test(kvquant, constant_groups_are_exact_and_packing_is_low_nibble_first) {
 }
 
 Test(kvquant, byte_counts_and_parameter_checks) {
-    cr_expect_eq(kvq_code_bytes(8, 64), 64);
-    cr_expect_eq(kvq_code_bytes(4, 64), 32);
-    cr_expect_eq(kvq_code_bytes(4, 63), 32);
-    cr_expect(kvq_params_ok(4, 32, 64));
-    cr_expect(!kvq_params_ok(3, 32, 64));
-    cr_expect(!kvq_params_ok(4, 0, 64));
-    cr_expect(!kvq_params_ok(4, 32, 63));
+    cr_expect_eq(kvc_kvq_code_bytes(8, 64), 64);
+    cr_expect_eq(kvc_kvq_code_bytes(4, 64), 32);
+    cr_expect_eq(kvc_kvq_code_bytes(4, 63), 32);
+    cr_expect(kvc_kvq_params_ok(4, 32, 64));
+    cr_expect(!kvc_kvq_params_ok(3, 32, 64));
+    cr_expect(!kvc_kvq_params_ok(4, 0, 64));
+    cr_expect(!kvc_kvq_params_ok(4, 32, 63));
 }
 
 #ifdef KVC_HAVE_CUDA
@@ -102,7 +102,7 @@ Test(kvquant, byte_counts_and_parameter_checks) {
  * minima must equal the CPU reference exactly. */
 Test(kvquant, cuda_twins_match_the_cpu_exactly) {
     char why[256];
-    if (!backend_cuda_available(why, sizeof why)) cr_skip_test("CUDA parity skipped: %s", why);
+    if (!kvc_backend_cuda_available(why, sizeof why)) cr_skip_test("CUDA parity skipped: %s", why);
     enum { N = 300, C = 192, G = 32 };
     static float x[N * C];
     static uint8_t c1[N * C], c2[N * C];
@@ -110,14 +110,14 @@ Test(kvquant, cuda_twins_match_the_cpu_exactly) {
     fill(x, N, C);
     kvc_err err = {{0}};
     for (int bits = 4; bits <= 8; bits += 4) {
-        size_t rb = kvq_code_bytes(bits, C);
-        kvq_quant_tokens_cpu(x, N, C, G, bits, c1, s1, m1);
-        cr_assert_eq(kvq_quant_tokens_cuda(x, N, C, G, bits, c2, s2, m2, &err), 0, "%s", err.msg);
+        size_t rb = kvc_kvq_code_bytes(bits, C);
+        kvc_kvq_quant_tokens_cpu(x, N, C, G, bits, c1, s1, m1);
+        cr_assert_eq(kvc_kvq_quant_tokens_cuda(x, N, C, G, bits, c2, s2, m2, &err), 0, "%s", err.msg);
         cr_expect_eq(memcmp(c1, c2, N * rb), 0, "per-token %d-bit codes differ", bits);
         cr_expect_eq(memcmp(s1, s2, N * (C / G) * 2), 0);
         cr_expect_eq(memcmp(m1, m2, N * (C / G) * 2), 0);
-        kvq_quant_channels_cpu(x, 64, C, bits, c1, s1, m1);
-        cr_assert_eq(kvq_quant_channels_cuda(x, 64, C, bits, c2, s2, m2, &err), 0, "%s", err.msg);
+        kvc_kvq_quant_channels_cpu(x, 64, C, bits, c1, s1, m1);
+        cr_assert_eq(kvc_kvq_quant_channels_cuda(x, 64, C, bits, c2, s2, m2, &err), 0, "%s", err.msg);
         cr_expect_eq(memcmp(c1, c2, 64 * rb), 0, "per-channel %d-bit codes differ", bits);
         cr_expect_eq(memcmp(s1, s2, C * 2), 0);
         cr_expect_eq(memcmp(m1, m2, C * 2), 0);

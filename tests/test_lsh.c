@@ -30,7 +30,7 @@ static double angle_error(int bits, uint64_t seed) {
     enum { D = 64, PAIRS = 400 };
     kvc_simhash h;
     kvc_err err = {{0}};
-    cr_assert_eq(simhash_init(&h, D, bits, seed, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_simhash_init(&h, D, bits, seed, &err), 0, "%s", err.msg);
     const double angles[4] = {0.2, 0.8, 1.6, 2.6};
     double total = 0;
     for (int a = 0; a < 4; a++) {
@@ -39,7 +39,7 @@ static double angle_error(int bits, uint64_t seed) {
             float xy[2 * D];
             uint64_t c[2];
             pair_at(xy, xy + D, D, angles[a]);
-            simhash_codes_cpu(&h, xy, D, 2, c);
+            kvc_simhash_codes_cpu(&h, xy, D, 2, c);
             mean += __builtin_popcountll(c[0] ^ c[1]) / (double)bits;
         }
         mean /= PAIRS;
@@ -50,11 +50,11 @@ static double angle_error(int bits, uint64_t seed) {
             float xy[2 * D];
             uint64_t c[2];
             pair_at(xy, xy + D, D, angles[a]);
-            simhash_codes_cpu(&h, xy, D, 2, c);
+            kvc_simhash_codes_cpu(&h, xy, D, 2, c);
             total += fabs(__builtin_popcountll(c[0] ^ c[1]) / (double)bits - angles[a] / PI_D);
         }
     }
-    simhash_free(&h);
+    kvc_simhash_free(&h);
     return total / (4 * PAIRS);
 }
 
@@ -70,41 +70,41 @@ Test(lsh, codes_are_reproducible_and_negation_flips_every_bit) {
     for (int i = 0; i < N * D; i++) { x[i] = gauss(); nx[i] = -x[i]; }
     kvc_simhash a, b, c;
     kvc_err err = {{0}};
-    cr_assert_eq(simhash_init(&a, D, 16, 7, &err), 0);
-    cr_assert_eq(simhash_init(&b, D, 16, 7, &err), 0);
-    cr_assert_eq(simhash_init(&c, D, 16, 8, &err), 0);
+    cr_assert_eq(kvc_simhash_init(&a, D, 16, 7, &err), 0);
+    cr_assert_eq(kvc_simhash_init(&b, D, 16, 7, &err), 0);
+    cr_assert_eq(kvc_simhash_init(&c, D, 16, 8, &err), 0);
     uint64_t ca[N], cb[N], cc[N], cn[N];
-    simhash_codes_cpu(&a, x, D, N, ca);
-    simhash_codes_cpu(&b, x, D, N, cb);
-    simhash_codes_cpu(&c, x, D, N, cc);
-    simhash_codes_cpu(&a, nx, D, N, cn);
+    kvc_simhash_codes_cpu(&a, x, D, N, ca);
+    kvc_simhash_codes_cpu(&b, x, D, N, cb);
+    kvc_simhash_codes_cpu(&c, x, D, N, cc);
+    kvc_simhash_codes_cpu(&a, nx, D, N, cn);
     cr_expect_eq(memcmp(ca, cb, sizeof ca), 0, "same seed, same codes");
     cr_expect_neq(memcmp(ca, cc, sizeof ca), 0, "another seed, other codes");
     for (int i = 0; i < N; i++) {
         cr_expect_eq(ca[i] >> 16, 0, "only the low 16 bits may be set");
         cr_expect_eq(ca[i] ^ cn[i], 0xFFFFull, "row %d: -x must flip every bit", i);
     }
-    simhash_free(&a); simhash_free(&b); simhash_free(&c);
+    kvc_simhash_free(&a); kvc_simhash_free(&b); kvc_simhash_free(&c);
 }
 
 Test(lsh, hamming_and_protected_argmax_by_hand) {
     uint64_t codes[4] = {0x0, 0xF, 0xFF00000000000000ull, 0x5};
     uint8_t d[4];
-    hamming_cpu(codes, 4, 0x1, d);
+    kvc_hamming_cpu(codes, 4, 0x1, d);
     cr_expect(d[0] == 1 && d[1] == 3 && d[2] == 9 && d[3] == 1);
     float s[8] = {9, 9, 1, 5, 5, 2, 9, 9};
-    cr_expect_eq(argmax_unprotected_cpu(s, 8, 2, 2), 3, "sinks 0-1 and window 6-7 protected; tie goes to the oldest");
-    cr_expect_eq(argmax_unprotected_cpu(s, 8, 0, 0), 0);
-    cr_expect_eq(argmax_unprotected_cpu(s, 8, 4, 4), -1, "nothing eligible");
+    cr_expect_eq(kvc_argmax_unprotected_cpu(s, 8, 2, 2), 3, "sinks 0-1 and window 6-7 protected; tie goes to the oldest");
+    cr_expect_eq(kvc_argmax_unprotected_cpu(s, 8, 0, 0), 0);
+    cr_expect_eq(kvc_argmax_unprotected_cpu(s, 8, 4, 4), -1, "nothing eligible");
 }
 
 Test(lsh, rejects_bad_bit_counts) {
     kvc_simhash h;
     kvc_err err = {{0}};
-    cr_expect_eq(simhash_init(&h, 64, 3, 1, &err), -1);
+    cr_expect_eq(kvc_simhash_init(&h, 64, 3, 1, &err), -1);
     cr_expect(strstr(err.msg, "[4, 64]") != NULL, "%s", err.msg);
-    cr_expect_eq(simhash_init(&h, 64, 65, 1, &err), -1);
-    cr_expect_eq(simhash_init(&h, 0, 16, 1, &err), -1);
+    cr_expect_eq(kvc_simhash_init(&h, 64, 65, 1, &err), -1);
+    cr_expect_eq(kvc_simhash_init(&h, 0, 16, 1, &err), -1);
 }
 
 #ifdef KVC_HAVE_CUDA
@@ -114,22 +114,22 @@ Test(lsh, rejects_bad_bit_counts) {
 /* Same sequential, unfused sums on both sides: codes must be identical. */
 Test(lsh, cuda_twins_match_the_cpu_exactly) {
     char why[256];
-    if (!backend_cuda_available(why, sizeof why)) cr_skip_test("CUDA parity skipped: %s", why);
+    if (!kvc_backend_cuda_available(why, sizeof why)) cr_skip_test("CUDA parity skipped: %s", why);
     enum { D = 64, N = 1000, LD = 3 * 64 };
     static float x[N * LD];
     for (int i = 0; i < N * LD; i++) x[i] = gauss();
     kvc_simhash h;
     kvc_err err = {{0}};
-    cr_assert_eq(simhash_init(&h, D, 64, 3, &err), 0);
+    cr_assert_eq(kvc_simhash_init(&h, D, 64, 3, &err), 0);
     static uint64_t c1[N], c2[N];
     static uint8_t d1[N], d2[N];
-    simhash_codes_cpu(&h, x + D, LD, N, c1); /* head 1 of (N, 3, D) rows */
-    cr_assert_eq(simhash_codes_cuda(h.proj, D, 64, x + D, LD, N, c2, &err), 0, "%s", err.msg);
+    kvc_simhash_codes_cpu(&h, x + D, LD, N, c1); /* head 1 of (N, 3, D) rows */
+    cr_assert_eq(kvc_simhash_codes_cuda(h.proj, D, 64, x + D, LD, N, c2, &err), 0, "%s", err.msg);
     cr_expect_eq(memcmp(c1, c2, sizeof c1), 0, "SimHash codes differ");
-    hamming_cpu(c1, N, c1[7], d1);
-    cr_assert_eq(hamming_cuda(c1, N, c1[7], d2, &err), 0, "%s", err.msg);
+    kvc_hamming_cpu(c1, N, c1[7], d1);
+    cr_assert_eq(kvc_hamming_cuda(c1, N, c1[7], d2, &err), 0, "%s", err.msg);
     cr_expect_eq(memcmp(d1, d2, sizeof d1), 0);
-    simhash_free(&h);
+    kvc_simhash_free(&h);
 }
 #else
 Test(lsh, cuda_twins_match_the_cpu_exactly) { cr_skip_test("CUDA parity skipped: this build has no CUDA backend"); }

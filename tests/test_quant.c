@@ -33,13 +33,13 @@ Test(quant, f16_and_bf16_conversions) {
 Test(quant, plain_types) {
     uint16_t h[2] = {0x3C00, 0xC000};
     float y[2];
-    cr_assert_eq(dequantize_row(GGML_T_F16, h, y, 2), 0);
+    cr_assert_eq(kvc_dequantize_row(GGML_T_F16, h, y, 2), 0);
     cr_expect(y[0] == 1.0f && y[1] == -2.0f);
     uint16_t b[2] = {0x3F80, 0xC0A0};
-    cr_assert_eq(dequantize_row(GGML_T_BF16, b, y, 2), 0);
+    cr_assert_eq(kvc_dequantize_row(GGML_T_BF16, b, y, 2), 0);
     cr_expect(y[0] == 1.0f && y[1] == -5.0f);
     float f[2] = {3.25f, -0.5f};
-    cr_assert_eq(dequantize_row(GGML_T_F32, f, y, 2), 0);
+    cr_assert_eq(kvc_dequantize_row(GGML_T_F32, f, y, 2), 0);
     cr_expect(y[0] == 3.25f && y[1] == -0.5f);
 }
 
@@ -48,21 +48,21 @@ Test(quant, q4_0_q4_1_q8_0_blocks) {
     float y[32];
     put_f16(b0, 0.5f);
     b0[2 + 3] = 0x1F;
-    cr_assert_eq(dequantize_row(GGML_T_Q4_0, b0, y, 32), 0);
+    cr_assert_eq(kvc_dequantize_row(GGML_T_Q4_0, b0, y, 32), 0);
     cr_expect_float_eq(y[3], 3.5f, 0);    /* (15 - 8) * 0.5 */
     cr_expect_float_eq(y[19], -3.5f, 0);  /* (1 - 8) * 0.5 */
     cr_expect_float_eq(y[0], -4.0f, 0);   /* (0 - 8) * 0.5 */
     put_f16(b1, 0.5f);
     put_f16(b1 + 2, -1.0f);
     b1[4 + 3] = 0x1F;
-    cr_assert_eq(dequantize_row(GGML_T_Q4_1, b1, y, 32), 0);
+    cr_assert_eq(kvc_dequantize_row(GGML_T_Q4_1, b1, y, 32), 0);
     cr_expect_float_eq(y[3], 6.5f, 0);    /* 15 * 0.5 - 1 */
     cr_expect_float_eq(y[19], -0.5f, 0);  /* 1 * 0.5 - 1 */
     cr_expect_float_eq(y[31], -1.0f, 0);
     put_f16(b8, 0.25f);
     b8[2 + 5] = (uint8_t)(int8_t)-100;
     b8[2 + 31] = 127;
-    cr_assert_eq(dequantize_row(GGML_T_Q8_0, b8, y, 32), 0);
+    cr_assert_eq(kvc_dequantize_row(GGML_T_Q8_0, b8, y, 32), 0);
     cr_expect_float_eq(y[5], -25.0f, 0);
     cr_expect_float_eq(y[31], 31.75f, 0);
 }
@@ -80,7 +80,7 @@ Test(quant, q4_k_block) {
     qs[0] = 0xA3;
     qs[69] = 0x07;
     qs[127] = 0x90;
-    cr_assert_eq(dequantize_row(GGML_T_Q4_K, b, y, 256), 0);
+    cr_assert_eq(kvc_dequantize_row(GGML_T_Q4_K, b, y, 256), 0);
     cr_expect_float_eq(y[0], 2 * 1 * 3 - 0.5 * 5, 1e-6);      /* sub-block 0, low nibble */
     cr_expect_float_eq(y[32], 2 * 2 * 10 - 0.5 * 6, 1e-6);    /* sub-block 1, high nibble */
     cr_expect_float_eq(y[133], 2 * 25 * 7 - 0.5 * 3, 1e-6);   /* sub-block 4, qs[64 + 5] */
@@ -101,7 +101,7 @@ Test(quant, q6_k_block) {
     qh[0] = 0x02;           /* element 0: 5 | 2<<4 = 37 -> 5 */
     ql[17] = 0xF0;
     qh[17] = 0x30;          /* element 64+17: 15 | 3<<4 = 63 -> 31, scale sc[1+4] */
-    cr_assert_eq(dequantize_row(GGML_T_Q6_K, b, y, 256), 0);
+    cr_assert_eq(kvc_dequantize_row(GGML_T_Q6_K, b, y, 256), 0);
     cr_expect_float_eq(y[0], 0.25 * 3 * 5, 1e-6);
     cr_expect_float_eq(y[81], 0.25 * -2 * 31, 1e-6);
     cr_expect_float_eq(y[225], 0.25 * 1 * -32, 1e-6);  /* second half, l=1, 4th group: all zero bits */
@@ -111,11 +111,11 @@ Test(quant, q6_k_block) {
 Test(quant, rejects_unsupported_type_and_bad_length) {
     uint8_t z[64] = {0};
     float y[64];
-    cr_expect_eq(dequantize_row(GGML_T_Q5_0, z, y, 32), -1);
-    cr_expect_eq(dequantize_row(GGML_T_Q4_1, z, y, 31), -1);
-    cr_expect_eq(dequantize_row(999, z, y, 32), -1);
-    cr_expect_str_eq(ggml_type_name(GGML_T_Q6_K), "Q6_K");
-    cr_expect_eq(ggml_type_supported(GGML_T_Q5_K), 0);
+    cr_expect_eq(kvc_dequantize_row(GGML_T_Q5_0, z, y, 32), -1);
+    cr_expect_eq(kvc_dequantize_row(GGML_T_Q4_1, z, y, 31), -1);
+    cr_expect_eq(kvc_dequantize_row(999, z, y, 32), -1);
+    cr_expect_str_eq(kvc_ggml_type_name(GGML_T_Q6_K), "Q6_K");
+    cr_expect_eq(kvc_ggml_type_supported(GGML_T_Q5_K), 0);
 }
 
 /* xorshift for reproducible random blocks */
@@ -135,12 +135,12 @@ static void check_matvec(uint32_t type, size_t block_bytes) {
     float x[256], y[37], row[256];
     for (int i = 0; i < cols; i++) x[i] = unit();
     kvc_matrix m = {w, type, NULL, rows, cols, nb * block_bytes};
-    cr_assert_eq(matvec_quant_cpu(y, x, &m), 0);
+    cr_assert_eq(kvc_matvec_quant_cpu(y, x, &m), 0);
     for (int r = 0; r < rows; r++) {
-        dequantize_row(type, w + r * m.row_bytes, row, cols);
+        kvc_dequantize_row(type, w + r * m.row_bytes, row, cols);
         double ref = 0, mag = 0;
         for (int i = 0; i < cols; i++) { ref += (double)row[i] * x[i]; mag += fabs((double)row[i] * x[i]); }
-        cr_expect(fabs(y[r] - ref) <= 1e-5 * mag + 1e-6, "%s row %d: %g vs %g", ggml_type_name(type), r, y[r], ref);
+        cr_expect(fabs(y[r] - ref) <= 1e-5 * mag + 1e-6, "%s row %d: %g vs %g", kvc_ggml_type_name(type), r, y[r], ref);
     }
     free(w);
 }

@@ -17,7 +17,7 @@
 #define F16_REL 1e-3      /* f16: |y - x| <= F16_REL |x| + TINY (f16 rounding is 2^-11 relative) */
 #define TINY 1e-7         /* absolute floor for values near zero */
 #define STEP_SLACK 1.0001 /* int8/int4: |y - x| <= scale / 2 * STEP_SLACK + TINY, scale as stored */
-#define AE_TOL 1e-5       /* ae: |y - y_ref| <= AE_TOL (1 + |y_ref|) against ae_export_run */
+#define AE_TOL 1e-5       /* ae: |y - y_ref| <= AE_TOL (1 + |y_ref|) against kvc_ae_export_run */
 
 #define FINGERPRINT "55d17dc8d1d9a03e"
 #define AE32 KVC_SOURCE_DIR "/checkpoints/smollm2-135m-ae32.h5"
@@ -63,7 +63,7 @@ static kvc_codec *load_codec_of(const char *spec, kvc_err *err) {
     snprintf(path, sizeof path, "%s", spec + 3);
     char *comma = strchr(path, ',');
     if (comma) *comma = '\0';
-    return codec_load(path, err);
+    return kvc_codec_load(path, err);
 }
 
 /* ------------------------------------------------------------------------- the walk ---- */
@@ -102,7 +102,7 @@ static const spec_case CASES[] = {
 /* The step of value i of a per-token packed row (codes | scales | mins) with c channels. */
 static float row_step(const uint8_t *row, int c, int g, int bits, int i) {
     uint16_t h;
-    memcpy(&h, row + kvq_code_bytes(bits, c) + (size_t)(i / g) * 2, 2);
+    memcpy(&h, row + kvc_kvq_code_bytes(bits, c) + (size_t)(i / g) * 2, 2);
     return kvc_f16_to_f32(h);
 }
 
@@ -136,8 +136,8 @@ static void check_ae(const spec_case *sc, const kvc_codec *c, int layer, int hea
     float xin[D], z[D], yref[D], zerr[D];
     for (int t = 0; t < n; t++) {
         memcpy(xin, x + t * ldx, sizeof xin);
-        ae_export_run(e->enc, e->n_enc, e->leaky_slope, xin, 1, z);
-        ae_export_run(e->dec, e->n_dec, e->leaky_slope, z, 1, yref);
+        kvc_ae_export_run(e->enc, e->n_enc, e->leaky_slope, xin, 1, z);
+        kvc_ae_export_run(e->dec, e->n_dec, e->leaky_slope, z, 1, yref);
         for (int j = 0; j < R; j++)
             zerr[j] = sc->bits == 32 ? 0
                       : sc->bits == 0 ? (float)(F16_REL * fabsf(z[j]) + TINY)
@@ -154,13 +154,13 @@ static void check_ae(const spec_case *sc, const kvc_codec *c, int layer, int hea
 
 /* Every registered representation is covered by CASES, so a new one cannot go untested. */
 Test(repr, every_registered_representation_is_walked) {
-    for (int i = 0; KVC_REPRS[i]; i++) {
+    for (int i = 0; KVC_KVC_REPRS[i]; i++) {
         int seen = 0;
         for (int j = 0; j < N_CASES; j++) {
-            size_t n = strlen(KVC_REPRS[i]->name);
-            seen |= !strncmp(CASES[j].spec, KVC_REPRS[i]->name, n) && (CASES[j].spec[n] == '\0' || CASES[j].spec[n] == ':');
+            size_t n = strlen(KVC_KVC_REPRS[i]->name);
+            seen |= !strncmp(CASES[j].spec, KVC_KVC_REPRS[i]->name, n) && (CASES[j].spec[n] == '\0' || CASES[j].spec[n] == ':');
         }
-        cr_assert(seen, "representation '%s' has no case in test_repr.c", KVC_REPRS[i]->name);
+        cr_assert(seen, "representation '%s' has no case in test_repr.c", KVC_KVC_REPRS[i]->name);
     }
 }
 
@@ -221,7 +221,7 @@ Test(repr, round_trips_within_budget_and_bytes_by_hand) {
                     case C_AE: check_ae(sc, c, layer, head, kind, xh, ldx, n, rows, rb, y); break;
                     }
                 }
-        codec_free(c);
+        kvc_codec_free(c);
         kvc_repr_free(r);
     }
 }
@@ -252,7 +252,7 @@ Test(repr, fast_decoders_match_the_references_bit_for_bit) {
         const int bits = specs[s][3] == '8' ? 8 : 4, g = s < 2 ? 16 : 32;
         for (int kind = KV_K; kind <= KV_V; kind++) {
             const int nb = r->ops->block_rows(r, kind);
-            const size_t rb = r->ops->row_bytes(r, 0, 0, kind), cb = kvq_code_bytes(bits, D);
+            const size_t rb = r->ops->row_bytes(r, 0, 0, kind), cb = kvc_kvq_code_bytes(bits, D);
             for (int i = 0; i < T * D; i++) x[i] = 3 * urand() + (i % D == 5 ? 20 : 0);
             for (int t = 0; t < T; t += nb) r->ops->encode(r, 0, 0, kind, x + t * D, D, nb, rows + t * rb, blk);
             const uint8_t *blks[T];
@@ -262,10 +262,10 @@ Test(repr, fast_decoders_match_the_references_bit_for_bit) {
                 uint16_t sc[D], mn[D];
                 if (nb > 1) {
                     memcpy(sc, blk, 2 * D), memcpy(mn, blk + 2 * D, 2 * D);
-                    kvq_dequant_channels_cpu(rows + t * rb, sc, mn, 1, D, bits, yr + t * D);
+                    kvc_kvq_dequant_channels_cpu(rows + t * rb, sc, mn, 1, D, bits, yr + t * D);
                 } else {
                     memcpy(sc, rows + t * rb + cb, 2 * (D / g)), memcpy(mn, rows + t * rb + cb + 2 * (D / g), 2 * (D / g));
-                    kvq_dequant_tokens_cpu(rows + t * rb, sc, mn, 1, D, g, bits, yr + t * D);
+                    kvc_kvq_dequant_tokens_cpu(rows + t * rb, sc, mn, 1, D, g, bits, yr + t * D);
                 }
             }
             cr_assert(!memcmp(yr, yq, sizeof yr), "%s kind %d: decode differs from kvquant", specs[s], kind);
@@ -382,13 +382,13 @@ Test(repr, latent_lift_equals_weighted_decode) {
 }
 
 /* reuse=on follows the checkpoint's plan: ae32's threshold 0.25 chose 25 key items; those
- * store nothing and predict exactly as reuse_item_predict; reuse=off stores every item. */
+ * store nothing and predict exactly as kvc_reuse_item_predict; reuse=off stores every item. */
 Test(repr, reuse_plan_items_store_nothing_and_predict) {
     skip_without(AE32);
     kvc_repr_env env = model_env();
     kvc_err err = {{0}};
     kvc_repr *on = kvc_repr_new("ae:" AE32, &env, &err), *off = kvc_repr_new("ae:" AE32 ",reuse=off", &env, &err);
-    kvc_codec *c = codec_load(AE32, &err);
+    kvc_codec *c = kvc_codec_load(AE32, &err);
     cr_assert(on && off && c, "%s", err.msg);
     cr_assert_not_null(c->reuse);
     cr_assert_str_eq(on->spec, "ae:" AE32 ",f16,reuse=on");
@@ -398,7 +398,7 @@ Test(repr, reuse_plan_items_store_nothing_and_predict) {
     for (int layer = 0; layer < L; layer++)
         for (int head = 0; head < K; head++)
             for (int kind = KV_K; kind <= KV_V; kind++) {
-                const reuse_item *it = layer ? reuse_plan_item(c->reuse, layer, head, kind) : NULL;
+                const reuse_item *it = layer ? kvc_reuse_plan_item(c->reuse, layer, head, kind) : NULL;
                 const int want = it && it->chosen != REUSE_NONE;
                 cr_assert_eq(on->ops->reused(on, layer, head, kind), want, "layer %d head %d kind %d", layer, head, kind);
                 cr_assert_eq(off->ops->reused(off, layer, head, kind), 0);
@@ -408,14 +408,14 @@ Test(repr, reuse_plan_items_store_nothing_and_predict) {
                 *(kind == KV_K ? &n_k : &n_v) += 1;
                 for (int i = 0; i < N * D; i++) src[i] = 3 * urand();
                 on->ops->predict(on, layer, head, kind, src, N, y);
-                cr_assert_eq(reuse_item_predict(c->reuse, it, src, D, yref, D, N), 0);
+                cr_assert_eq(kvc_reuse_item_predict(c->reuse, it, src, D, yref, D, N), 0);
                 for (int i = 0; i < N * D; i++) cr_assert(fabsf(y[i] - yref[i]) <= 1e-6f * (1 + fabsf(yref[i])));
             }
     cr_log_info("ae32 reuse plan: %d K and %d V items reused", n_k, n_v);
     cr_assert_eq(n_k, 25, "the committed ae32 plan (threshold 0.25) reuses 25 key items, got %d", n_k);
     kvc_repr_free(on);
     kvc_repr_free(off);
-    codec_free(c);
+    kvc_codec_free(c);
 }
 
 /* A hand-made checkpoint with a hidden layer (BatchNorm, leaky ReLU), one network per head,
@@ -424,30 +424,30 @@ Test(repr, reuse_plan_items_store_nothing_and_predict) {
 Test(repr, per_head_nonlinear_codec_and_untrained_layers) {
     skip_without(AE32);
     kvc_err err = {{0}};
-    kvc_codec *base = codec_load(AE32, &err);
+    kvc_codec *base = kvc_codec_load(AE32, &err);
     cr_assert_not_null(base, "%s", err.msg);
     kvc_codec_meta meta = base->meta;
-    codec_free(base);
+    kvc_codec_free(base);
     meta.per_head = 1;
     meta.ae.hidden = 48;
     meta.ae.latent = 24;
     meta.ae.norm = AE_NORM_BATCH;
     meta.ae.act = AE_ACT_LEAKY_RELU;
-    kvc_codec *c = codec_new(&meta, &err);
+    kvc_codec *c = kvc_codec_new(&meta, &err);
     cr_assert_not_null(c, "%s", err.msg);
     for (int layer = 0; layer <= 2; layer += 2) {
         c->trained[layer] = 1;
         for (int kind = 0; kind < 2; kind++)
             for (int s = 0; s < K; s++) {
-                ae_model *m = ae_new(&meta.ae, 100 + layer * 10 + kind * 3 + s, &err);
+                ae_model *m = kvc_ae_new(&meta.ae, 100 + layer * 10 + kind * 3 + s, &err);
                 cr_assert_not_null(m, "%s", err.msg);
-                cr_assert_eq(ae_export_folded(m, &c->ae[codec_index(c, layer, kind, s)], &err), 0, "%s", err.msg);
-                ae_free(m);
+                cr_assert_eq(kvc_ae_export_folded(m, &c->ae[codec_index(c, layer, kind, s)], &err), 0, "%s", err.msg);
+                kvc_ae_free(m);
             }
     }
     char path[64];
     snprintf(path, sizeof path, "/tmp/test_repr_%d.h5", (int)getpid());
-    cr_assert_eq(codec_save(path, c, NULL, NULL, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_codec_save(path, c, NULL, NULL, &err), 0, "%s", err.msg);
     char spec[128];
     snprintf(spec, sizeof spec, "ae:%s,f32", path);
     kvc_repr_env env = model_env();
@@ -473,22 +473,22 @@ Test(repr, per_head_nonlinear_codec_and_untrained_layers) {
                     continue;
                 }
                 const ae_export *e = &c->ae[codec_index(c, layer, kind, head)];
-                ae_export_run(e->enc, e->n_enc, e->leaky_slope, xc, N, z);
-                ae_export_run(e->dec, e->n_dec, e->leaky_slope, z, N, yref);
+                kvc_ae_export_run(e->enc, e->n_enc, e->leaky_slope, xc, N, z);
+                kvc_ae_export_run(e->dec, e->n_dec, e->leaky_slope, z, N, yref);
                 for (int i = 0; i < N * D; i++)
                     cr_assert(fabsf(y[i] - yref[i]) <= AE_TOL * (1 + fabsf(yref[i])), "layer %d head %d: %g vs %g", layer,
                               head, y[i], yref[i]);
                 if (head == 1) { /* heads really use their own networks */
                     const ae_export *e0 = &c->ae[codec_index(c, layer, kind, 0)];
-                    ae_export_run(e0->enc, e0->n_enc, e0->leaky_slope, xc, N, z);
-                    ae_export_run(e0->dec, e0->n_dec, e0->leaky_slope, z, N, yref);
+                    kvc_ae_export_run(e0->enc, e0->n_enc, e0->leaky_slope, xc, N, z);
+                    kvc_ae_export_run(e0->dec, e0->n_dec, e0->leaky_slope, z, N, yref);
                     double diff = 0;
                     for (int i = 0; i < N * D; i++) diff += fabsf(y[i] - yref[i]);
                     cr_assert(diff > 1e-2, "head 1 decoded with head 0's network");
                 }
             }
     kvc_repr_free(r);
-    codec_free(c);
+    kvc_codec_free(c);
 }
 
 /* The cache calls encode/decode from several OpenMP threads on different heads: results are

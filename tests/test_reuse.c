@@ -69,25 +69,25 @@ Test(reuse, fit_recovers_known_map_without_noise) {
     rand_map(d, w, b);
     float *x = rand_rows(n, d), *y = map_rows(x, n, d, w, b, 0, NULL);
     kvc_err err;
-    reuse_fit *f = reuse_fit_new(d, &err);
+    reuse_fit *f = kvc_reuse_fit_new(d, &err);
     cr_assert_not_null(f, "%s", err.msg);
-    reuse_fit_add(f, x, d, y, d, n);
-    cr_expect_eq(reuse_fit_rows(f), n);
-    cr_assert_eq(reuse_fit_solve(f, 1e-12, wf, bf, &err), 0, "%s", err.msg);
+    kvc_reuse_fit_add(f, x, d, y, d, n);
+    cr_expect_eq(kvc_reuse_fit_rows(f), n);
+    cr_assert_eq(kvc_reuse_fit_solve(f, 1e-12, wf, bf, &err), 0, "%s", err.msg);
     cr_expect_lt(max_abs_diff(wf, w, d * d), EXACT_TOL, "W off by %g", max_abs_diff(wf, w, d * d));
     cr_expect_lt(max_abs_diff(bf, b, d), EXACT_TOL, "b off by %g", max_abs_diff(bf, b, d));
-    cr_assert_eq(reuse_fit_solve(f, 0, wf, bf, &err), 0, "ridge 0 on full-rank data: %s", err.msg);
+    cr_assert_eq(kvc_reuse_fit_solve(f, 0, wf, bf, &err), 0, "ridge 0 on full-rank data: %s", err.msg);
     cr_expect_lt(max_abs_diff(wf, w, d * d), EXACT_TOL);
 
     float *xv = rand_rows(nv, d), *yv = map_rows(xv, nv, d, w, b, 0, NULL);
     reuse_eval e = {0};
-    reuse_eval_add(&e, d, xv, d, yv, d, nv, wf, bf);
+    kvc_reuse_eval_add(&e, d, xv, d, yv, d, nv, wf, bf);
     double cosv, eid, elin;
-    reuse_eval_result(&e, &cosv, &eid, &elin);
+    kvc_reuse_eval_result(&e, &cosv, &eid, &elin);
     cr_expect_eq(e.n, nv);
     cr_expect_lt(elin, EXACT_TOL, "validation error of the exact map %g", elin);
     cr_expect_gt(eid, 0.1, "identity is not this map");
-    reuse_fit_free(f);
+    kvc_reuse_fit_free(f);
     free(w), free(wf), free(x), free(y), free(xv), free(yv);
 }
 
@@ -97,21 +97,21 @@ Test(reuse, fit_with_noise_reaches_the_noise_level) {
     float w[256], b[16], wf[256], bf[16];
     rand_map(d, w, b);
     float *x = rand_rows(n, d), *y = map_rows(x, n, d, w, b, sigma, NULL);
-    reuse_fit *f = reuse_fit_new(d, NULL);
-    reuse_fit_add(f, x, d, y, d, n);
+    reuse_fit *f = kvc_reuse_fit_new(d, NULL);
+    kvc_reuse_fit_add(f, x, d, y, d, n);
     kvc_err err;
-    cr_assert_eq(reuse_fit_solve(f, REUSE_RIDGE_DEFAULT, wf, bf, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_reuse_fit_solve(f, REUSE_RIDGE_DEFAULT, wf, bf, &err), 0, "%s", err.msg);
     double noise_sq;
     float *xv = rand_rows(nv, d), *yv = map_rows(xv, nv, d, w, b, sigma, &noise_sq);
     reuse_eval e = {0};
-    reuse_eval_add(&e, d, xv, d, yv, d, nv, wf, bf);
+    kvc_reuse_eval_add(&e, d, xv, d, yv, d, nv, wf, bf);
     double elin;
-    reuse_eval_result(&e, NULL, NULL, &elin);
+    kvc_reuse_eval_result(&e, NULL, NULL, &elin);
     double floor = sqrt(noise_sq / e.sq_dst); /* the best any map can do on these rows */
     cr_expect_gt(elin, floor * 0.98, "error %g below the noise floor %g", elin, floor);
     cr_expect_lt(elin, floor * 1.03, "error %g not near the noise floor %g", elin, floor);
     cr_expect_lt(max_abs_diff(wf, w, d * d), 0.01, "W within the noise: %g", max_abs_diff(wf, w, d * d));
-    reuse_fit_free(f);
+    kvc_reuse_fit_free(f);
     free(x), free(y), free(xv), free(yv);
 }
 
@@ -120,18 +120,18 @@ Test(reuse, streaming_equals_one_shot) {
     float w[1024], b[32], w1[1024], b1[32], w2[1024], b2[32];
     rand_map(d, w, b);
     float *x = rand_rows(n, d), *y = map_rows(x, n, d, w, b, 0.3, NULL);
-    reuse_fit *one = reuse_fit_new(d, NULL), *many = reuse_fit_new(d, NULL);
-    reuse_fit_add(one, x, d, y, d, n);
+    reuse_fit *one = kvc_reuse_fit_new(d, NULL), *many = kvc_reuse_fit_new(d, NULL);
+    kvc_reuse_fit_add(one, x, d, y, d, n);
     const int cuts[] = {0, 1, 8, 1031, 2055, 2056, 4000, 5000}; /* uneven batches, one of 1 row */
     for (int c = 0; c + 1 < (int)(sizeof cuts / sizeof *cuts); c++)
-        reuse_fit_add(many, x + (size_t)cuts[c] * d, d, y + (size_t)cuts[c] * d, d, cuts[c + 1] - cuts[c]);
-    cr_assert_eq(reuse_fit_rows(many), n);
-    cr_assert_eq(reuse_fit_solve(one, REUSE_RIDGE_DEFAULT, w1, b1, NULL), 0);
-    cr_assert_eq(reuse_fit_solve(many, REUSE_RIDGE_DEFAULT, w2, b2, NULL), 0);
+        kvc_reuse_fit_add(many, x + (size_t)cuts[c] * d, d, y + (size_t)cuts[c] * d, d, cuts[c + 1] - cuts[c]);
+    cr_assert_eq(kvc_reuse_fit_rows(many), n);
+    cr_assert_eq(kvc_reuse_fit_solve(one, REUSE_RIDGE_DEFAULT, w1, b1, NULL), 0);
+    cr_assert_eq(kvc_reuse_fit_solve(many, REUSE_RIDGE_DEFAULT, w2, b2, NULL), 0);
     cr_expect_lt(max_abs_diff(w1, w2, d * d), STREAM_TOL, "W differs by %g", max_abs_diff(w1, w2, d * d));
     cr_expect_lt(max_abs_diff(b1, b2, d), STREAM_TOL, "b differs by %g", max_abs_diff(b1, b2, d));
-    reuse_fit_free(one);
-    reuse_fit_free(many);
+    kvc_reuse_fit_free(one);
+    kvc_reuse_fit_free(many);
     free(x), free(y);
 }
 
@@ -139,8 +139,8 @@ Test(reuse, fit_edge_cases) {
     const int d = 4, n = 50;
     float x[200], y[200], w[16], b[4];
     kvc_err err;
-    reuse_fit *f = reuse_fit_new(d, NULL);
-    cr_expect_eq(reuse_fit_solve(f, 1e-4, w, b, &err), -1);
+    reuse_fit *f = kvc_reuse_fit_new(d, NULL);
+    cr_expect_eq(kvc_reuse_fit_solve(f, 1e-4, w, b, &err), -1);
     cr_expect_not_null(strstr(err.msg, "no training rows"), "%s", err.msg);
     for (int i = 0; i < n; i++) { /* src spans 2 of 4 dimensions */
         double s = urand(), t = urand();
@@ -148,28 +148,28 @@ Test(reuse, fit_edge_cases) {
         memcpy(x + i * d, r, sizeof r);
         for (int k = 0; k < d; k++) y[i * d + k] = (float)(k * s - t + 1);
     }
-    reuse_fit_add(f, x, d, y, d, n);
-    cr_expect_eq(reuse_fit_solve(f, -1, w, b, &err), -1);
+    kvc_reuse_fit_add(f, x, d, y, d, n);
+    cr_expect_eq(kvc_reuse_fit_solve(f, -1, w, b, &err), -1);
     cr_expect_not_null(strstr(err.msg, "ridge"), "%s", err.msg);
-    cr_expect_eq(reuse_fit_solve(f, 0, w, b, &err), -1, "rank-deficient src, no ridge");
+    cr_expect_eq(kvc_reuse_fit_solve(f, 0, w, b, &err), -1, "rank-deficient src, no ridge");
     cr_expect_not_null(strstr(err.msg, "singular"), "%s", err.msg);
-    cr_assert_eq(reuse_fit_solve(f, 1e-6, w, b, &err), 0, "a ridge makes it solvable: %s", err.msg);
+    cr_assert_eq(kvc_reuse_fit_solve(f, 1e-6, w, b, &err), 0, "a ridge makes it solvable: %s", err.msg);
     reuse_eval e = {0};
-    reuse_eval_add(&e, d, x, d, y, d, n, w, b);
+    kvc_reuse_eval_add(&e, d, x, d, y, d, n, w, b);
     double elin;
-    reuse_eval_result(&e, NULL, NULL, &elin);
+    kvc_reuse_eval_result(&e, NULL, NULL, &elin);
     cr_expect_lt(elin, 1e-3, "y is a function of the span: %g", elin);
-    reuse_fit_free(f);
+    kvc_reuse_fit_free(f);
 
-    f = reuse_fit_new(d, NULL); /* constant src: W = 0, b = mean(y) */
+    f = kvc_reuse_fit_new(d, NULL); /* constant src: W = 0, b = mean(y) */
     for (int i = 0; i < n; i++)
         for (int k = 0; k < d; k++) x[i * d + k] = 2.5f, y[i * d + k] = (float)(k + (i % 2 ? 1 : -1));
-    reuse_fit_add(f, x, d, y, d, n);
-    cr_assert_eq(reuse_fit_solve(f, 0, w, b, &err), 0, "%s", err.msg);
+    kvc_reuse_fit_add(f, x, d, y, d, n);
+    cr_assert_eq(kvc_reuse_fit_solve(f, 0, w, b, &err), 0, "%s", err.msg);
     for (int k = 0; k < d; k++) cr_expect_float_eq(b[k], (float)k, 1e-6);
     for (int k = 0; k < d * d; k++) cr_expect_eq(w[k], 0.0f);
-    reuse_fit_free(f);
-    cr_expect_null(reuse_fit_new(0, &err));
+    kvc_reuse_fit_free(f);
+    cr_expect_null(kvc_reuse_fit_new(0, &err));
 }
 
 /* ---- identity statistics ------------------------------------------------------------ */
@@ -179,31 +179,31 @@ Test(reuse, identity_statistics) {
     float *x = rand_rows(n, d), *y = malloc(n * d * sizeof(float));
     double c, eid, elin;
     reuse_eval e = {0};
-    reuse_eval_add(&e, d, x, d, x, d, n, NULL, NULL); /* x_l = x_{l-1} */
-    reuse_eval_result(&e, &c, &eid, &elin);
+    kvc_reuse_eval_add(&e, d, x, d, x, d, n, NULL, NULL); /* x_l = x_{l-1} */
+    kvc_reuse_eval_result(&e, &c, &eid, &elin);
     cr_expect_float_eq(c, 1.0, 1e-12);
     cr_expect_eq(eid, 0.0);
     cr_expect_eq(e.n, n);
 
     for (int i = 0; i < n * d; i++) y[i] = -x[i];
     e = (reuse_eval){0};
-    reuse_eval_add(&e, d, x, d, y, d, n, NULL, NULL);
-    reuse_eval_result(&e, &c, &eid, NULL);
+    kvc_reuse_eval_add(&e, d, x, d, y, d, n, NULL, NULL);
+    kvc_reuse_eval_result(&e, &c, &eid, NULL);
     cr_expect_float_eq(c, -1.0, 1e-12);
     cr_expect_float_eq(eid, 2.0, 1e-12);
 
     for (int i = 0; i < n * d; i++) y[i] = 2 * x[i];
     e = (reuse_eval){0};
-    reuse_eval_add(&e, d, x, d, y, d, n, NULL, NULL);
-    reuse_eval_result(&e, &c, &eid, NULL);
+    kvc_reuse_eval_add(&e, d, x, d, y, d, n, NULL, NULL);
+    kvc_reuse_eval_result(&e, &c, &eid, NULL);
     cr_expect_float_eq(c, 1.0, 1e-12);
     cr_expect_float_eq(eid, 0.5, 1e-12); /* |2x - x| / |2x| */
 
     float z[8] = {0}, one[8] = {1, 0, 0, 0, 0, 0, 0, 0};
     e = (reuse_eval){0};
-    reuse_eval_add(&e, d, z, d, z, d, 1, NULL, NULL);
-    reuse_eval_add(&e, d, z, d, one, d, 1, NULL, NULL);
-    reuse_eval_result(&e, &c, &eid, NULL);
+    kvc_reuse_eval_add(&e, d, z, d, z, d, 1, NULL, NULL);
+    kvc_reuse_eval_add(&e, d, z, d, one, d, 1, NULL, NULL);
+    kvc_reuse_eval_result(&e, &c, &eid, NULL);
     cr_expect_float_eq(c, 0.5, 1e-12, "zero rows: cos 1 when both are zero, 0 when one is");
     cr_expect_float_eq(eid, 1.0, 1e-12);
     free(x), free(y);
@@ -217,25 +217,25 @@ Test(reuse, apply_matches_hand_computation) {
     const float src[10] = {9, 9, 1, 2, 3, 9, 9, -1, 0, 4};
     float dst[8];
     for (int i = 0; i < 8; i++) dst[i] = -77;
-    reuse_apply(3, w, b, src + 2, 5, dst, 4, 2);
+    kvc_reuse_apply(3, w, b, src + 2, 5, dst, 4, 2);
     const float want[8] = {5.5f, -2, 2.5f, -77, -0.5f, -5, 1.5f, -77}; /* W x + b by hand */
     for (int i = 0; i < 8; i++) cr_expect_float_eq(dst[i], want[i], 1e-6, "dst[%d] = %g", i, dst[i]);
 
     kvc_err err;
-    reuse_plan *p = reuse_plan_new(2, 1, 3, &err);
+    reuse_plan *p = kvc_reuse_plan_new(2, 1, 3, &err);
     cr_assert_not_null(p, "%s", err.msg);
-    reuse_item *it = reuse_plan_item(p, 1, 0, KV_K);
+    reuse_item *it = kvc_reuse_plan_item(p, 1, 0, KV_K);
     memcpy(it->w, w, sizeof w);
     memcpy(it->b, b, sizeof b);
-    cr_expect_eq(reuse_item_predict(p, it, src + 2, 5, dst, 4, 2), -1, "NONE predicts nothing");
+    cr_expect_eq(kvc_reuse_item_predict(p, it, src + 2, 5, dst, 4, 2), -1, "NONE predicts nothing");
     it->chosen = REUSE_LINEAR;
-    cr_assert_eq(reuse_item_predict(p, it, src + 2, 5, dst, 4, 2), 0);
+    cr_assert_eq(kvc_reuse_item_predict(p, it, src + 2, 5, dst, 4, 2), 0);
     for (int i = 0; i < 8; i++) cr_expect_float_eq(dst[i], want[i], 1e-6);
     it->chosen = REUSE_IDENTITY;
-    cr_assert_eq(reuse_item_predict(p, it, src + 2, 5, dst, 4, 2), 0);
+    cr_assert_eq(kvc_reuse_item_predict(p, it, src + 2, 5, dst, 4, 2), 0);
     const float copy[8] = {1, 2, 3, -77, -1, 0, 4, -77};
     for (int i = 0; i < 8; i++) cr_expect_eq(dst[i], copy[i]);
-    reuse_plan_free(p);
+    kvc_reuse_plan_free(p);
 }
 
 /* ---- choosing and printing ---------------------------------------------------------- */
@@ -248,49 +248,49 @@ static const double HAND[2][4][2] = {
 };
 
 static reuse_plan *hand_plan(void) {
-    reuse_plan *p = reuse_plan_new(5, 2, 4, NULL);
+    reuse_plan *p = kvc_reuse_plan_new(5, 2, 4, NULL);
     cr_assert_not_null(p);
     const signed char stored[5] = {1, 1, 0, 1, 1};
     memcpy(p->stored, stored, 5);
     for (int r = 0; r < 2; r++)
         for (int i = 0; i < 4; i++) {
-            reuse_item *it = reuse_plan_item(p, r ? 4 : 1, i / 2, i % 2 ? KV_V : KV_K);
+            reuse_item *it = kvc_reuse_plan_item(p, r ? 4 : 1, i / 2, i % 2 ? KV_V : KV_K);
             it->analysed = 1;
             it->err_linear = HAND[r][i][0];
             it->err_identity = HAND[r][i][1];
         }
     for (int h = 0; h < 2; h++) /* not analysed: must never be chosen, whatever it holds */
-        reuse_plan_item(p, 2, h, KV_K)->err_linear = 0.001;
+        kvc_reuse_plan_item(p, 2, h, KV_K)->err_linear = 0.001;
     return p;
 }
 
-static reuse_choice chosen(reuse_plan *p, int l, int h, int kind) { return reuse_plan_item(p, l, h, kind)->chosen; }
+static reuse_choice chosen(reuse_plan *p, int l, int h, int kind) { return kvc_reuse_plan_item(p, l, h, kind)->chosen; }
 
 Test(reuse, plan_items_and_layout) {
     reuse_plan *p = hand_plan();
     cr_expect_eq(p->n_items, 4 * 2 * 2);
-    cr_expect_null(reuse_plan_item(p, 0, 0, KV_K), "layer 0 has no item");
-    cr_expect_null(reuse_plan_item(p, 5, 0, KV_K));
-    cr_expect_null(reuse_plan_item(p, 1, 2, KV_K));
-    cr_expect_null(reuse_plan_item(p, 1, 0, KV_Q));
-    reuse_item *it = reuse_plan_item(p, 3, 1, KV_V);
+    cr_expect_null(kvc_reuse_plan_item(p, 0, 0, KV_K), "layer 0 has no item");
+    cr_expect_null(kvc_reuse_plan_item(p, 5, 0, KV_K));
+    cr_expect_null(kvc_reuse_plan_item(p, 1, 2, KV_K));
+    cr_expect_null(kvc_reuse_plan_item(p, 1, 0, KV_Q));
+    reuse_item *it = kvc_reuse_plan_item(p, 3, 1, KV_V);
     cr_expect(it->layer == 3 && it->head == 1 && it->kind == KV_V);
     cr_expect_eq(it->w, p->maps + (size_t)(((3 - 1) * 2 + 1) * 2 + 1) * (16 + 4));
     cr_expect_eq(it->b, it->w + 16);
     int a, id, lin;
-    cr_expect_eq(reuse_plan_count(p, &a, &id, &lin), 8);
+    cr_expect_eq(kvc_reuse_plan_count(p, &a, &id, &lin), 8);
     cr_expect(a == 8 && id == 0 && lin == 0);
-    reuse_plan_free(p);
+    kvc_reuse_plan_free(p);
     kvc_err err;
-    cr_expect_null(reuse_plan_new(1, 2, 4, &err));
+    cr_expect_null(kvc_reuse_plan_new(1, 2, 4, &err));
     cr_expect_not_null(strstr(err.msg, "2 layers"), "%s", err.msg);
 }
 
 Test(reuse, choose_by_threshold) {
     reuse_plan *p = hand_plan();
     reuse_option o;
-    cr_assert_eq(reuse_option_parse("threshold=0.2", &o, NULL), 0);
-    cr_assert_eq(reuse_plan_choose(p, &o, NULL), 0);
+    cr_assert_eq(kvc_reuse_option_parse("threshold=0.2", &o, NULL), 0);
+    cr_assert_eq(kvc_reuse_plan_choose(p, &o, NULL), 0);
     cr_expect_eq(chosen(p, 1, 0, KV_K), REUSE_LINEAR);   /* 0.10 */
     cr_expect_eq(chosen(p, 1, 0, KV_V), REUSE_NONE);     /* 0.30 */
     cr_expect_eq(chosen(p, 1, 1, KV_K), REUSE_IDENTITY); /* identity 0.20 beats linear 0.25 */
@@ -301,13 +301,13 @@ Test(reuse, choose_by_threshold) {
     cr_expect_eq(chosen(p, 4, 1, KV_V), REUSE_NONE);     /* 0.22 */
     for (int h = 0; h < 2; h++) cr_expect_eq(chosen(p, 2, h, KV_K), REUSE_NONE, "not analysed");
     int id, lin;
-    reuse_plan_count(p, NULL, &id, &lin);
+    kvc_reuse_plan_count(p, NULL, &id, &lin);
     cr_expect(id == 2 && lin == 3, "identity %d linear %d", id, lin);
-    cr_assert_eq(reuse_option_parse("threshold=0.01", &o, NULL), 0);
-    cr_assert_eq(reuse_plan_choose(p, &o, NULL), 0);
-    reuse_plan_count(p, NULL, &id, &lin);
+    cr_assert_eq(kvc_reuse_option_parse("threshold=0.01", &o, NULL), 0);
+    cr_assert_eq(kvc_reuse_plan_choose(p, &o, NULL), 0);
+    kvc_reuse_plan_count(p, NULL, &id, &lin);
     cr_expect(id == 0 && lin == 0, "a new choice clears the old one");
-    reuse_plan_free(p);
+    kvc_reuse_plan_free(p);
 }
 
 Test(reuse, choose_by_heads) {
@@ -315,55 +315,55 @@ Test(reuse, choose_by_heads) {
     reuse_option o;
     kvc_err err;
     /* best errors in order: 1h1V .05, 1h0K .10, 4h0K .15, 1h1K .20 (identity), 4h1K .20, 4h1V .22 */
-    cr_assert_eq(reuse_option_parse("heads=3", &o, NULL), 0);
-    cr_assert_eq(reuse_plan_choose(p, &o, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_reuse_option_parse("heads=3", &o, NULL), 0);
+    cr_assert_eq(kvc_reuse_plan_choose(p, &o, &err), 0, "%s", err.msg);
     cr_expect_eq(chosen(p, 1, 1, KV_V), REUSE_IDENTITY);
     cr_expect_eq(chosen(p, 1, 0, KV_K), REUSE_LINEAR);
     cr_expect_eq(chosen(p, 4, 0, KV_K), REUSE_LINEAR);
     int id, lin;
-    reuse_plan_count(p, NULL, &id, &lin);
+    kvc_reuse_plan_count(p, NULL, &id, &lin);
     cr_expect_eq(id + lin, 3);
-    cr_assert_eq(reuse_option_parse("heads=4", &o, NULL), 0);
-    cr_assert_eq(reuse_plan_choose(p, &o, NULL), 0);
+    cr_assert_eq(kvc_reuse_option_parse("heads=4", &o, NULL), 0);
+    cr_assert_eq(kvc_reuse_plan_choose(p, &o, NULL), 0);
     cr_expect_eq(chosen(p, 1, 1, KV_K), REUSE_IDENTITY, "tie at 0.20: the lower layer first");
     cr_expect_eq(chosen(p, 4, 1, KV_K), REUSE_NONE);
-    reuse_plan_count(p, NULL, &id, &lin);
+    kvc_reuse_plan_count(p, NULL, &id, &lin);
     cr_expect_eq(id + lin, 4);
-    cr_assert_eq(reuse_option_parse("heads=0", &o, NULL), 0);
-    cr_assert_eq(reuse_plan_choose(p, &o, NULL), 0);
-    reuse_plan_count(p, NULL, &id, &lin);
+    cr_assert_eq(kvc_reuse_option_parse("heads=0", &o, NULL), 0);
+    cr_assert_eq(kvc_reuse_plan_choose(p, &o, NULL), 0);
+    kvc_reuse_plan_count(p, NULL, &id, &lin);
     cr_expect_eq(id + lin, 0);
-    cr_assert_eq(reuse_option_parse("heads=8", &o, NULL), 0);
-    cr_assert_eq(reuse_plan_choose(p, &o, NULL), 0);
-    reuse_plan_count(p, NULL, &id, &lin);
+    cr_assert_eq(kvc_reuse_option_parse("heads=8", &o, NULL), 0);
+    cr_assert_eq(kvc_reuse_plan_choose(p, &o, NULL), 0);
+    kvc_reuse_plan_count(p, NULL, &id, &lin);
     cr_expect_eq(id + lin, 8, "every analysed item, none of layer 2");
-    cr_assert_eq(reuse_option_parse("heads=9", &o, NULL), 0);
-    cr_expect_eq(reuse_plan_choose(p, &o, &err), -1, "more than were analysed");
+    cr_assert_eq(kvc_reuse_option_parse("heads=9", &o, NULL), 0);
+    cr_expect_eq(kvc_reuse_plan_choose(p, &o, &err), -1, "more than were analysed");
     cr_expect_not_null(strstr(err.msg, "only 8"), "%s", err.msg);
-    reuse_plan_free(p);
+    kvc_reuse_plan_free(p);
 }
 
 Test(reuse, option_parsing) {
     reuse_option o;
     kvc_err err;
     char buf[64];
-    cr_assert_eq(reuse_option_parse("threshold=0.2", &o, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_reuse_option_parse("threshold=0.2", &o, &err), 0, "%s", err.msg);
     cr_expect(o.mode == REUSE_BY_THRESHOLD && o.threshold == 0.2);
-    reuse_option_format(&o, buf, sizeof buf);
+    kvc_reuse_option_format(&o, buf, sizeof buf);
     cr_expect_str_eq(buf, "threshold=0.2");
-    cr_assert_eq(reuse_option_parse("heads=12", &o, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_reuse_option_parse("heads=12", &o, &err), 0, "%s", err.msg);
     cr_expect(o.mode == REUSE_BY_HEADS && o.heads == 12);
-    reuse_option_format(&o, buf, sizeof buf);
+    kvc_reuse_option_format(&o, buf, sizeof buf);
     cr_expect_str_eq(buf, "heads=12");
-    cr_expect_eq(reuse_option_parse("heads=0", &o, NULL), 0);
-    cr_expect_eq(reuse_option_parse("threshold=1e-3", &o, NULL), 0);
+    cr_expect_eq(kvc_reuse_option_parse("heads=0", &o, NULL), 0);
+    cr_expect_eq(kvc_reuse_option_parse("threshold=1e-3", &o, NULL), 0);
     cr_expect_eq(o.threshold, 1e-3);
-    reuse_option_format(&o, buf, sizeof buf);
+    kvc_reuse_option_format(&o, buf, sizeof buf);
     cr_expect_str_eq(buf, "threshold=0.001");
     o.threshold = 0.123456789012; /* the text round-trips (a checkpoint stores it) */
-    reuse_option_format(&o, buf, sizeof buf);
+    kvc_reuse_option_format(&o, buf, sizeof buf);
     reuse_option back;
-    cr_assert_eq(reuse_option_parse(buf, &back, NULL), 0);
+    cr_assert_eq(kvc_reuse_option_parse(buf, &back, NULL), 0);
     cr_expect_eq(back.threshold, o.threshold, "%s", buf);
 
     static const struct { const char *s, *why; } BAD[] = {
@@ -375,19 +375,19 @@ Test(reuse, option_parsing) {
     };
     for (size_t i = 0; i < sizeof BAD / sizeof *BAD; i++) {
         err.msg[0] = '\0';
-        cr_expect_eq(reuse_option_parse(BAD[i].s, &o, &err), -1, "'%s' accepted", BAD[i].s);
+        cr_expect_eq(kvc_reuse_option_parse(BAD[i].s, &o, &err), -1, "'%s' accepted", BAD[i].s);
         cr_expect_not_null(strstr(err.msg, BAD[i].why), "'%s': %s", BAD[i].s, err.msg);
         cr_expect_not_null(strstr(err.msg, BAD[i].s), "message names the option: %s", err.msg);
     }
-    cr_expect_eq(reuse_option_parse(NULL, &o, &err), -1);
+    cr_expect_eq(kvc_reuse_option_parse(NULL, &o, &err), -1);
 
     reuse_choice c;
     for (int k = REUSE_NONE; k <= REUSE_LINEAR; k++) {
-        cr_assert_eq(reuse_choice_parse(reuse_choice_name((reuse_choice)k), &c), 0);
+        cr_assert_eq(kvc_reuse_choice_parse(kvc_reuse_choice_name((reuse_choice)k), &c), 0);
         cr_expect_eq(c, k);
     }
-    cr_expect_str_eq(reuse_choice_name(REUSE_LINEAR), "linear");
-    cr_expect_eq(reuse_choice_parse("copy", &c), -1);
+    cr_expect_str_eq(kvc_reuse_choice_name(REUSE_LINEAR), "linear");
+    cr_expect_eq(kvc_reuse_choice_parse("copy", &c), -1);
 }
 
 /* Prints p into a NUL-terminated malloc'd string. */
@@ -396,7 +396,7 @@ static char *print_plan(const reuse_plan *p) {
     size_t len = 0;
     FILE *fp = open_memstream(&buf, &len);
     cr_assert_not_null(fp);
-    reuse_plan_print(p, fp);
+    kvc_reuse_plan_print(p, fp);
     fclose(fp);
     return buf;
 }
@@ -415,8 +415,8 @@ static void find_line(const char *text, const char *prefix, char *line, size_t s
 Test(reuse, printed_table) {
     reuse_plan *p = hand_plan();
     reuse_option o;
-    reuse_option_parse("threshold=0.2", &o, NULL);
-    reuse_plan_choose(p, &o, NULL);
+    kvc_reuse_option_parse("threshold=0.2", &o, NULL);
+    kvc_reuse_plan_choose(p, &o, NULL);
     char *t = print_plan(p), line[256];
     find_line(t, "layer ", line, sizeof line);
     cr_expect_str_eq(line, "layer    h0.K    h0.V     h1.K    h1.V", "%s", t);
@@ -431,10 +431,10 @@ Test(reuse, printed_table) {
     cr_expect_not_null(strstr(t, "\nthreshold=0.2: 3 linear + 2 identity reused, of 8 analysed (16 items in all)\n"),
                        "%s", t);
     free(t);
-    reuse_plan_free(p);
+    kvc_reuse_plan_free(p);
 
     /* SmolLM2-135M shape: 30 layers x 3 KV heads stays within 80 columns */
-    p = reuse_plan_new(30, 3, 64, NULL);
+    p = kvc_reuse_plan_new(30, 3, 64, NULL);
     for (int i = 0; i < p->n_items; i++) {
         p->items[i].analysed = 1;
         p->items[i].err_linear = 0.01 * i;
@@ -451,7 +451,7 @@ Test(reuse, printed_table) {
     find_line(t, "   29 ", line, sizeof line);
     cr_expect_str_eq(line, "   29   1.680   1.690    1.700   1.710    1.720   1.730", "%s", t);
     free(t);
-    reuse_plan_free(p);
+    kvc_reuse_plan_free(p);
 }
 
 /* ---- the whole analysis over dataset-shaped batches --------------------------------- */
@@ -464,13 +464,13 @@ Test(reuse, analysis_over_batches) {
     float w[HK][D * D], b[HK][D];
     for (int h = 0; h < HK; h++) rand_map(D, w[h], b[h]);
     kvc_err err;
-    reuse_plan *p = reuse_plan_new(L, HK, D, &err);
+    reuse_plan *p = kvc_reuse_plan_new(L, HK, D, &err);
     cr_assert_not_null(p, "%s", err.msg);
-    reuse_analysis *a = reuse_analysis_new(p, layers, NS, &err);
+    reuse_analysis *a = kvc_reuse_analysis_new(p, layers, NS, &err);
     cr_assert_not_null(a, "%s", err.msg);
-    cr_expect_eq(reuse_analysis_pairs(a), 1);
+    cr_expect_eq(kvc_reuse_analysis_pairs(a), 1);
     unsigned char want[NS * 3];
-    reuse_analysis_want(a, want);
+    kvc_reuse_analysis_want(a, want);
     const unsigned char want_ref[NS * 3] = {1, 1, 0, 1, 1, 0, 0, 0, 0};
     cr_expect_arr_eq(want, want_ref, sizeof want);
     cr_expect(p->stored[0] == 1 && p->stored[1] == 1 && p->stored[2] == 0 && p->stored[3] == 1);
@@ -489,24 +489,24 @@ Test(reuse, analysis_over_batches) {
             }
         const float *x[NS * 3] = {k0, v0, NULL, k1, v0, NULL, NULL, NULL, NULL};
         if (t < 4) {
-            cr_assert_eq(reuse_analysis_add_train(a, x, n, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_reuse_analysis_add_train(a, x, n, &err), 0, "%s", err.msg);
             total += n;
         } else {
-            cr_expect_eq(reuse_analysis_add_val(a, x, n, &err), -1, "validation before solve");
-            cr_expect_eq(reuse_analysis_finish(a, &err), -1, "finish before solve");
-            cr_assert_eq(reuse_analysis_solve(a, 1e-10, &err), 0, "%s", err.msg);
-            cr_expect_eq(reuse_analysis_add_train(a, x, n, &err), -1, "training after solve");
-            cr_expect_eq(reuse_analysis_finish(a, &err), -1, "finish with no validation rows");
+            cr_expect_eq(kvc_reuse_analysis_add_val(a, x, n, &err), -1, "validation before solve");
+            cr_expect_eq(kvc_reuse_analysis_finish(a, &err), -1, "finish before solve");
+            cr_assert_eq(kvc_reuse_analysis_solve(a, 1e-10, &err), 0, "%s", err.msg);
+            cr_expect_eq(kvc_reuse_analysis_add_train(a, x, n, &err), -1, "training after solve");
+            cr_expect_eq(kvc_reuse_analysis_finish(a, &err), -1, "finish with no validation rows");
             const float *missing[NS * 3] = {k0, NULL, NULL, k1, v0, NULL, NULL, NULL, NULL};
-            cr_expect_eq(reuse_analysis_add_val(a, missing, n, &err), -1);
+            cr_expect_eq(kvc_reuse_analysis_add_val(a, missing, n, &err), -1);
             cr_expect_not_null(strstr(err.msg, "V of stored layer 0"), "%s", err.msg);
-            cr_assert_eq(reuse_analysis_add_val(a, x, n, &err), 0, "%s", err.msg);
-            cr_assert_eq(reuse_analysis_finish(a, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_reuse_analysis_add_val(a, x, n, &err), 0, "%s", err.msg);
+            cr_assert_eq(kvc_reuse_analysis_finish(a, &err), 0, "%s", err.msg);
         }
         free(k0), free(v0), free(k1);
     }
     for (int h = 0; h < HK; h++) {
-        reuse_item *k = reuse_plan_item(p, 1, h, KV_K), *v = reuse_plan_item(p, 1, h, KV_V);
+        reuse_item *k = kvc_reuse_plan_item(p, 1, h, KV_K), *v = kvc_reuse_plan_item(p, 1, h, KV_V);
         cr_expect(k->analysed && v->analysed);
         cr_expect(k->n_train == total && k->n_val == n_val && v->n_train == total);
         cr_expect_lt(max_abs_diff(k->w, w[h], D * D), EXACT_TOL, "head %d W", h);
@@ -518,11 +518,11 @@ Test(reuse, analysis_over_batches) {
         cr_expect_lt(v->err_linear, EXACT_TOL, "the map of an identity is the identity");
     }
     for (int l = 2; l < L; l++)
-        for (int h = 0; h < HK; h++) cr_expect(!reuse_plan_item(p, l, h, KV_K)->analysed, "layer %d", l);
+        for (int h = 0; h < HK; h++) cr_expect(!kvc_reuse_plan_item(p, l, h, KV_K)->analysed, "layer %d", l);
     cr_expect_eq(p->ridge, 1e-10);
     reuse_option o;
-    reuse_option_parse("threshold=0.001", &o, NULL);
-    cr_assert_eq(reuse_plan_choose(p, &o, NULL), 0);
+    kvc_reuse_option_parse("threshold=0.001", &o, NULL);
+    cr_assert_eq(kvc_reuse_plan_choose(p, &o, NULL), 0);
     for (int h = 0; h < HK; h++) {
         cr_expect_eq(chosen(p, 1, h, KV_K), REUSE_LINEAR);
         cr_expect_eq(chosen(p, 1, h, KV_V), REUSE_IDENTITY);
@@ -531,20 +531,20 @@ Test(reuse, analysis_over_batches) {
     find_line(t, "    3 ", line, sizeof line);
     cr_expect_str_eq(line, "    3  not analysed: layer 2 not stored", "%s", t);
     free(t);
-    reuse_analysis_free(a);
-    reuse_plan_free(p);
+    kvc_reuse_analysis_free(a);
+    kvc_reuse_plan_free(p);
 }
 
 Test(reuse, analysis_rejects_bad_layer_lists) {
     kvc_err err;
-    reuse_plan *p = reuse_plan_new(6, 1, 4, NULL);
+    reuse_plan *p = kvc_reuse_plan_new(6, 1, 4, NULL);
     const int gaps[] = {0, 2, 4}, unsorted[] = {1, 0}, outside[] = {4, 6};
-    cr_expect_null(reuse_analysis_new(p, gaps, 3, &err));
+    cr_expect_null(kvc_reuse_analysis_new(p, gaps, 3, &err));
     cr_expect_not_null(strstr(err.msg, "consecutive"), "%s", err.msg);
-    cr_expect_null(reuse_analysis_new(p, unsorted, 2, &err));
+    cr_expect_null(kvc_reuse_analysis_new(p, unsorted, 2, &err));
     cr_expect_not_null(strstr(err.msg, "ascending"), "%s", err.msg);
-    cr_expect_null(reuse_analysis_new(p, outside, 2, &err));
+    cr_expect_null(kvc_reuse_analysis_new(p, outside, 2, &err));
     cr_expect_not_null(strstr(err.msg, "outside"), "%s", err.msg);
-    cr_expect_null(reuse_analysis_new(p, gaps, 0, &err));
-    reuse_plan_free(p);
+    cr_expect_null(kvc_reuse_analysis_new(p, gaps, 0, &err));
+    kvc_reuse_plan_free(p);
 }

@@ -40,9 +40,9 @@ static char *slurp(const char *path) {
 static int load_expand(const char *text, sweep_grid *g, sweep_point **pts, int *n, kvc_err *err, char *path) {
     snprintf(path, 64, "/tmp/kvc_sweep_grid.%d", (int)getpid());
     write_text(path, text);
-    sweep_grid_init(g);
-    int rc = sweep_grid_load(g, path, err);
-    if (!rc) rc = sweep_expand(g, pts, n, err);
+    kvc_sweep_grid_init(g);
+    int rc = kvc_sweep_grid_load(g, path, err);
+    if (!rc) rc = kvc_sweep_expand(g, pts, n, err);
     unlink(path);
     return rc;
 }
@@ -111,16 +111,16 @@ Test(sweep, grid_file_expands_the_cross_product_latents_and_points) {
     cr_expect_geq(find_point(p, n, "int4", "streaming:budget=0.125"), 0);
     free(p);
     /* flags replace lists: ';' between specs, commas inside them survive */
-    cr_assert_eq(sweep_grid_set(&g, "repr", "int8:group=32;f16", 1, "--repr", &err), 0, "%s", err.msg);
-    cr_assert_eq(sweep_grid_set(&g, "keep", "full;lsh:bits=8,probe=query", 1, "--keep", &err), 0, "%s", err.msg);
-    cr_assert_eq(sweep_grid_set(&g, "budgets", "0.5,0.25", 1, "--budgets", &err), 0, "%s", err.msg);
-    cr_assert_eq(sweep_grid_set(&g, "points", "", 1, "--points", &err), -1, "an empty point list item is an error");
+    cr_assert_eq(kvc_sweep_grid_set(&g, "repr", "int8:group=32;f16", 1, "--repr", &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_sweep_grid_set(&g, "keep", "full;lsh:bits=8,probe=query", 1, "--keep", &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_sweep_grid_set(&g, "budgets", "0.5,0.25", 1, "--budgets", &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_sweep_grid_set(&g, "points", "", 1, "--points", &err), -1, "an empty point list item is an error");
     g.n_point = 0;
-    cr_assert_eq(sweep_expand(&g, &p, &n, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_sweep_expand(&g, &p, &n, &err), 0, "%s", err.msg);
     cr_expect_eq(n, 2 * (1 + 2), "points: %d", n);
     cr_expect_geq(find_point(p, n, "int8:group=32", "lsh:bits=8,probe=query,budget=0.25"), 0);
     free(p);
-    sweep_grid_free(&g);
+    kvc_sweep_grid_free(&g);
 }
 
 Test(sweep, same_label_for_different_configs_is_spelled_out) {
@@ -136,7 +136,7 @@ Test(sweep, same_label_for_different_configs_is_spelled_out) {
     cr_expect_str_eq(p[1].method, "f16+lsh:bits=16");
     cr_expect_str_eq(p[2].method, "f16+h2o", "an unambiguous label stays short");
     free(p);
-    sweep_grid_free(&g);
+    kvc_sweep_grid_free(&g);
 }
 
 Test(sweep, bad_grid_lines_fail_naming_the_line) {
@@ -168,34 +168,34 @@ Test(sweep, bad_grid_lines_fail_naming_the_line) {
         cr_expect_eq(load_expand(cases[c].text, &g, &p, &n, &err, path), -1, "case %zu accepted: %s", c, cases[c].text);
         cr_expect_not_null(strstr(err.msg, cases[c].needle), "case %zu: '%s' lacks '%s'", c, err.msg, cases[c].needle);
         free(p);
-        sweep_grid_free(&g);
+        kvc_sweep_grid_free(&g);
     }
 }
 
 Test(sweep, canonical_config_reloads_equal_and_differences_are_named) {
     sweep_grid a, b;
-    sweep_grid_init(&a);
+    kvc_sweep_grid_init(&a);
     kvc_err err = {{0}};
-    cr_assert_eq(sweep_grid_set(&a, "repr", "f16;ae:c{R}.h5,int8", 1, "--repr", &err), 0, "%s", err.msg);
-    cr_assert_eq(sweep_grid_set(&a, "passkey_depths", "0 0.3 1", 0, "x:1", &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_sweep_grid_set(&a, "repr", "f16;ae:c{R}.h5,int8", 1, "--repr", &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_sweep_grid_set(&a, "passkey_depths", "0 0.3 1", 0, "x:1", &err), 0, "%s", err.msg);
     snprintf(a.fingerprint, sizeof a.fingerprint, "0123456789abcdef");
     char path[64];
     snprintf(path, sizeof path, "/tmp/kvc_sweep_cfg.%d", (int)getpid());
     FILE *f = fopen(path, "w");
-    sweep_grid_write(&a, f);
+    kvc_sweep_grid_write(&a, f);
     fclose(f);
-    sweep_grid_init(&b);
-    cr_assert_eq(sweep_grid_load(&b, path, &err), 0, "%s", err.msg);
-    cr_expect_eq(sweep_grid_compare(&b, &a, &err), 0, "%s", err.msg);
+    kvc_sweep_grid_init(&b);
+    cr_assert_eq(kvc_sweep_grid_load(&b, path, &err), 0, "%s", err.msg);
+    cr_expect_eq(kvc_sweep_grid_compare(&b, &a, &err), 0, "%s", err.msg);
     cr_expect_eq(b.n_repr, 2);
     cr_expect_str_eq(b.repr[1].repr, "ae:c{R}.h5,int8");
     cr_expect_float_eq(b.pk_depth[1], 0.3, 0, "depths written exactly");
     b.continuation = 16;
-    cr_expect_eq(sweep_grid_compare(&b, &a, &err), 1);
+    cr_expect_eq(kvc_sweep_grid_compare(&b, &a, &err), 1);
     cr_expect_str_eq(err.msg, "continuation 16 there, 64 here", "%s", err.msg);
     unlink(path);
-    sweep_grid_free(&a);
-    sweep_grid_free(&b);
+    kvc_sweep_grid_free(&a);
+    kvc_sweep_grid_free(&b);
 }
 
 /* ========================================================= a tiny JSON reader ==== */
@@ -298,7 +298,7 @@ static const jval *jget(const jval *o, const char *key) {
 static int expect_json_matches_csv(const char *csv, const char *json) {
     sweep_table t;
     kvc_err err = {{0}};
-    cr_assert_eq(sweep_csv_read(csv, &t, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_sweep_csv_read(csv, &t, &err), 0, "%s", err.msg);
     char *text = slurp(json);
     cr_assert_not_null(text, "%s missing", json);
     jval root;
@@ -313,18 +313,18 @@ static int expect_json_matches_csv(const char *csv, const char *json) {
         const jval *o = &rows->items[i];
         for (int c = 0; c < SWEEP_N_COLS; c++) {
             const char *cell = t.rows[i].f[c];
-            const jval *v = jget(o, SWEEP_COLUMNS[c]);
-            cr_assert_not_null(v, "row %d lacks %s", i, SWEEP_COLUMNS[c]);
-            if (!*cell) cr_expect_eq(v->t, J_NULL, "row %d %s: empty cell, json type %d", i, SWEEP_COLUMNS[c], v->t);
-            else if (v->t == J_NUM) cr_expect_eq(v->num, strtod(cell, NULL), "row %d %s: %s vs %.17g", i, SWEEP_COLUMNS[c], cell, v->num);
-            else if (v->t == J_STR) cr_expect_str_eq(v->str, cell, "row %d %s", i, SWEEP_COLUMNS[c]);
-            else cr_expect_fail("row %d %s: unexpected json type %d", i, SWEEP_COLUMNS[c], v->t);
+            const jval *v = jget(o, KVC_SWEEP_COLUMNS[c]);
+            cr_assert_not_null(v, "row %d lacks %s", i, KVC_SWEEP_COLUMNS[c]);
+            if (!*cell) cr_expect_eq(v->t, J_NULL, "row %d %s: empty cell, json type %d", i, KVC_SWEEP_COLUMNS[c], v->t);
+            else if (v->t == J_NUM) cr_expect_eq(v->num, strtod(cell, NULL), "row %d %s: %s vs %.17g", i, KVC_SWEEP_COLUMNS[c], cell, v->num);
+            else if (v->t == J_STR) cr_expect_str_eq(v->str, cell, "row %d %s", i, KVC_SWEEP_COLUMNS[c]);
+            else cr_expect_fail("row %d %s: unexpected json type %d", i, KVC_SWEEP_COLUMNS[c], v->t);
         }
     }
     int n = t.n;
     jfree(&root);
     free(text);
-    sweep_table_free(&t);
+    kvc_sweep_table_free(&t);
     return n;
 }
 
@@ -341,46 +341,46 @@ Test(sweep, csv_and_json_agree_and_a_cut_line_is_dropped) {
     kvc_err err = {{0}};
     for (int i = 0; i < 3; i++) {
         sweep_row r = {{0}};
-        for (int c = 0; c < SWEEP_N_COLS; c++) sweep_row_set(&r, c, "");
-        sweep_row_set(&r, COL_TOOL, "kvcodec");
-        sweep_row_set(&r, COL_METHOD, i == 2 ? "odd \"quoted\", method" : "int8+lsh");
-        sweep_row_set(&r, COL_REPR, "ae:c.h5,int8,group=32");
-        sweep_row_set(&r, COL_KEEP, "lsh:budget=0.25,bits=16");
-        sweep_row_set(&r, COL_PROTOCOL, i == 1 ? "passkey" : "context");
-        sweep_row_num(&r, COL_BUDGET, "%.6g", 0.25);
-        sweep_row_num(&r, COL_NLL, "%.6g", 3.14159265 * (i + 1));
-        sweep_row_num(&r, COL_KL_MEAN, "%.6g", 1.5e-7);
-        sweep_row_num(&r, COL_PPL, "%.6g", NAN); /* empty */
-        sweep_row_num(&r, COL_PASSKEY_ACC, "%.6g", i == 1 ? 2.0 / 3 : NAN);
-        cr_assert_eq(sweep_csv_append(csv, &r, &err), 0, "%s", err.msg);
+        for (int c = 0; c < SWEEP_N_COLS; c++) kvc_sweep_row_set(&r, c, "");
+        kvc_sweep_row_set(&r, COL_TOOL, "kvcodec");
+        kvc_sweep_row_set(&r, COL_METHOD, i == 2 ? "odd \"quoted\", method" : "int8+lsh");
+        kvc_sweep_row_set(&r, COL_REPR, "ae:c.h5,int8,group=32");
+        kvc_sweep_row_set(&r, COL_KEEP, "lsh:budget=0.25,bits=16");
+        kvc_sweep_row_set(&r, COL_PROTOCOL, i == 1 ? "passkey" : "context");
+        kvc_sweep_row_num(&r, COL_BUDGET, "%.6g", 0.25);
+        kvc_sweep_row_num(&r, COL_NLL, "%.6g", 3.14159265 * (i + 1));
+        kvc_sweep_row_num(&r, COL_KL_MEAN, "%.6g", 1.5e-7);
+        kvc_sweep_row_num(&r, COL_PPL, "%.6g", NAN); /* empty */
+        kvc_sweep_row_num(&r, COL_PASSKEY_ACC, "%.6g", i == 1 ? 2.0 / 3 : NAN);
+        cr_assert_eq(kvc_sweep_csv_append(csv, &r, &err), 0, "%s", err.msg);
         if (i == 1) {
             sweep_cell c[2] = {{"", 128, 0.5, 0, 3, 2, 3}, {"", 256, 1, 1, 0, 0, 0}};
-            sweep_row_key(&r, c[0].key, sizeof c[0].key);
-            sweep_row_key(&r, c[1].key, sizeof c[1].key);
-            cr_assert_eq(sweep_cells_append(cells_p, c, 2, &err), 0, "%s", err.msg);
+            kvc_sweep_row_key(&r, c[0].key, sizeof c[0].key);
+            kvc_sweep_row_key(&r, c[1].key, sizeof c[1].key);
+            cr_assert_eq(kvc_sweep_cells_append(cells_p, c, 2, &err), 0, "%s", err.msg);
         }
-        sweep_row_free(&r);
+        kvc_sweep_row_free(&r);
     }
     /* a write cut short by a kill: no newline at the end */
     FILE *f = fopen(csv, "a");
     fputs("kvcodec,cut,\"ae:c.h5", f);
     fclose(f);
     sweep_table t;
-    cr_assert_eq(sweep_csv_read(csv, &t, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_sweep_csv_read(csv, &t, &err), 0, "%s", err.msg);
     cr_expect_eq(t.n, 3, "the cut line is ignored");
     cr_expect_str_eq(t.rows[2].f[COL_METHOD], "odd \"quoted\", method");
     cr_expect_str_eq(t.rows[0].f[COL_REPR], "ae:c.h5,int8,group=32");
     cr_expect_str_eq(t.rows[0].f[COL_PPL], "");
     char key[1100];
-    sweep_row_key(&t.rows[1], key, sizeof key);
+    kvc_sweep_row_key(&t.rows[1], key, sizeof key);
     cr_expect_str_eq(key, "passkey repr=ae:c.h5,int8,group=32 keep=lsh:budget=0.25,bits=16");
     sweep_cell *cells = NULL;
     int nc = 0;
-    cr_assert_eq(sweep_cells_read(cells_p, &cells, &nc, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_sweep_cells_read(cells_p, &cells, &nc, &err), 0, "%s", err.msg);
     cr_assert_eq(nc, 2);
     cr_expect_eq(cells[0].correct, 2);
     cr_expect_eq(cells[1].skipped, 1);
-    cr_assert_eq(sweep_json_write(json, &t, cells, nc, NULL, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_sweep_json_write(json, &t, cells, nc, NULL, &err), 0, "%s", err.msg);
     cr_expect_eq(expect_json_matches_csv(csv, json), 3);
     /* the passkey row carries its cells */
     char *text = slurp(json);
@@ -396,18 +396,18 @@ Test(sweep, csv_and_json_agree_and_a_cut_line_is_dropped) {
     free(text);
     /* appending after the cut line first removes it */
     sweep_row r = {{0}};
-    for (int c = 0; c < SWEEP_N_COLS; c++) sweep_row_set(&r, c, c == COL_PROTOCOL ? "stream" : "x");
-    cr_assert_eq(sweep_csv_append(csv, &r, &err), 0, "%s", err.msg);
-    sweep_row_free(&r);
-    sweep_table_free(&t);
-    cr_assert_eq(sweep_csv_read(csv, &t, &err), 0, "%s", err.msg);
+    for (int c = 0; c < SWEEP_N_COLS; c++) kvc_sweep_row_set(&r, c, c == COL_PROTOCOL ? "stream" : "x");
+    cr_assert_eq(kvc_sweep_csv_append(csv, &r, &err), 0, "%s", err.msg);
+    kvc_sweep_row_free(&r);
+    kvc_sweep_table_free(&t);
+    cr_assert_eq(kvc_sweep_csv_read(csv, &t, &err), 0, "%s", err.msg);
     cr_expect_eq(t.n, 4);
     cr_expect_str_eq(t.rows[3].f[COL_PROTOCOL], "stream");
-    sweep_table_free(&t);
+    kvc_sweep_table_free(&t);
     free(cells);
     /* a CSV with other columns is refused */
     write_text(csv, "a,b,c\n1,2,3\n");
-    cr_expect_eq(sweep_csv_read(csv, &t, &err), -1);
+    cr_expect_eq(kvc_sweep_csv_read(csv, &t, &err), -1);
     cr_expect_not_null(strstr(err.msg, "not a kvcodec sweep file"), "%s", err.msg);
     unlink(csv), unlink(json), unlink(cells_p);
     rmdir(dir);
@@ -433,7 +433,7 @@ static run_result run_sweep(const char *env, const char *args) {
     return r;
 }
 
-static void run_free(run_result *r) {
+static void kvc_run_free(run_result *r) {
     free(r->out);
     free(r->err);
 }
@@ -464,13 +464,13 @@ Test(sweep, killed_sweep_resumes_without_redoing_finished_points, .timeout = 300
     cr_expect_eq(r.status, 1, "status %d: %s", r.status, r.err);
     cr_expect_not_null(strstr(r.err, "int8:bogus=1"), "%s", r.err);
     cr_expect_neq(access(dir, F_OK), 0, "nothing may be written before the grid is valid");
-    run_free(&r);
+    kvc_run_free(&r);
 
     /* KVC_SWEEP_DIE_AFTER=1 makes the process _exit(137) right after the first point's row
      * is written and fsynced: the same state a SIGKILL after that point leaves */
     r = run_sweep("KVC_SWEEP_DIE_AFTER=1", args);
     cr_assert_eq(r.status, 137, "status %d: %s", r.status, r.err);
-    run_free(&r);
+    kvc_run_free(&r);
     char *first = slurp(csv);
     cr_assert_not_null(first, "no results.csv after the first point");
     cr_assert_eq(csv_lines(first), 1, "one finished point expected:\n%s", first);
@@ -481,7 +481,7 @@ Test(sweep, killed_sweep_resumes_without_redoing_finished_points, .timeout = 300
     /* 2 reprs x (full + h2o at 0.5) + the explicit point = 5, one done */
     cr_expect_not_null(strstr(r.out, "[4/4]"), "four points left to run: %s", r.out);
     cr_expect_null(strstr(r.out, "[5/"), "%s", r.out);
-    run_free(&r);
+    kvc_run_free(&r);
     char *all = slurp(csv);
     cr_assert_not_null(all);
     cr_expect_eq(strncmp(all, first, strlen(first)), 0, "the first point's row must be unchanged");
@@ -489,25 +489,25 @@ Test(sweep, killed_sweep_resumes_without_redoing_finished_points, .timeout = 300
 
     sweep_table t;
     kvc_err err = {{0}};
-    cr_assert_eq(sweep_csv_read(csv, &t, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_sweep_csv_read(csv, &t, &err), 0, "%s", err.msg);
     for (int i = 0; i < t.n; i++) {
         char ki[1100], kj[1100];
-        sweep_row_key(&t.rows[i], ki, sizeof ki);
+        kvc_sweep_row_key(&t.rows[i], ki, sizeof ki);
         for (int j = i + 1; j < t.n; j++) {
-            sweep_row_key(&t.rows[j], kj, sizeof kj);
+            kvc_sweep_row_key(&t.rows[j], kj, sizeof kj);
             cr_expect_str_neq(ki, kj, "row %d and %d are the same point", i, j);
         }
         cr_expect_str_eq(t.rows[i].f[COL_TOOL], "kvcodec");
         cr_expect_str_eq(t.rows[i].f[COL_CONTEXT_LEN], "32");
         cr_expect_str_eq(t.rows[i].f[COL_N_SCORED], "7", "M - 1 = 7 predictions per sample");
-        const double bpt = sweep_cell_num(&t.rows[i], COL_BPT), ratio = sweep_cell_num(&t.rows[i], COL_RATIO);
+        const double bpt = kvc_sweep_cell_num(&t.rows[i], COL_BPT), ratio = kvc_sweep_cell_num(&t.rows[i], COL_RATIO);
         cr_expect_float_eq(bpt * ratio, 2.0 * 30 * 3 * 64 * 2, 0.5, "ratio = f16 bytes / bytes (%g x %g)", bpt, ratio);
     }
     cr_expect_str_eq(t.rows[0].f[COL_METHOD], "f16+full");
     cr_expect_str_eq(t.rows[0].f[COL_BPT], "23040", "an f16 full cache: 2 * L * K * D * 2 bytes");
     cr_expect_eq(t.n, 5);
     cr_expect_str_eq(t.rows[4].f[COL_METHOD], "int8+streaming");
-    sweep_table_free(&t);
+    kvc_sweep_table_free(&t);
     char json[96];
     snprintf(json, sizeof json, "%s/results.json", dir);
     cr_expect_eq(expect_json_matches_csv(csv, json), 5);
@@ -516,14 +516,14 @@ Test(sweep, killed_sweep_resumes_without_redoing_finished_points, .timeout = 300
     r = run_sweep("", args);
     cr_expect_eq(r.status, 0);
     cr_expect_not_null(strstr(r.out, "skipping 5 finished points"), "%s", r.out);
-    run_free(&r);
+    kvc_run_free(&r);
     /* another protocol setting in the same folder: refused, nothing changed */
     snprintf(bad, sizeof bad, "%s --continuation 16", args);
     r = run_sweep("", bad);
     cr_expect_eq(r.status, 1);
     cr_expect_not_null(strstr(r.err, "different config (continuation 8 there, 16 here)"), "%s", r.err);
     cr_expect_not_null(strstr(r.err, "--force"), "%s", r.err);
-    run_free(&r);
+    kvc_run_free(&r);
     char *after = slurp(csv);
     cr_expect_str_eq(after, all, "a refused run must not touch results.csv");
     free(after);

@@ -126,16 +126,16 @@ static kvc_tokenizer *g_tok;
 static void smol_open(void) {
     REQUIRE_MODEL(path);
     kvc_err err = {{0}};
-    g_file = gguf_open(path, &err);
-    cr_assert_not_null(g_file, "gguf_open(%s): %s", path, err.msg);
-    g_tok = tokenizer_open(g_file, &err);
-    cr_assert_not_null(g_tok, "tokenizer_open: %s", err.msg);
+    g_file = kvc_gguf_open(path, &err);
+    cr_assert_not_null(g_file, "kvc_gguf_open(%s): %s", path, err.msg);
+    g_tok = kvc_tokenizer_open(g_file, &err);
+    cr_assert_not_null(g_tok, "kvc_tokenizer_open: %s", err.msg);
 }
 
 /* Frees what smol_open made. */
 static void smol_close(void) {
-    tokenizer_free(g_tok);
-    gguf_close(g_file);
+    kvc_tokenizer_free(g_tok);
+    kvc_gguf_close(g_file);
     g_tok = NULL;
     g_file = NULL;
 }
@@ -143,11 +143,11 @@ static void smol_close(void) {
 /* Encodes with exactly-sized output; fails the test on error. *n receives the count. */
 static int32_t *encode_all(const char *text, size_t len, int special, int64_t *n) {
     kvc_err err = {{0}};
-    int64_t need = tokenizer_encode(g_tok, text, len, special, NULL, 0, &err);
-    cr_assert_geq(need, 0, "tokenizer_encode: %s", err.msg);
+    int64_t need = kvc_tokenizer_encode(g_tok, text, len, special, NULL, 0, &err);
+    cr_assert_geq(need, 0, "kvc_tokenizer_encode: %s", err.msg);
     int32_t *ids = malloc((size_t)(need ? need : 1) * sizeof *ids);
     cr_assert_not_null(ids);
-    int64_t got = tokenizer_encode(g_tok, text, len, special, ids, need, &err);
+    int64_t got = kvc_tokenizer_encode(g_tok, text, len, special, ids, need, &err);
     cr_assert_eq(got, need, "second encode gave %lld tokens, first %lld", (long long)got,
                  (long long)need);
     *n = need;
@@ -205,7 +205,7 @@ Test(tokenizer, decode_inverts_encode_on_fixture) {
         int64_t k;
         int32_t *ids = encode_all(cases[i].text, cases[i].len, cases[i].special, &k);
         size_t dl;
-        char *d = tokenizer_decode(g_tok, ids, k, &dl);
+        char *d = kvc_tokenizer_decode(g_tok, ids, k, &dl);
         cr_assert_not_null(d, "case %s: decode failed", cases[i].name);
         int same = dl == cases[i].len && memcmp(d, cases[i].text, dl) == 0;
         /* R=0 marks text with bytes the vocabulary cannot express: they are dropped */
@@ -259,7 +259,7 @@ Test(tokenizer, decode_inverts_encode_on_every_code_point) {
     int64_t n;
     int32_t *ids = encode_all(text, len, 0, &n);
     size_t dl;
-    char *d = tokenizer_decode(g_tok, ids, n, &dl);
+    char *d = kvc_tokenizer_decode(g_tok, ids, n, &dl);
     cr_assert_not_null(d);
     size_t i = 0;
     while (i < len && i < dl && d[i] == text[i])
@@ -285,7 +285,7 @@ Test(tokenizer, pieces) {
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         size_t len = 12345;
-        const char *p = tokenizer_piece(g_tok, want[i].id, &len);
+        const char *p = kvc_tokenizer_piece(g_tok, want[i].id, &len);
         cr_assert_not_null(p, "piece %d", want[i].id);
         cr_expect_eq(len, strlen(want[i].piece), "piece %d: length %zu", want[i].id, len);
         cr_expect_str_eq(p, want[i].piece, "piece %d", want[i].id);
@@ -294,16 +294,16 @@ Test(tokenizer, pieces) {
 
 Test(tokenizer, out_of_range_ids) {
     size_t len = 99;
-    cr_expect_null(tokenizer_piece(g_tok, -1, &len));
+    cr_expect_null(kvc_tokenizer_piece(g_tok, -1, &len));
     cr_expect_eq(len, 0);
-    cr_expect_null(tokenizer_piece(g_tok, SMOL_VOCAB, &len));
-    cr_expect_null(tokenizer_piece(g_tok, INT32_MAX, NULL));
-    cr_expect_not_null(tokenizer_piece(g_tok, SMOL_VOCAB - 1, NULL));
+    cr_expect_null(kvc_tokenizer_piece(g_tok, SMOL_VOCAB, &len));
+    cr_expect_null(kvc_tokenizer_piece(g_tok, INT32_MAX, NULL));
+    cr_expect_not_null(kvc_tokenizer_piece(g_tok, SMOL_VOCAB - 1, NULL));
 
     const int32_t bad_hi[] = {81, SMOL_VOCAB}, bad_lo[] = {-5, 81};
-    cr_expect_null(tokenizer_decode(g_tok, bad_hi, 2, &len));
-    cr_expect_null(tokenizer_decode(g_tok, bad_lo, 2, &len));
-    char *d = tokenizer_decode(g_tok, bad_hi, 0, &len);
+    cr_expect_null(kvc_tokenizer_decode(g_tok, bad_hi, 2, &len));
+    cr_expect_null(kvc_tokenizer_decode(g_tok, bad_lo, 2, &len));
+    char *d = kvc_tokenizer_decode(g_tok, bad_hi, 0, &len);
     cr_assert_not_null(d);
     cr_expect_eq(len, 0);
     cr_expect_str_eq(d, "");
@@ -318,35 +318,35 @@ Test(tokenizer, small_cap_returns_needed_count) {
     int32_t out[16];
     for (int i = 0; i < 16; i++)
         out[i] = -7;
-    cr_assert_eq(tokenizer_encode(g_tok, text, strlen(text), 0, NULL, 0, &err), n_want, "%s",
+    cr_assert_eq(kvc_tokenizer_encode(g_tok, text, strlen(text), 0, NULL, 0, &err), n_want, "%s",
                  err.msg);
-    cr_assert_eq(tokenizer_encode(g_tok, text, strlen(text), 0, out, 3, &err), n_want);
+    cr_assert_eq(kvc_tokenizer_encode(g_tok, text, strlen(text), 0, out, 3, &err), n_want);
     cr_assert_arr_eq(out, want, 3 * sizeof *out);
     for (int i = 3; i < 16; i++)
         cr_assert_eq(out[i], -7, "wrote past cap at %d", i);
-    cr_assert_eq(tokenizer_encode(g_tok, text, strlen(text), 0, out, 16, &err), n_want);
+    cr_assert_eq(kvc_tokenizer_encode(g_tok, text, strlen(text), 0, out, 16, &err), n_want);
     cr_assert_arr_eq(out, want, sizeof want);
-    cr_assert_eq(tokenizer_encode(g_tok, "", 0, 0, out, 16, &err), 0);
+    cr_assert_eq(kvc_tokenizer_encode(g_tok, "", 0, 0, out, 16, &err), 0);
 }
 
 Test(tokenizer, metadata) {
-    cr_expect_eq(tokenizer_vocab_size(g_tok), SMOL_VOCAB);
-    cr_expect_eq(tokenizer_bos(g_tok), 1);
-    cr_expect_eq(tokenizer_eos(g_tok), 2);
-    cr_expect_eq(tokenizer_add_bos(g_tok), 0);
-    cr_expect_eq(tokenizer_lookup(g_tok, "<|im_start|>"), 1);
-    cr_expect_eq(tokenizer_lookup(g_tok, "\xc4\xa0world"), 905); /* "Ġworld" */
-    cr_expect_eq(tokenizer_lookup(g_tok, " world"), -1);         /* texts are byte-mapped */
-    cr_expect_eq(tokenizer_lookup(g_tok, "no-such-token-here"), -1);
+    cr_expect_eq(kvc_tokenizer_vocab_size(g_tok), SMOL_VOCAB);
+    cr_expect_eq(kvc_tokenizer_bos(g_tok), 1);
+    cr_expect_eq(kvc_tokenizer_eos(g_tok), 2);
+    cr_expect_eq(kvc_tokenizer_add_bos(g_tok), 0);
+    cr_expect_eq(kvc_tokenizer_lookup(g_tok, "<|im_start|>"), 1);
+    cr_expect_eq(kvc_tokenizer_lookup(g_tok, "\xc4\xa0world"), 905); /* "Ġworld" */
+    cr_expect_eq(kvc_tokenizer_lookup(g_tok, " world"), -1);         /* texts are byte-mapped */
+    cr_expect_eq(kvc_tokenizer_lookup(g_tok, "no-such-token-here"), -1);
 }
 
 Test(tokenizer, invalid_utf8_is_an_error) {
     kvc_err err = {{0}};
     int32_t out[8];
-    cr_expect_eq(tokenizer_encode(g_tok, "ab\xff" "cd", 5, 0, out, 8, &err), -1);
+    cr_expect_eq(kvc_tokenizer_encode(g_tok, "ab\xff" "cd", 5, 0, out, 8, &err), -1);
     cr_expect(strstr(err.msg, "UTF-8") && strstr(err.msg, "offset 2"), "message: %s", err.msg);
-    cr_expect_eq(tokenizer_encode(g_tok, "\xc0\xaf", 2, 0, out, 8, &err), -1); /* overlong */
-    cr_expect_eq(tokenizer_encode(g_tok, "\xed\xa0\x80", 3, 0, out, 8, &err), -1); /* surrogate */
+    cr_expect_eq(kvc_tokenizer_encode(g_tok, "\xc0\xaf", 2, 0, out, 8, &err), -1); /* overlong */
+    cr_expect_eq(kvc_tokenizer_encode(g_tok, "\xed\xa0\x80", 3, 0, out, 8, &err), -1); /* surrogate */
 }
 
 /* ---- a toy vocabulary in an in-memory GGUF (no model needed) ------------------------- */
@@ -407,9 +407,9 @@ static void toy_build(gbuf *b, const char *model, const char *const *merges, siz
 
 /* Opens a tokenizer over image b; returns NULL with err filled on failure. */
 static kvc_tokenizer *toy_open(gbuf *b, gguf_file **f, kvc_err *err) {
-    *f = gguf_open_buffer(b->p, b->n, err);
-    cr_assert_not_null(*f, "gguf_open_buffer: %s", err->msg);
-    return tokenizer_open(*f, err);
+    *f = kvc_gguf_open_buffer(b->p, b->n, err);
+    cr_assert_not_null(*f, "kvc_gguf_open_buffer: %s", err->msg);
+    return kvc_tokenizer_open(*f, err);
 }
 
 /* Asserts that text encodes to exactly want[0..n). */
@@ -417,14 +417,14 @@ static void toy_expect(const kvc_tokenizer *t, const char *text, int special, co
                        int64_t n) {
     kvc_err err = {{0}};
     int32_t out[32];
-    int64_t got = tokenizer_encode(t, text, strlen(text), special, out, 32, &err);
+    int64_t got = kvc_tokenizer_encode(t, text, strlen(text), special, out, 32, &err);
     cr_assert_eq(got, n, "\"%s\" (special %d): %lld tokens, want %lld %s", text, special,
                  (long long)got, (long long)n, err.msg);
     for (int64_t i = 0; i < n; i++)
         cr_expect_eq(out[i], want[i], "\"%s\" token %lld: %d, want %d", text, (long long)i, out[i],
                      want[i]);
     size_t dl;
-    char *d = tokenizer_decode(t, out, got, &dl);
+    char *d = kvc_tokenizer_decode(t, out, got, &dl);
     cr_assert_not_null(d);
     cr_expect_str_eq(d, text, "decode of \"%s\"", text);
     free(d);
@@ -437,9 +437,9 @@ Test(tokenizer_toy, merges_apply_by_rank_then_leftmost) {
     toy_build(&b, "gpt2", NULL, 0);
     kvc_tokenizer *t = toy_open(&b, &f, &err);
     cr_assert_not_null(t, "%s", err.msg);
-    cr_expect_eq(tokenizer_vocab_size(t), N_TOY);
-    cr_expect_eq(tokenizer_bos(t), T_CTL);
-    cr_expect_eq(tokenizer_eos(t), -1);
+    cr_expect_eq(kvc_tokenizer_vocab_size(t), N_TOY);
+    cr_expect_eq(kvc_tokenizer_bos(t), T_CTL);
+    cr_expect_eq(kvc_tokenizer_eos(t), -1);
 
     toy_expect(t, "abc", 0, (int32_t[]){T_ABC}, 1);          /* a+b (rank 0), then ab+c */
     toy_expect(t, "bcab", 0, (int32_t[]){T_BC, T_AB}, 2);    /* a+b first, then b+c */
@@ -447,8 +447,8 @@ Test(tokenizer_toy, merges_apply_by_rank_then_leftmost) {
     toy_expect(t, "a a", 0, (int32_t[]){'a', T_SP_A}, 2);    /* " a" is one pre-token */
     toy_expect(t, "12", 0, (int32_t[]){'1', '2'}, 2);        /* digits split before BPE */
     toy_expect(t, "", 0, NULL, 0);
-    tokenizer_free(t);
-    gguf_close(f);
+    kvc_tokenizer_free(t);
+    kvc_gguf_close(f);
     free(b.p);
 }
 
@@ -467,11 +467,11 @@ Test(tokenizer_toy, special_token_splitting) {
     toy_expect(t, "a<u>b", 0, (int32_t[]){'a', T_USER, 'b'}, 3);
     toy_expect(t, "a<u>b", 1, (int32_t[]){'a', T_USER, 'b'}, 3);
     size_t len;
-    cr_expect_str_eq(tokenizer_piece(t, T_CTL_LONG, &len), "<s>>");
-    cr_expect_str_eq(tokenizer_piece(t, ' ', &len), " "); /* stored as "\xc4\xa0" */
-    cr_expect_str_eq(tokenizer_piece(t, T_SP_A, &len), " a");
-    tokenizer_free(t);
-    gguf_close(f);
+    cr_expect_str_eq(kvc_tokenizer_piece(t, T_CTL_LONG, &len), "<s>>");
+    cr_expect_str_eq(kvc_tokenizer_piece(t, ' ', &len), " "); /* stored as "\xc4\xa0" */
+    cr_expect_str_eq(kvc_tokenizer_piece(t, T_SP_A, &len), " a");
+    kvc_tokenizer_free(t);
+    kvc_gguf_close(f);
     free(b.p);
 }
 
@@ -485,7 +485,7 @@ Test(tokenizer_toy, gguf_without_tokenizer_is_an_error) {
     gb_kv_u32(&b, "llama.context_length", 2048);
     cr_expect_null(toy_open(&b, &f, &err));
     cr_expect(strstr(err.msg, "tokenizer.ggml.model") != NULL, "message: %s", err.msg);
-    gguf_close(f);
+    kvc_gguf_close(f);
     free(b.p);
 }
 
@@ -496,13 +496,13 @@ Test(tokenizer_toy, unsupported_or_inconsistent_metadata_is_an_error) {
     toy_build(&b, "llama", NULL, 0); /* SentencePiece: not handled */
     cr_expect_null(toy_open(&b, &f, &err));
     cr_expect(strstr(err.msg, "\"llama\"") != NULL, "message: %s", err.msg);
-    gguf_close(f);
+    kvc_gguf_close(f);
     free(b.p);
 
     static const char *const bad[] = {"a b", "x q"}; /* "xq" is not a token */
     toy_build(&b, "gpt2", bad, 2);
     cr_expect_null(toy_open(&b, &f, &err));
     cr_expect(strstr(err.msg, "merges[1]") != NULL, "message: %s", err.msg);
-    gguf_close(f);
+    kvc_gguf_close(f);
     free(b.p);
 }

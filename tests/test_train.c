@@ -29,7 +29,7 @@ static void write_synthetic(const char *path, const char *fingerprint, uint32_t 
     info.n_layers_stored = L;
     for (int l = 0; l < L; l++) info.layers[l] = l;
     kvc_err err = {{0}};
-    kvc_kv_writer *w = kv_writer_open(path, &info, 64, 0, &err);
+    kvc_kv_writer *w = kvc_kv_writer_open(path, &info, 64, 0, &err);
     cr_assert_not_null(w, "%s", err.msg);
     uint32_t s = seed;
 #define RND() ((s = s * 1664525u + 1013904223u), ((float)(s >> 8) / 16777216.0f * 2.0f - 1.0f))
@@ -54,15 +54,15 @@ static void write_synthetic(const char *path, const char *fingerprint, uint32_t 
         }
         const float *kp[L], *vp[L], *qp[L];
         for (int l = 0; l < L; l++) { kp[l] = kb[l]; vp[l] = vb[l]; qp[l] = qb[l]; }
-        cr_assert_eq(kv_writer_append(w, ids, pos, CTX, kp, vp, qp, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_kv_writer_append(w, ids, pos, CTX, kp, vp, qp, &err), 0, "%s", err.msg);
     }
-    cr_assert_eq(kv_writer_close(w, 1, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_kv_writer_close(w, 1, &err), 0, "%s", err.msg);
 #undef RND
 }
 
 static kvc_train_opts base_opts(const char **data, const char *out) {
     kvc_train_opts o;
-    train_opts_defaults(&o);
+    kvc_train_opts_defaults(&o);
     o.data = data;
     o.n_data = 1;
     o.out = out;
@@ -90,8 +90,8 @@ Test(train, learns_a_low_rank_signal_and_checkpoint_round_trips, .timeout = 120)
     kvc_train_opts o = base_opts(&data, out);
     o.reuse = "heads=2";
     kvc_err err = {{0}};
-    cr_assert_eq(train_codec(&o, &err), 0, "%s", err.msg);
-    kvc_codec *c = codec_load(out, &err);
+    cr_assert_eq(kvc_train_codec(&o, &err), 0, "%s", err.msg);
+    kvc_codec *c = kvc_codec_load(out, &err);
     cr_assert_not_null(c, "%s", err.msg);
     cr_expect_str_eq(c->meta.model_fingerprint, "00000000deadbeef");
     cr_expect_eq(c->meta.ae.latent, 6);
@@ -107,14 +107,14 @@ Test(train, learns_a_low_rank_signal_and_checkpoint_round_trips, .timeout = 120)
     }
     cr_assert_not_null(c->reuse);
     int n_an = 0, n_id = 0, n_lin = 0;
-    reuse_plan_count(c->reuse, &n_an, &n_id, &n_lin);
+    kvc_reuse_plan_count(c->reuse, &n_an, &n_id, &n_lin);
     cr_expect_eq(n_an, (L - 1) * HK * 2);
     cr_expect_eq(n_id + n_lin, 2);
-    cr_expect_eq(codec_check_model(c, "00000000deadbeef", L, HK, D, &err), 0);
-    cr_expect_eq(codec_check_model(c, "1111111111111111", L, HK, D, &err), -1);
+    cr_expect_eq(kvc_codec_check_model(c, "00000000deadbeef", L, HK, D, &err), 0);
+    cr_expect_eq(kvc_codec_check_model(c, "1111111111111111", L, HK, D, &err), -1);
     cr_expect(strstr(err.msg, "trained for model") != NULL, "%s", err.msg);
-    cr_expect_eq(codec_check_model(c, "00000000deadbeef", L, HK, 32, &err), -1);
-    codec_free(c);
+    cr_expect_eq(kvc_codec_check_model(c, "00000000deadbeef", L, HK, 32, &err), -1);
+    kvc_codec_free(c);
     unlink(data);
     unlink(out);
 }
@@ -140,26 +140,26 @@ Test(train, resume_after_interruption_ends_where_an_uninterrupted_run_ends, .tim
     o.ae.hidden = 8;
     o.ae.norm = AE_NORM_BATCH; /* KV-CAR form: BN running stats and Adam moments must resume too */
     o.epochs = 4;
-    cr_assert_eq(train_codec(&o, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_train_codec(&o, &err), 0, "%s", err.msg);
     o.out = b;
     o.stop_after_epoch = 2;
-    cr_assert_eq(train_codec(&o, &err), 1, "%s", err.msg);
-    kvc_codec *mid = codec_load(b, &err);
+    cr_assert_eq(kvc_train_codec(&o, &err), 1, "%s", err.msg);
+    kvc_codec *mid = kvc_codec_load(b, &err);
     cr_assert_not_null(mid, "%s", err.msg);
     cr_expect_eq(mid->meta.epochs_run, 2);
-    codec_free(mid);
+    kvc_codec_free(mid);
     o.stop_after_epoch = 0;
     o.resume = 1;
-    cr_assert_eq(train_codec(&o, &err), 0, "%s", err.msg);
-    kvc_codec *ca = codec_load(a, &err), *cb = codec_load(b, &err);
+    cr_assert_eq(kvc_train_codec(&o, &err), 0, "%s", err.msg);
+    kvc_codec *ca = kvc_codec_load(a, &err), *cb = kvc_codec_load(b, &err);
     cr_assert(ca && cb, "%s", err.msg);
     cr_expect_eq(cb->meta.epochs_run, 4);
     double d = max_diff(ca, cb);
     cr_expect(d <= RESUME_TOL, "resumed weights differ by %g", d);
     cr_expect(fabs(ca->meta.best_val - cb->meta.best_val) <= 1e-9 + 1e-6 * ca->meta.best_val, "%g vs %g",
               ca->meta.best_val, cb->meta.best_val);
-    codec_free(ca);
-    codec_free(cb);
+    kvc_codec_free(ca);
+    kvc_codec_free(cb);
     unlink(data); unlink(a); unlink(b);
 }
 
@@ -170,31 +170,31 @@ Test(train, bad_input_fails_cleanly, .timeout = 120) {
     kvc_err err = {{0}};
     kvc_train_opts o = base_opts(&data, out);
     o.ae.latent = D;
-    cr_expect_eq(train_codec(&o, &err), -1);
+    cr_expect_eq(kvc_train_codec(&o, &err), -1);
     cr_expect(strstr(err.msg, "latent") != NULL, "%s", err.msg);
     o = base_opts(&data, "/nonexistent/dir/codec.h5");
     o.epochs = 1;
-    cr_expect_eq(train_codec(&o, &err), -1);
+    cr_expect_eq(kvc_train_codec(&o, &err), -1);
     cr_expect(strstr(err.msg, "cannot create") != NULL, "%s", err.msg);
     /* two files from different models cannot be one dataset */
     const char *both[2] = {data, other};
     o = base_opts(both, out);
     o.n_data = 2;
-    cr_expect_eq(train_codec(&o, &err), -1);
+    cr_expect_eq(kvc_train_codec(&o, &err), -1);
     cr_expect(strstr(err.msg, "model") != NULL, "%s", err.msg);
     /* resuming a checkpoint with data from another model */
     o = base_opts(&data, out);
     o.epochs = 1;
-    cr_assert_eq(train_codec(&o, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_train_codec(&o, &err), 0, "%s", err.msg);
     const char *od[1] = {other};
     o = base_opts(od, out);
     o.resume = 1;
-    cr_expect_eq(train_codec(&o, &err), -1);
+    cr_expect_eq(kvc_train_codec(&o, &err), -1);
     cr_expect(strstr(err.msg, "cannot resume") != NULL, "%s", err.msg);
     /* missing file */
     const char *missing[1] = {"/nonexistent/kv.h5"};
     o = base_opts(missing, out);
-    cr_expect_eq(train_codec(&o, &err), -1);
+    cr_expect_eq(kvc_train_codec(&o, &err), -1);
     cr_expect(err.msg[0] != '\0');
     unlink(data); unlink(other); unlink(out);
 }
@@ -205,7 +205,7 @@ Test(train, full_disk_during_export_keeps_the_previous_checkpoint, .timeout = 12
     kvc_err err = {{0}};
     kvc_train_opts o = base_opts(&data, out);
     o.epochs = 1;
-    cr_assert_eq(train_codec(&o, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvc_train_codec(&o, &err), 0, "%s", err.msg);
     struct stat st0;
     cr_assert_eq(stat(out, &st0), 0);
     char *before;
@@ -218,7 +218,7 @@ Test(train, full_disk_during_export_keeps_the_previous_checkpoint, .timeout = 12
     cr_assert_eq(setrlimit(RLIMIT_FSIZE, &rl), 0);
     o.epochs = 2;
     o.seed = 99;
-    int rc = train_codec(&o, &err);
+    int rc = kvc_train_codec(&o, &err);
     setrlimit(RLIMIT_FSIZE, &old); /* Criterion writes its report after the test */
     cr_expect_eq(rc, -1, "export should fail on a full disk");
     cr_expect(strstr(err.msg, "disk full") != NULL || strstr(err.msg, "failed") != NULL, "%s", err.msg);

@@ -61,7 +61,7 @@ class AE(nn.Module):
 
 
 def default_config(**kw):
-    """ae_config_defaults plus overrides."""
+    """kvc_ae_config_defaults plus overrides."""
     cfg = dict(in_dim=64, hidden=0, latent=16, act="none", norm="none", leaky_slope=0.01, bn_eps=1e-5,
                bn_momentum=0.1)
     cfg.update(kw)
@@ -83,7 +83,7 @@ def named_tensors(model):
 
 
 def make_optimizer(model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4):
-    """AdamW with decoupled weight decay on Linear weights only (ae_adam_step)."""
+    """AdamW with decoupled weight decay on Linear weights only (kvc_ae_adam_step)."""
     decay, rest = [], []
     for mod in model.modules():
         if isinstance(mod, nn.Linear):
@@ -109,7 +109,7 @@ def loss_fn(kind, y, x, w=None, a=None, mse_mix=0.0):
 
 
 def lr_schedule(t, total, warmup, base, min_lr):
-    """ae_lr_schedule: linear warmup from 0, then cosine from base to min_lr at total."""
+    """kvc_ae_lr_schedule: linear warmup from 0, then cosine from base to min_lr at total."""
     if warmup > 0 and t < warmup:
         return base * t / warmup
     if t >= total:

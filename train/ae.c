@@ -66,14 +66,14 @@ struct ae_model {
 
 static const char *const ACT_NAMES[AE_ACT_COUNT] = {"none", "relu", "leaky_relu", "gelu", "silu"};
 
-void ae_config_defaults(ae_config *c) {
+void kvc_ae_config_defaults(ae_config *c) {
     memset(c, 0, sizeof *c);
     c->leaky_slope = 0.01f;
     c->bn_eps = 1e-5f;
     c->bn_momentum = 0.1f;
 }
 
-int ae_config_check(const ae_config *c, kvc_err *err) {
+int kvc_ae_config_check(const ae_config *c, kvc_err *err) {
     if (!c) return kvc_fail(err, "autoencoder config is missing");
     if (c->in_dim < 2 || c->in_dim > AE_MAX_DIM)
         return kvc_fail(err, "autoencoder in_dim %d out of range [2, %d]", c->in_dim, AE_MAX_DIM);
@@ -90,9 +90,9 @@ int ae_config_check(const ae_config *c, kvc_err *err) {
     return 0;
 }
 
-const char *ae_act_name(ae_act a) { return (int)a >= 0 && a < AE_ACT_COUNT ? ACT_NAMES[a] : "?"; }
+const char *kvc_ae_act_name(ae_act a) { return (int)a >= 0 && a < AE_ACT_COUNT ? ACT_NAMES[a] : "?"; }
 
-int ae_act_parse(const char *s, ae_act *out) {
+int kvc_ae_act_parse(const char *s, ae_act *out) {
     for (int i = 0; s && i < AE_ACT_COUNT; i++)
         if (!strcmp(s, ACT_NAMES[i])) { *out = (ae_act)i; return 0; }
     return -1;
@@ -266,8 +266,8 @@ static void init_linear(float *w, float *b, int out, int in, uint64_t *s) {
     for (int i = 0; i < out; i++) b[i] = rng_uniform(s, bound);
 }
 
-ae_model *ae_new(const ae_config *c, uint64_t seed, kvc_err *err) {
-    if (ae_config_check(c, err)) return NULL;
+ae_model *kvc_ae_new(const ae_config *c, uint64_t seed, kvc_err *err) {
+    if (kvc_ae_config_check(c, err)) return NULL;
     ae_model *m = calloc(1, sizeof *m);
     if (!m) { kvc_fail(err, "out of memory for the autoencoder"); return NULL; }
     m->cfg = *c;
@@ -282,7 +282,7 @@ ae_model *ae_new(const ae_config *c, uint64_t seed, kvc_err *err) {
     m->state = kvc_calloc_array(m->n_state, sizeof(float));
     m->enc.rstd = kvc_calloc_array(2 * (size_t)H + 1, sizeof(float)); /* owns both (H) vectors */
     if (!m->par || !m->state || !m->enc.rstd) {
-        ae_free(m);
+        kvc_ae_free(m);
         kvc_fail(err, "out of memory for the autoencoder");
         return NULL;
     }
@@ -304,7 +304,7 @@ ae_model *ae_new(const ae_config *c, uint64_t seed, kvc_err *err) {
     return m;
 }
 
-void ae_free(ae_model *m) {
+void kvc_ae_free(ae_model *m) {
     if (!m) return;
     free(m->par);
     free(m->state);
@@ -314,11 +314,11 @@ void ae_free(ae_model *m) {
     free(m);
 }
 
-const ae_config *ae_get_config(const ae_model *m) { return &m->cfg; }
+const ae_config *kvc_ae_get_config(const ae_model *m) { return &m->cfg; }
 
 /* ---- tensor access -------------------------------------------------------------------- */
 
-int ae_n_tensors(const ae_model *m) { return m->n_tensors; }
+int kvc_ae_n_tensors(const ae_model *m) { return m->n_tensors; }
 
 /* The view of tensor i in buffer `buf` (NULL data for out-of-range i or non-trainable
  * tensors when which != 0). which: 0 values, 1 grad, 2 Adam m, 3 Adam v. */
@@ -336,12 +336,12 @@ static ae_tensor tensor_view(ae_model *m, int i, int which) {
     return t;
 }
 
-ae_tensor ae_tensor_at(ae_model *m, int i) { return tensor_view(m, i, 0); }
-ae_tensor ae_grad_at(ae_model *m, int i) { return tensor_view(m, i, 1); }
-ae_tensor ae_adam_m_at(ae_model *m, int i) { return tensor_view(m, i, 2); }
-ae_tensor ae_adam_v_at(ae_model *m, int i) { return tensor_view(m, i, 3); }
-int64_t ae_adam_steps(const ae_model *m) { return m->t; }
-void ae_set_adam_steps(ae_model *m, int64_t t) { m->t = t < 0 ? 0 : t; }
+ae_tensor kvc_ae_tensor_at(ae_model *m, int i) { return tensor_view(m, i, 0); }
+ae_tensor kvc_ae_grad_at(ae_model *m, int i) { return tensor_view(m, i, 1); }
+ae_tensor kvc_ae_adam_m_at(ae_model *m, int i) { return tensor_view(m, i, 2); }
+ae_tensor kvc_ae_adam_v_at(ae_model *m, int i) { return tensor_view(m, i, 3); }
+int64_t kvc_ae_adam_steps(const ae_model *m) { return m->t; }
+void kvc_ae_set_adam_steps(ae_model *m, int64_t t) { m->t = t < 0 ? 0 : t; }
 
 /* ---- GEMM wrappers (row-major, Linear weights W (out, in)) ---------------------------- */
 
@@ -644,7 +644,7 @@ static void step_slice(ae_model *m, const float *x, const ae_loss *L, slice_t *s
     half_bwd(m, &m->enc, x, m->dz, s, NULL);
 }
 
-float ae_forward_backward(ae_model *m, const float *x, int n, const ae_loss *L) {
+float kvc_ae_forward_backward(ae_model *m, const float *x, int n, const ae_loss *L) {
     const ae_config *c = &m->cfg;
     int D = c->in_dim, bn = c->hidden && c->norm == AE_NORM_BATCH;
     if (!x || !L || n < (bn ? 2 : 1)) return NAN;
@@ -681,15 +681,15 @@ float ae_forward_backward(ae_model *m, const float *x, int n, const ae_loss *L) 
     return isnan(sse) ? NAN : (float)(mix * sse / nd + q);
 }
 
-float ae_grad_norm(const ae_model *m) { return m->gnorm; }
+float kvc_ae_grad_norm(const ae_model *m) { return m->gnorm; }
 
 /* ---- optimiser ------------------------------------------------------------------------ */
 
-void ae_adam_defaults(ae_adam *o) {
+void kvc_ae_adam_defaults(ae_adam *o) {
     *o = (ae_adam){.lr = 1e-3f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 1e-4f, .clip = 1.0f};
 }
 
-void ae_adam_step(ae_model *m, const ae_adam *o) {
+void kvc_ae_adam_step(ae_model *m, const ae_adam *o) {
     m->t++;
     /* Same operation order as torch.optim.AdamW (single-tensor path) after
      * clip_grad_norm_: g *= min(1, clip / (norm + 1e-6)). */
@@ -717,7 +717,7 @@ void ae_adam_step(ae_model *m, const ae_adam *o) {
     }
 }
 
-float ae_lr_schedule(int64_t t, int64_t total, int64_t warmup, float base, float min_lr) {
+float kvc_ae_lr_schedule(int64_t t, int64_t total, int64_t warmup, float base, float min_lr) {
     if (t < 0) t = 0;
     if (warmup > 0 && t < warmup) return base * (float)((double)t / (double)warmup);
     if (t >= total) return min_lr;
@@ -784,15 +784,15 @@ static void ae_infer(const ae_model *m, const float *x, int n, int enc, int dec,
     free(buf);
 }
 
-void ae_encode(const ae_model *m, const float *x, int n, float *z) {
+void kvc_ae_encode(const ae_model *m, const float *x, int n, float *z) {
     if (n > 0 && z) ae_infer(m, x, n, 1, 0, z, NULL);
 }
 
-void ae_decode(const ae_model *m, const float *z, int n, float *y) {
+void kvc_ae_decode(const ae_model *m, const float *z, int n, float *y) {
     if (n > 0 && y) ae_infer(m, z, n, 0, 1, NULL, y);
 }
 
-double ae_rel_error(const ae_model *m, const float *x, int n) {
+double kvc_ae_rel_error(const ae_model *m, const float *x, int n) {
     int D = m->cfg.in_dim;
     float *y = kvc_malloc_array((size_t)AE_CHUNK * D, sizeof(float));
     if (!y) return NAN;
@@ -830,7 +830,7 @@ static int dense_from(ae_dense *d, const float *w, const float *b, int out, int 
     return 0;
 }
 
-int ae_export_folded(const ae_model *m, ae_export *out, kvc_err *err) {
+int kvc_ae_export_folded(const ae_model *m, ae_export *out, kvc_err *err) {
     memset(out, 0, sizeof *out);
     const ae_config *c = &m->cfg;
     const float *p = m->par;
@@ -852,14 +852,14 @@ int ae_export_folded(const ae_model *m, ae_export *out, kvc_err *err) {
                                     NULL, 0);
         }
         if (bad) {
-            ae_export_free(out);
+            kvc_ae_export_free(out);
             return kvc_fail(err, "out of memory exporting the autoencoder");
         }
     }
     return 0;
 }
 
-void ae_export_free(ae_export *e) {
+void kvc_ae_export_free(ae_export *e) {
     if (!e) return;
     for (int i = 0; i < 2; i++) {
         free(e->enc[i].w), free(e->enc[i].b), free(e->dec[i].w), free(e->dec[i].b);
@@ -867,7 +867,7 @@ void ae_export_free(ae_export *e) {
     memset(e, 0, sizeof *e);
 }
 
-void ae_export_run(const ae_dense *layers, int n_layers, float leaky_slope, const float *x, int n, float *y) {
+void kvc_ae_export_run(const ae_dense *layers, int n_layers, float leaky_slope, const float *x, int n, float *y) {
     if (n_layers < 1 || n < 1) return;
     int width = 0;
     for (int l = 0; l < n_layers; l++) width = layers[l].out > width ? layers[l].out : width;

@@ -205,7 +205,7 @@ static __global__ void __launch_bounds__(RED_THREADS) sum_partials_kernel(const 
 }
 
 /* AdamW on one tensor of n floats, in the operation order of torch.optim.AdamW (and of
- * ae_adam_step): the gradient is used times min(1, clip / (norm + 1e-6)), norm =
+ * kvc_ae_adam_step): the gradient is used times min(1, clip / (norm + 1e-6)), norm =
  * sqrt(*grad_sq) rounded to float (clip 0: off; g itself is left as it is); p *= decay, with
  * decay = 1 - lr wd for Linear weights and 1 otherwise; step = lr / (1 - beta1^t),
  * bc2s = sqrt(1 - beta2^t). */
@@ -229,7 +229,7 @@ static __global__ void adamw_kernel(float *p, const float *g, float *m, float *v
 
 /* ---- the device model ----------------------------------------------------------- */
 
-/* One tensor of ae_tensor_at, placed in the flat parameter (trainable) or state buffer. */
+/* One tensor of kvc_ae_tensor_at, placed in the flat parameter (trainable) or state buffer. */
 typedef struct {
     char name[64];
     int rows, cols, trainable;
@@ -256,7 +256,7 @@ struct ae_cuda {
     ae_config cfg;
     cublasHandle_t blas;
     int n_slots;
-    slot *slots;             /* (n_slots), in ae_tensor_at order */
+    slot *slots;             /* (n_slots), in kvc_ae_tensor_at order */
     int64_t n_param, n_state;
     float *p, *grad, *m, *v; /* (P) flat parameters, gradients, Adam moments */
     float *state;            /* (S) BatchNorm running stats */
@@ -355,7 +355,7 @@ fail:
     return -1;
 }
 
-/* ---- mapping ae_tensor_at names onto stages ------------------------------------- */
+/* ---- mapping kvc_ae_tensor_at names onto stages ------------------------------------- */
 
 /* "enc.<i>.<field>" / "dec.<i>.<field>": half 0/1, index, field 0 weight, 1 bias,
  * 2 running_mean, 3 running_var; -1 if the name has another form. */
@@ -472,9 +472,9 @@ static int map_tensors(ae_cuda *g, int place, kvc_err *err) {
 
 /* ---- public API ----------------------------------------------------------------- */
 
-extern "C" int ae_cuda_available(char *why, size_t cap) { return cuda_device_info(why, cap); }
+extern "C" int kvc_ae_cuda_available(char *why, size_t cap) { return kvc_cuda_device_info(why, cap); }
 
-extern "C" void ae_cuda_free(ae_cuda *g) {
+extern "C" void kvc_ae_cuda_free(ae_cuda *g) {
     if (!g) return;
     if (g->blas) cublasDestroy(g->blas);
     cudaFree(g->p); cudaFree(g->grad); cudaFree(g->m); cudaFree(g->v);
@@ -493,23 +493,23 @@ fail:
     return -1;
 }
 
-extern "C" ae_cuda *ae_cuda_new(ae_model *init, kvc_err *err) {
+extern "C" ae_cuda *kvc_ae_cuda_new(ae_model *init, kvc_err *err) {
     char why[256];
     ae_cuda *g = NULL;
     const ae_config *c;
     if (!init) {
-        kvc_fail(err, "ae_cuda_new: no model given");
+        kvc_fail(err, "kvc_ae_cuda_new: no model given");
         return NULL;
     }
-    if (!cuda_device_info(why, sizeof why)) {
+    if (!kvc_cuda_device_info(why, sizeof why)) {
         kvc_fail(err, "CUDA trainer unavailable: %s", why);
         return NULL;
     }
-    c = ae_get_config(init);
-    if (ae_config_check(c, err)) return NULL;
+    c = kvc_ae_get_config(init);
+    if (kvc_ae_config_check(c, err)) return NULL;
     g = (ae_cuda *)calloc(1, sizeof *g);
     if (!g) {
-        kvc_fail(err, "ae_cuda_new: out of memory");
+        kvc_fail(err, "kvc_ae_cuda_new: out of memory");
         return NULL;
     }
     g->cfg = *c;
@@ -520,16 +520,16 @@ extern "C" ae_cuda *ae_cuda_new(ae_model *init, kvc_err *err) {
         g->st[k].bn = first && c->norm == AE_NORM_BATCH;
         g->st[k].act = first ? c->act : AE_ACT_NONE;
     }
-    g->n_slots = ae_n_tensors(init);
+    g->n_slots = kvc_ae_n_tensors(init);
     g->slots = (slot *)calloc(g->n_slots > 0 ? (size_t)g->n_slots : 1, sizeof(slot));
     if (!g->slots) {
-        kvc_fail(err, "ae_cuda_new: out of memory");
+        kvc_fail(err, "kvc_ae_cuda_new: out of memory");
         goto fail;
     }
     for (int i = 0; i < g->n_slots; i++) {
-        ae_tensor t = ae_tensor_at(init, i);
+        ae_tensor t = kvc_ae_tensor_at(init, i);
         if (!t.name || !t.data || strlen(t.name) >= sizeof g->slots[i].name) {
-            kvc_fail(err, "ae_cuda_new: tensor %d has no usable name or data", i);
+            kvc_fail(err, "kvc_ae_cuda_new: tensor %d has no usable name or data", i);
             goto fail;
         }
         strcpy(g->slots[i].name, t.name);
@@ -557,23 +557,23 @@ extern "C" ae_cuda *ae_cuda_new(ae_model *init, kvc_err *err) {
     }
     for (int i = 0; i < g->n_slots; i++) {
         slot *sl = &g->slots[i];
-        ae_tensor t = ae_tensor_at(init, i);
+        ae_tensor t = kvc_ae_tensor_at(init, i);
         if (!sl->trainable) {
             TRY(upload(g->state + sl->off, t.data, sl->n, err));
             continue;
         }
         TRY(upload(g->p + sl->off, t.data, sl->n, err));
-        TRY(upload(g->grad + sl->off, ae_grad_at(init, i).data, sl->n, err));
-        TRY(upload(g->m + sl->off, ae_adam_m_at(init, i).data, sl->n, err));
-        TRY(upload(g->v + sl->off, ae_adam_v_at(init, i).data, sl->n, err));
+        TRY(upload(g->grad + sl->off, kvc_ae_grad_at(init, i).data, sl->n, err));
+        TRY(upload(g->m + sl->off, kvc_ae_adam_m_at(init, i).data, sl->n, err));
+        TRY(upload(g->v + sl->off, kvc_ae_adam_v_at(init, i).data, sl->n, err));
     }
-    g->steps = ae_adam_steps(init);
+    g->steps = kvc_ae_adam_steps(init);
     CUBLAS_CHECK(cublasCreate(&g->blas));
     /* full f32 (no TF32, no reduced-precision reductions) so steps compare with the CPU */
     CUBLAS_CHECK(cublasSetMathMode(g->blas, CUBLAS_PEDANTIC_MATH));
     return g;
 fail:
-    ae_cuda_free(g);
+    kvc_ae_cuda_free(g);
     return NULL;
 }
 
@@ -680,31 +680,31 @@ fail:
     return -1;
 }
 
-extern "C" float ae_cuda_forward_backward(ae_cuda *g, const float *x, int n, const ae_loss *loss, kvc_err *err) {
+extern "C" float kvc_ae_cuda_forward_backward(ae_cuda *g, const float *x, int n, const ae_loss *loss, kvc_err *err) {
     double acc[ACC_COUNT], total;
     float mse_w;
     int m = 0, D;
     if (!g || !x || !loss) {
-        kvc_fail(err, "ae_cuda_forward_backward: no %s", !g ? "trainer" : !x ? "input" : "loss");
+        kvc_fail(err, "kvc_ae_cuda_forward_backward: no %s", !g ? "trainer" : !x ? "input" : "loss");
         return NAN;
     }
     D = g->cfg.in_dim;
     if (n < 1 || (g->st[0].bn && n < 2)) {
-        kvc_fail(err, "ae_cuda_forward_backward: batch of %d rows (BatchNorm needs at least 2)", n);
+        kvc_fail(err, "kvc_ae_cuda_forward_backward: batch of %d rows (BatchNorm needs at least 2)", n);
         return NAN;
     }
     if (loss->kind == AE_LOSS_KEY_ATTN && !loss->w) {
-        kvc_fail(err, "ae_cuda_forward_backward: KEY_ATTN loss without its weight matrix");
+        kvc_fail(err, "kvc_ae_cuda_forward_backward: KEY_ATTN loss without its weight matrix");
         return NAN;
     }
     if (loss->kind == AE_LOSS_VALUE_ATTN) {
         if (!loss->a || loss->m < 1) {
-            kvc_fail(err, "ae_cuda_forward_backward: VALUE_ATTN loss without attention weights");
+            kvc_fail(err, "kvc_ae_cuda_forward_backward: VALUE_ATTN loss without attention weights");
             return NAN;
         }
         m = loss->m;
     } else if (loss->kind != AE_LOSS_MSE && loss->kind != AE_LOSS_KEY_ATTN) {
-        kvc_fail(err, "ae_cuda_forward_backward: unknown loss kind %d", (int)loss->kind);
+        kvc_fail(err, "kvc_ae_cuda_forward_backward: unknown loss kind %d", (int)loss->kind);
         return NAN;
     }
     mse_w = loss->kind == AE_LOSS_MSE ? 1.0f : loss->mse_mix;
@@ -727,10 +727,10 @@ fail:
     return NAN;
 }
 
-extern "C" float ae_cuda_grad_norm(ae_cuda *g, kvc_err *err) {
+extern "C" float kvc_ae_cuda_grad_norm(ae_cuda *g, kvc_err *err) {
     double sq = 0.0;
     if (!g) {
-        kvc_fail(err, "ae_cuda_grad_norm: no trainer");
+        kvc_fail(err, "kvc_ae_cuda_grad_norm: no trainer");
         return NAN;
     }
     CUDA_CHECK(cudaMemcpy(&sq, g->acc + ACC_GRAD_SQ, sizeof sq, cudaMemcpyDeviceToHost));
@@ -739,10 +739,10 @@ fail:
     return NAN;
 }
 
-extern "C" int ae_cuda_adam_step(ae_cuda *g, const ae_adam *o, kvc_err *err) {
+extern "C" int kvc_ae_cuda_adam_step(ae_cuda *g, const ae_adam *o, kvc_err *err) {
     double bc1, bc2;
     float step, bc2s, decay;
-    if (!g || !o) return kvc_fail(err, "ae_cuda_adam_step: %s", g ? "no optimizer settings" : "no trainer");
+    if (!g || !o) return kvc_fail(err, "kvc_ae_cuda_adam_step: %s", g ? "no optimizer settings" : "no trainer");
     g->steps++;
     bc1 = 1.0 - pow((double)o->beta1, (double)g->steps);
     bc2 = 1.0 - pow((double)o->beta2, (double)g->steps);
@@ -762,7 +762,7 @@ fail:
     return -1;
 }
 
-extern "C" int64_t ae_cuda_adam_steps(const ae_cuda *g) { return g ? g->steps : 0; }
+extern "C" int64_t kvc_ae_cuda_adam_steps(const ae_cuda *g) { return g ? g->steps : 0; }
 
 /* Copies n floats from device src to host dst when dst is non-NULL. */
 static int download(float *dst, const float *src, int64_t n, kvc_err *err) {
@@ -772,30 +772,30 @@ fail:
     return -1;
 }
 
-extern "C" int ae_cuda_download(ae_cuda *g, ae_model *dst, kvc_err *err) {
-    if (!g || !dst) return kvc_fail(err, "ae_cuda_download: %s", g ? "no destination model" : "no trainer");
-    if (ae_n_tensors(dst) != g->n_slots)
-        return kvc_fail(err, "ae_cuda_download: destination has %d tensors, the trainer %d", ae_n_tensors(dst),
+extern "C" int kvc_ae_cuda_download(ae_cuda *g, ae_model *dst, kvc_err *err) {
+    if (!g || !dst) return kvc_fail(err, "kvc_ae_cuda_download: %s", g ? "no destination model" : "no trainer");
+    if (kvc_ae_n_tensors(dst) != g->n_slots)
+        return kvc_fail(err, "kvc_ae_cuda_download: destination has %d tensors, the trainer %d", kvc_ae_n_tensors(dst),
                         g->n_slots);
     for (int i = 0; i < g->n_slots; i++) {
         const slot *sl = &g->slots[i];
-        ae_tensor t = ae_tensor_at(dst, i);
+        ae_tensor t = kvc_ae_tensor_at(dst, i);
         if (!t.name || strcmp(t.name, sl->name) || t.rows != sl->rows || t.cols != sl->cols || !t.data)
-            return kvc_fail(err, "ae_cuda_download: destination tensor %d ('%s') does not match '%s' (%d, %d)", i,
+            return kvc_fail(err, "kvc_ae_cuda_download: destination tensor %d ('%s') does not match '%s' (%d, %d)", i,
                             t.name ? t.name : "?", sl->name, sl->rows, sl->cols);
     }
     for (int i = 0; i < g->n_slots; i++) {
         const slot *sl = &g->slots[i];
         if (!sl->trainable) {
-            TRY(download(ae_tensor_at(dst, i).data, g->state + sl->off, sl->n, err));
+            TRY(download(kvc_ae_tensor_at(dst, i).data, g->state + sl->off, sl->n, err));
             continue;
         }
-        TRY(download(ae_tensor_at(dst, i).data, g->p + sl->off, sl->n, err));
-        TRY(download(ae_grad_at(dst, i).data, g->grad + sl->off, sl->n, err));
-        TRY(download(ae_adam_m_at(dst, i).data, g->m + sl->off, sl->n, err));
-        TRY(download(ae_adam_v_at(dst, i).data, g->v + sl->off, sl->n, err));
+        TRY(download(kvc_ae_tensor_at(dst, i).data, g->p + sl->off, sl->n, err));
+        TRY(download(kvc_ae_grad_at(dst, i).data, g->grad + sl->off, sl->n, err));
+        TRY(download(kvc_ae_adam_m_at(dst, i).data, g->m + sl->off, sl->n, err));
+        TRY(download(kvc_ae_adam_v_at(dst, i).data, g->v + sl->off, sl->n, err));
     }
-    ae_set_adam_steps(dst, g->steps);
+    kvc_ae_set_adam_steps(dst, g->steps);
     return 0;
 fail:
     return -1;
@@ -803,11 +803,11 @@ fail:
 
 /* ---- single-kernel entry points for the tests ----------------------------------- */
 
-extern "C" int ae_cuda_test_act(ae_act act, float leaky_slope, const float *x, const float *dy, int64_t n, float *y,
+extern "C" int kvc_ae_cuda_test_act(ae_act act, float leaky_slope, const float *x, const float *dy, int64_t n, float *y,
                                 float *dx, kvc_err *err) {
     float *dp = NULL, *dout = NULL, *dd = NULL;
     size_t bytes = (size_t)n * sizeof(float);
-    if (n < 1 || (int)act < 0 || act >= AE_ACT_COUNT) return kvc_fail(err, "ae_cuda_test_act: bad arguments");
+    if (n < 1 || (int)act < 0 || act >= AE_ACT_COUNT) return kvc_fail(err, "kvc_ae_cuda_test_act: bad arguments");
     CUDA_CHECK(cudaMalloc(&dp, bytes));
     CUDA_CHECK(cudaMalloc(&dout, bytes));
     CUDA_CHECK(cudaMalloc(&dd, bytes));
@@ -826,13 +826,13 @@ fail:
     return -1;
 }
 
-extern "C" int ae_cuda_test_batchnorm(const float *h, const float *gamma, const float *beta, float *running_mean,
+extern "C" int kvc_ae_cuda_test_batchnorm(const float *h, const float *gamma, const float *beta, float *running_mean,
                                       float *running_var, int n, int c, float eps, float momentum, const float *dy,
                                       float *y, float *dh, float *dgamma, float *dbeta, kvc_err *err) {
     /* one allocation: h, xhat, y, d (n, c) then gamma, beta, rmean, rvar, mean, invstd, dgamma, dbeta (c) */
     float *buf = NULL;
     size_t nc = (size_t)n * c;
-    if (n < 2 || c < 1) return kvc_fail(err, "ae_cuda_test_batchnorm: needs n >= 2 rows and c >= 1 features");
+    if (n < 2 || c < 1) return kvc_fail(err, "kvc_ae_cuda_test_batchnorm: needs n >= 2 rows and c >= 1 features");
     CUDA_CHECK(cudaMalloc(&buf, (4 * nc + 8 * (size_t)c) * sizeof(float)));
     {
         float *dh_ = buf, *dxhat = buf + nc, *dy_ = buf + 2 * nc, *dd = buf + 3 * nc, *pc = buf + 4 * nc;

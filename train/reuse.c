@@ -42,20 +42,20 @@ static reuse_fit *fit_alloc(int d, int with_scratch) {
     f->cxy = kvc_calloc_array((size_t)d * d, sizeof(double));
     if (with_scratch) f->own = kvc_malloc_array(fit_scratch_len(d), sizeof(double));
     if (!f->mx || !f->my || !f->cxx || !f->cxy || (with_scratch && !f->own)) {
-        reuse_fit_free(f);
+        kvc_reuse_fit_free(f);
         return NULL;
     }
     return f;
 }
 
-reuse_fit *reuse_fit_new(int d, kvc_err *err) {
+reuse_fit *kvc_reuse_fit_new(int d, kvc_err *err) {
     if (d < 1) { kvc_fail(err, "reuse fit: dimension %d must be >= 1", d); return NULL; }
     reuse_fit *f = fit_alloc(d, 1);
     if (!f) kvc_fail(err, "reuse fit: out of memory (D=%d)", d);
     return f;
 }
 
-void reuse_fit_free(reuse_fit *f) {
+void kvc_reuse_fit_free(reuse_fit *f) {
     if (!f) return;
     free(f->mx);
     free(f->my);
@@ -65,7 +65,7 @@ void reuse_fit_free(reuse_fit *f) {
     free(f);
 }
 
-int64_t reuse_fit_rows(const reuse_fit *f) { return f->n; }
+int64_t kvc_reuse_fit_rows(const reuse_fit *f) { return f->n; }
 
 /* Adds n row pairs to f using scratch (fit_scratch_len doubles): per block of FIT_CHUNK rows,
  * centre on the block means, add the block's centred products (dsyrk/dgemm) and merge the
@@ -120,7 +120,7 @@ static void fit_accumulate(reuse_fit *f, const float *src, int64_t ld_src, const
     }
 }
 
-void reuse_fit_add(reuse_fit *f, const float *src, int64_t ld_src, const float *dst, int64_t ld_dst,
+void kvc_reuse_fit_add(reuse_fit *f, const float *src, int64_t ld_src, const float *dst, int64_t ld_dst,
                    int64_t n) {
     fit_accumulate(f, src, ld_src, dst, ld_dst, n, f->own);
 }
@@ -159,7 +159,7 @@ static void cholesky_solve(const double *u, int d, double *c) {
     }
 }
 
-int reuse_fit_solve(const reuse_fit *f, double ridge, float *w, float *b, kvc_err *err) {
+int kvc_reuse_fit_solve(const reuse_fit *f, double ridge, float *w, float *b, kvc_err *err) {
     const int d = f->d;
     if (f->n == 0) return kvc_fail(err, "reuse fit: no training rows were added");
     if (!(ridge >= 0) || !isfinite(ridge)) return kvc_fail(err, "reuse fit: ridge %g must be finite and >= 0", ridge);
@@ -209,7 +209,7 @@ static inline void predict_part(int d, const float *w, const float *b, const flo
     }
 }
 
-void reuse_eval_add(reuse_eval *e, int d, const float *src, int64_t ld_src, const float *dst, int64_t ld_dst,
+void kvc_reuse_eval_add(reuse_eval *e, int d, const float *src, int64_t ld_src, const float *dst, int64_t ld_dst,
                     int64_t n, const float *w, const float *b) {
     enum { SLICE = 256 };
     float pred[SLICE]; /* the prediction of one row, SLICE outputs at a time */
@@ -246,13 +246,13 @@ static double rel_err(double num, double den) {
     return num > 0 ? INFINITY : 0.0;
 }
 
-void reuse_eval_result(const reuse_eval *e, double *cos_identity, double *err_identity, double *err_linear) {
+void kvc_reuse_eval_result(const reuse_eval *e, double *cos_identity, double *err_identity, double *err_linear) {
     if (cos_identity) *cos_identity = e->n > 0 ? e->sum_cos / (double)e->n : NAN;
     if (err_identity) *err_identity = rel_err(e->sq_identity, e->sq_dst);
     if (err_linear) *err_linear = rel_err(e->sq_linear, e->sq_dst);
 }
 
-void reuse_apply(int d, const float *w, const float *b, const float *src, int64_t ld_src, float *dst,
+void kvc_reuse_apply(int d, const float *w, const float *b, const float *src, int64_t ld_src, float *dst,
                  int64_t ld_dst, int64_t n) {
     for (int64_t r = 0; r < n; r++) predict_part(d, w, b, src + r * ld_src, 0, d, dst + r * ld_dst);
 }
@@ -261,11 +261,11 @@ void reuse_apply(int d, const float *w, const float *b, const float *src, int64_
 
 static const char *const CHOICE_NAMES[] = {"none", "identity", "linear"};
 
-const char *reuse_choice_name(reuse_choice c) {
+const char *kvc_reuse_choice_name(reuse_choice c) {
     return (unsigned)c < sizeof CHOICE_NAMES / sizeof *CHOICE_NAMES ? CHOICE_NAMES[c] : "?";
 }
 
-int reuse_choice_parse(const char *s, reuse_choice *out) {
+int kvc_reuse_choice_parse(const char *s, reuse_choice *out) {
     for (int c = 0; c < (int)(sizeof CHOICE_NAMES / sizeof *CHOICE_NAMES); c++)
         if (strcmp(s, CHOICE_NAMES[c]) == 0) {
             *out = (reuse_choice)c;
@@ -274,7 +274,7 @@ int reuse_choice_parse(const char *s, reuse_choice *out) {
     return -1;
 }
 
-int reuse_option_parse(const char *s, reuse_option *o, kvc_err *err) {
+int kvc_reuse_option_parse(const char *s, reuse_option *o, kvc_err *err) {
     static const char usage[] = "expected threshold=X (relative error, X > 0) or heads=N (N >= 0 items to reuse)";
     if (!s) return kvc_fail(err, "reuse option missing: %s", usage);
     const char *v;
@@ -304,7 +304,7 @@ int reuse_option_parse(const char *s, reuse_option *o, kvc_err *err) {
     return kvc_fail(err, "reuse option '%s': %s", s, usage);
 }
 
-void reuse_option_format(const reuse_option *o, char *buf, size_t size) {
+void kvc_reuse_option_format(const reuse_option *o, char *buf, size_t size) {
     if (o->mode == REUSE_BY_HEADS) {
         snprintf(buf, size, "heads=%d", o->heads);
         return;
@@ -317,7 +317,7 @@ void reuse_option_format(const reuse_option *o, char *buf, size_t size) {
 
 /* ---- plan --------------------------------------------------------------------------- */
 
-reuse_plan *reuse_plan_new(int n_layer, int n_head_kv, int head_dim, kvc_err *err) {
+reuse_plan *kvc_reuse_plan_new(int n_layer, int n_head_kv, int head_dim, kvc_err *err) {
     if (n_layer < 2 || n_head_kv < 1 || head_dim < 1) {
         kvc_fail(err, "reuse plan: needs >= 2 layers, >= 1 KV head and head_dim >= 1 (got %d, %d, %d)", n_layer,
                  n_head_kv, head_dim);
@@ -348,12 +348,12 @@ reuse_plan *reuse_plan_new(int n_layer, int n_head_kv, int head_dim, kvc_err *er
     }
     return p;
 oom:
-    reuse_plan_free(p);
+    kvc_reuse_plan_free(p);
     kvc_fail(err, "reuse plan: out of memory (%d layers, %d KV heads, head_dim %d)", n_layer, n_head_kv, head_dim);
     return NULL;
 }
 
-void reuse_plan_free(reuse_plan *p) {
+void kvc_reuse_plan_free(reuse_plan *p) {
     if (!p) return;
     free(p->items);
     free(p->maps);
@@ -361,13 +361,13 @@ void reuse_plan_free(reuse_plan *p) {
     free(p);
 }
 
-reuse_item *reuse_plan_item(reuse_plan *p, int layer, int head, int kind) {
+reuse_item *kvc_reuse_plan_item(reuse_plan *p, int layer, int head, int kind) {
     if (layer < 1 || layer >= p->n_layer || head < 0 || head >= p->n_head_kv || (kind != KV_K && kind != KV_V))
         return NULL;
     return &p->items[((size_t)(layer - 1) * p->n_head_kv + head) * 2 + (kind == KV_V)];
 }
 
-int reuse_plan_count(const reuse_plan *p, int *n_analysed, int *n_identity, int *n_linear) {
+int kvc_reuse_plan_count(const reuse_plan *p, int *n_analysed, int *n_identity, int *n_linear) {
     int a = 0, id = 0, lin = 0;
     for (int i = 0; i < p->n_items; i++) {
         a += p->items[i].analysed != 0;
@@ -405,8 +405,8 @@ static int cmp_ranked(const void *pa, const void *pb) {
     return (a->idx > b->idx) - (a->idx < b->idx);
 }
 
-int reuse_plan_choose(reuse_plan *p, const reuse_option *o, kvc_err *err) {
-    int n_an = reuse_plan_count(p, NULL, NULL, NULL);
+int kvc_reuse_plan_choose(reuse_plan *p, const reuse_option *o, kvc_err *err) {
+    int n_an = kvc_reuse_plan_count(p, NULL, NULL, NULL);
     if (o->mode == REUSE_BY_HEADS && o->heads > n_an)
         return kvc_fail(err, "reuse option heads=%d: only %d items (layer, KV head, K|V) were analysed", o->heads,
                         n_an);
@@ -448,7 +448,7 @@ static void put_trimmed(FILE *fp, char *line) {
     fprintf(fp, "%s\n", line);
 }
 
-void reuse_plan_print(const reuse_plan *p, FILE *fp) {
+void kvc_reuse_plan_print(const reuse_plan *p, FILE *fp) {
     const int hk = p->n_head_kv;
     size_t cap = 16 + (size_t)hk * 40;
     char *line = malloc(cap);
@@ -487,11 +487,11 @@ void reuse_plan_print(const reuse_plan *p, FILE *fp) {
     }
     free(line);
     int n_an, n_id, n_lin;
-    reuse_plan_count(p, &n_an, &n_id, &n_lin);
+    kvc_reuse_plan_count(p, &n_an, &n_id, &n_lin);
     fprintf(fp, "L: reuse via W x_{l-1} + b; I: reuse layer l-1 as is; no mark: not reused\n");
     if (p->chosen_set) {
         char opt[64];
-        reuse_option_format(&p->option, opt, sizeof opt);
+        kvc_reuse_option_format(&p->option, opt, sizeof opt);
         fprintf(fp, "%s: %d linear + %d identity reused, of %d analysed (%d items in all)\n", opt, n_lin, n_id,
                 n_an, p->n_items);
     } else {
@@ -499,11 +499,11 @@ void reuse_plan_print(const reuse_plan *p, FILE *fp) {
     }
 }
 
-int reuse_item_predict(const reuse_plan *p, const reuse_item *it, const float *src, int64_t ld_src, float *dst,
+int kvc_reuse_item_predict(const reuse_plan *p, const reuse_item *it, const float *src, int64_t ld_src, float *dst,
                        int64_t ld_dst, int64_t n) {
     const int d = p->head_dim;
     if (it->chosen == REUSE_LINEAR) {
-        reuse_apply(d, it->w, it->b, src, ld_src, dst, ld_dst, n);
+        kvc_reuse_apply(d, it->w, it->b, src, ld_src, dst, ld_dst, n);
         return 0;
     }
     if (it->chosen == REUSE_IDENTITY) {
@@ -527,10 +527,10 @@ struct reuse_analysis {
     int solved;
 };
 
-void reuse_analysis_free(reuse_analysis *a) {
+void kvc_reuse_analysis_free(reuse_analysis *a) {
     if (!a) return;
     if (a->fits)
-        for (int i = 0; i < a->n_pairs * a->p->n_head_kv * 2; i++) reuse_fit_free(a->fits[i]);
+        for (int i = 0; i < a->n_pairs * a->p->n_head_kv * 2; i++) kvc_reuse_fit_free(a->fits[i]);
     free(a->fits);
     free(a->evals);
     free(a->pair_src);
@@ -540,7 +540,7 @@ void reuse_analysis_free(reuse_analysis *a) {
     free(a);
 }
 
-reuse_analysis *reuse_analysis_new(reuse_plan *p, const int *layers, int n_stored, kvc_err *err) {
+reuse_analysis *kvc_reuse_analysis_new(reuse_plan *p, const int *layers, int n_stored, kvc_err *err) {
     if (n_stored < 1) { kvc_fail(err, "reuse analysis: no stored layers"); return NULL; }
     for (int j = 0; j < n_stored; j++) {
         if (layers[j] < 0 || layers[j] >= p->n_layer) {
@@ -567,7 +567,7 @@ reuse_analysis *reuse_analysis_new(reuse_plan *p, const int *layers, int n_store
             a->pair_dst[a->n_pairs++] = j;
         }
     if (a->n_pairs == 0) {
-        reuse_analysis_free(a);
+        kvc_reuse_analysis_free(a);
         kvc_fail(err, "reuse analysis: no two consecutive model layers are stored (%d stored layers); "
                       "capture layers l-1 and l to measure reuse of layer l", n_stored);
         return NULL;
@@ -591,14 +591,14 @@ reuse_analysis *reuse_analysis_new(reuse_plan *p, const int *layers, int n_store
     p->chosen_set = 0;
     return a;
 oom:
-    reuse_analysis_free(a);
+    kvc_reuse_analysis_free(a);
     kvc_fail(err, "reuse analysis: out of memory");
     return NULL;
 }
 
-int reuse_analysis_pairs(const reuse_analysis *a) { return a->n_pairs; }
+int kvc_reuse_analysis_pairs(const reuse_analysis *a) { return a->n_pairs; }
 
-void reuse_analysis_want(const reuse_analysis *a, unsigned char *want) {
+void kvc_reuse_analysis_want(const reuse_analysis *a, unsigned char *want) {
     memset(want, 0, (size_t)a->n_stored * 3);
     for (int q = 0; q < a->n_pairs; q++)
         for (int kind = KV_K; kind <= KV_V; kind++) {
@@ -614,13 +614,13 @@ static int check_batch(const reuse_analysis *a, const float *const *x, kvc_err *
             int js = a->pair_src[q], jd = a->pair_dst[q];
             if (!x[js * 3 + kind] || !x[jd * 3 + kind])
                 return kvc_fail(err, "reuse analysis: the batch lacks %s of stored layer %d (request it with "
-                                     "reuse_analysis_want)", kind == KV_K ? "K" : "V",
+                                     "kvc_reuse_analysis_want)", kind == KV_K ? "K" : "V",
                                 !x[js * 3 + kind] ? js : jd);
         }
     return 0;
 }
 
-int reuse_analysis_add_train(reuse_analysis *a, const float *const *x, int n, kvc_err *err) {
+int kvc_reuse_analysis_add_train(reuse_analysis *a, const float *const *x, int n, kvc_err *err) {
     if (a->solved) return kvc_fail(err, "reuse analysis: training rows added after the maps were solved");
     if (check_batch(a, x, err)) return -1;
     const int hk = a->p->n_head_kv, d = a->p->head_dim;
@@ -638,26 +638,26 @@ int reuse_analysis_add_train(reuse_analysis *a, const float *const *x, int n, kv
 /* The plan item of fit/eval slot i = (q*Hk + h)*2 + kind. */
 static reuse_item *slot_item(const reuse_analysis *a, int i) {
     int hk = a->p->n_head_kv, q = i / (hk * 2);
-    return reuse_plan_item(a->p, a->pair_layer[q], (i / 2) % hk, i % 2 ? KV_V : KV_K);
+    return kvc_reuse_plan_item(a->p, a->pair_layer[q], (i / 2) % hk, i % 2 ? KV_V : KV_K);
 }
 
-int reuse_analysis_solve(reuse_analysis *a, double ridge, kvc_err *err) {
+int kvc_reuse_analysis_solve(reuse_analysis *a, double ridge, kvc_err *err) {
     const int n_fit = a->n_pairs * a->p->n_head_kv * 2;
     for (int i = 0; i < n_fit; i++) {
         reuse_item *it = slot_item(a, i);
-        if (reuse_fit_solve(a->fits[i], ridge, it->w, it->b, err) != 0) {
+        if (kvc_reuse_fit_solve(a->fits[i], ridge, it->w, it->b, err) != 0) {
             char why[sizeof err->msg];
             snprintf(why, sizeof why, "%s", err ? err->msg : "");
             return kvc_fail(err, "layer %d head %d %s: %s", it->layer, it->head, it->kind == KV_K ? "K" : "V", why);
         }
-        it->n_train = reuse_fit_rows(a->fits[i]);
+        it->n_train = kvc_reuse_fit_rows(a->fits[i]);
     }
     a->p->ridge = ridge;
     a->solved = 1;
     return 0;
 }
 
-int reuse_analysis_add_val(reuse_analysis *a, const float *const *x, int n, kvc_err *err) {
+int kvc_reuse_analysis_add_val(reuse_analysis *a, const float *const *x, int n, kvc_err *err) {
     if (!a->solved) return kvc_fail(err, "reuse analysis: validation rows added before the maps were solved");
     if (check_batch(a, x, err)) return -1;
     const int hk = a->p->n_head_kv, d = a->p->head_dim, n_fit = a->n_pairs * hk * 2;
@@ -667,18 +667,18 @@ int reuse_analysis_add_val(reuse_analysis *a, const float *const *x, int n, kvc_
         const reuse_item *it = slot_item(a, i);
         const float *src = x[a->pair_src[q] * 3 + kind] + (size_t)h * d;
         const float *dst = x[a->pair_dst[q] * 3 + kind] + (size_t)h * d;
-        reuse_eval_add(&a->evals[i], d, src, (int64_t)hk * d, dst, (int64_t)hk * d, n, it->w, it->b);
+        kvc_reuse_eval_add(&a->evals[i], d, src, (int64_t)hk * d, dst, (int64_t)hk * d, n, it->w, it->b);
     }
     return 0;
 }
 
-int reuse_analysis_finish(reuse_analysis *a, kvc_err *err) {
+int kvc_reuse_analysis_finish(reuse_analysis *a, kvc_err *err) {
     if (!a->solved) return kvc_fail(err, "reuse analysis: finish called before the maps were solved");
     const int n_fit = a->n_pairs * a->p->n_head_kv * 2;
     if (n_fit > 0 && a->evals[0].n == 0) return kvc_fail(err, "reuse analysis: no validation rows were added");
     for (int i = 0; i < n_fit; i++) {
         reuse_item *it = slot_item(a, i);
-        reuse_eval_result(&a->evals[i], &it->cos_identity, &it->err_identity, &it->err_linear);
+        kvc_reuse_eval_result(&a->evals[i], &it->cos_identity, &it->err_identity, &it->err_linear);
         it->n_val = a->evals[i].n;
         it->analysed = 1;
     }

@@ -20,9 +20,9 @@
 #include <string.h>
 #include <unistd.h>
 
-void train_opts_defaults(kvc_train_opts *o) {
+void kvc_train_opts_defaults(kvc_train_opts *o) {
     memset(o, 0, sizeof *o);
-    ae_config_defaults(&o->ae);
+    kvc_ae_config_defaults(&o->ae);
     o->ae.in_dim = 64;
     o->ae.latent = 32;
     o->ae.act = AE_ACT_LEAKY_RELU;
@@ -31,7 +31,7 @@ void train_opts_defaults(kvc_train_opts *o) {
     o->batch_tokens = 256;
     o->warmup_steps = 100;
     o->patience = 3;
-    ae_adam_defaults(&o->adam);
+    kvc_ae_adam_defaults(&o->adam);
     o->min_lr = 1e-5f;
     o->seed = 1;
     o->val_frac = 0.1;
@@ -172,13 +172,13 @@ static double train_batch(run_state *s, const kvc_batch *b, float lr, uint64_t *
 #ifdef KVC_HAVE_CUDA
                 if (s->gpu) {
                     ae_cuda *g = s->gpu[codec_index(s->codec, l, kind, slot)];
-                    lv = ae_cuda_forward_backward(g, rows, nrows, &loss, err);
-                    if (isfinite(lv) && ae_cuda_adam_step(g, &adam, err)) return NAN;
+                    lv = kvc_ae_cuda_forward_backward(g, rows, nrows, &loss, err);
+                    if (isfinite(lv) && kvc_ae_cuda_adam_step(g, &adam, err)) return NAN;
                 } else
 #endif
                 {
-                    lv = ae_forward_backward(m, rows, nrows, &loss);
-                    if (isfinite(lv)) ae_adam_step(m, &adam);
+                    lv = kvc_ae_forward_backward(m, rows, nrows, &loss);
+                    if (isfinite(lv)) kvc_ae_adam_step(m, &adam);
                 }
                 if (!isfinite(lv)) {
                     if (!err->msg[0] || strstr(err->msg, "CUDA") == NULL)
@@ -203,11 +203,11 @@ static int validate(run_state *s, float *rel, double *err_k, double *err_v, doub
     unsigned char want[KVC_MAX_LAYERS * 3] = {0};
     for (int j = 0; j < kv->n_layers_stored; j++) want[j * 3 + KV_K] = want[j * 3 + KV_V] = 1;
     kvc_batch_opts bo = {s->val_begin, kv->n_tokens, s->o->batch_tokens, 0, 0, s->o->seed, 0, want};
-    kvc_batcher *bt = se && sx ? batcher_new(s->ds, &bo, err) : NULL;
+    kvc_batcher *bt = se && sx ? kvc_batcher_new(s->ds, &bo, err) : NULL;
     if (!bt) { free(se); free(sx); return -1; }
     kvc_batch b;
     int rc;
-    while ((rc = batcher_next(bt, &b, err)) == 1) {
+    while ((rc = kvc_batcher_next(bt, &b, err)) == 1) {
         if (ensure_scratch(s, b.n, err)) { rc = -1; break; }
         for (int j = 0; j < kv->n_layers_stored; j++)
             for (int kind = 0; kind < 2; kind++)
@@ -221,8 +221,8 @@ static int validate(run_state *s, float *rel, double *err_k, double *err_v, doub
                         nrows = b.n;
                     }
                     float *z = s->a_attn; /* large enough for (nrows, R) */
-                    ae_encode(s->models[idx], rows, nrows, z);
-                    ae_decode(s->models[idx], z, nrows, s->y);
+                    kvc_ae_encode(s->models[idx], rows, nrows, z);
+                    kvc_ae_decode(s->models[idx], z, nrows, s->y);
                     for (size_t i = 0; i < (size_t)nrows * D; i++) {
                         double e = (double)s->y[i] - rows[i];
                         se[idx] += e * e;
@@ -230,7 +230,7 @@ static int validate(run_state *s, float *rel, double *err_k, double *err_v, doub
                     }
                 }
     }
-    batcher_free(bt);
+    kvc_batcher_free(bt);
     double tk[2] = {0, 0}, txk[2] = {0, 0};
     for (int i = 0; i < nnet; i++) {
         rel[i] = sx[i] > 0 ? (float)sqrt(se[i] / sx[i]) : 0.0f;
@@ -254,8 +254,8 @@ static int export_all(run_state *s, const float *rel, kvc_err *err) {
         for (int kind = 0; kind < 2; kind++)
             for (int slot = 0; slot < s->slots; slot++) {
                 int idx = codec_index(s->codec, l, kind, slot);
-                ae_export_free(&s->codec->ae[idx]);
-                if (ae_export_folded(s->models[idx], &s->codec->ae[idx], err)) return -1;
+                kvc_ae_export_free(&s->codec->ae[idx]);
+                if (kvc_ae_export_folded(s->models[idx], &s->codec->ae[idx], err)) return -1;
                 s->codec->rel_err[idx] = rel[idx];
             }
         s->codec->trained[l] = 1;
@@ -267,30 +267,30 @@ static int export_all(run_state *s, const float *rel, kvc_err *err) {
 static int analyse_reuse(run_state *s, kvc_err *err) {
     const kvc_kv_info *kv = s->info;
     reuse_option opt;
-    if (reuse_option_parse(s->o->reuse, &opt, err)) return -1;
-    reuse_plan *p = reuse_plan_new(kv->n_layer, kv->n_head_kv, kv->head_dim, err);
-    reuse_analysis *a = p ? reuse_analysis_new(p, kv->layers, kv->n_layers_stored, err) : NULL;
-    if (!a) { reuse_plan_free(p); return -1; }
+    if (kvc_reuse_option_parse(s->o->reuse, &opt, err)) return -1;
+    reuse_plan *p = kvc_reuse_plan_new(kv->n_layer, kv->n_head_kv, kv->head_dim, err);
+    reuse_analysis *a = p ? kvc_reuse_analysis_new(p, kv->layers, kv->n_layers_stored, err) : NULL;
+    if (!a) { kvc_reuse_plan_free(p); return -1; }
     unsigned char want[KVC_MAX_LAYERS * 3];
-    reuse_analysis_want(a, want);
+    kvc_reuse_analysis_want(a, want);
     int rc = 0;
     for (int phase = 0; phase < 2 && rc == 0; phase++) {
         kvc_batch_opts bo = {phase ? s->val_begin : 0, phase ? kv->n_tokens : s->train_end, 1024, 0, 0, s->o->seed, 0, want};
-        kvc_batcher *bt = batcher_new(s->ds, &bo, err);
+        kvc_batcher *bt = kvc_batcher_new(s->ds, &bo, err);
         if (!bt) { rc = -1; break; }
         kvc_batch b;
         int r;
-        while ((r = batcher_next(bt, &b, err)) == 1)
-            if ((phase ? reuse_analysis_add_val(a, b.x, b.n, err) : reuse_analysis_add_train(a, b.x, b.n, err))) { r = -1; break; }
-        batcher_free(bt);
+        while ((r = kvc_batcher_next(bt, &b, err)) == 1)
+            if ((phase ? kvc_reuse_analysis_add_val(a, b.x, b.n, err) : kvc_reuse_analysis_add_train(a, b.x, b.n, err))) { r = -1; break; }
+        kvc_batcher_free(bt);
         if (r < 0) rc = -1;
-        else if (phase == 0) rc = reuse_analysis_solve(a, REUSE_RIDGE_DEFAULT, err);
+        else if (phase == 0) rc = kvc_reuse_analysis_solve(a, REUSE_RIDGE_DEFAULT, err);
     }
-    if (!rc) rc = reuse_analysis_finish(a, err);
-    if (!rc) rc = reuse_plan_choose(p, &opt, err);
-    reuse_analysis_free(a);
-    if (rc) { reuse_plan_free(p); return -1; }
-    reuse_plan_free(s->codec->reuse);
+    if (!rc) rc = kvc_reuse_analysis_finish(a, err);
+    if (!rc) rc = kvc_reuse_plan_choose(p, &opt, err);
+    kvc_reuse_analysis_free(a);
+    if (rc) { kvc_reuse_plan_free(p); return -1; }
+    kvc_reuse_plan_free(s->codec->reuse);
     s->codec->reuse = p;
     return 0;
 }
@@ -305,7 +305,7 @@ static int check_resume(const kvc_codec *c, const run_state *s, kvc_err *err) {
     if (m->ae.latent != a->latent || m->ae.hidden != a->hidden || m->ae.act != a->act || m->ae.norm != a->norm ||
         m->per_head != s->o->per_head || strcmp(m->loss, s->o->loss_attn ? "attn" : "mse"))
         return kvc_fail(err, "cannot resume: '%s' has another configuration (latent %d, hidden %d, %s, %s); use the"
-                        " same options or a new --out", s->o->out, m->ae.latent, m->ae.hidden, ae_act_name(m->ae.act),
+                        " same options or a new --out", s->o->out, m->ae.latent, m->ae.hidden, kvc_ae_act_name(m->ae.act),
                         m->loss);
     return 0;
 }
@@ -325,21 +325,21 @@ static void print_table(const run_state *s) {
     }
 }
 
-int train_codec(const kvc_train_opts *o, kvc_err *err) {
+int kvc_train_codec(const kvc_train_opts *o, kvc_err *err) {
     run_state S = {0}, *s = &S;
     s->o = o;
     int rc = -1;
     FILE *csv = NULL;
     if (strcmp(o->device, "cpu") && strcmp(o->device, "cuda")) return kvc_fail(err, "--device must be cpu or cuda");
-    s->ds = dataset_open(o->data, o->n_data, err);
+    s->ds = kvc_dataset_open(o->data, o->n_data, err);
     if (!s->ds) return -1;
-    s->info = dataset_info(s->ds);
+    s->info = kvc_dataset_info(s->ds);
     const kvc_kv_info *kv = s->info;
     ae_config cfg = o->ae;
     cfg.in_dim = kv->head_dim;
-    if (ae_config_check(&cfg, err)) goto done;
+    if (kvc_ae_config_check(&cfg, err)) goto done;
     if (o->epochs < 1 || o->batch_tokens < 2) { kvc_fail(err, "need --epochs >= 1 and --batch >= 2"); goto done; }
-    dataset_split(s->ds, o->val_frac, &s->train_end, &s->val_begin);
+    kvc_dataset_split(s->ds, o->val_frac, &s->train_end, &s->val_begin);
     if (s->train_end < o->batch_tokens || kv->n_tokens - s->val_begin < 1) {
         kvc_fail(err, "the dataset has %lld tokens: too few for a batch of %d and a validation split",
                  (long long)kv->n_tokens, o->batch_tokens);
@@ -371,7 +371,7 @@ int train_codec(const kvc_train_opts *o, kvc_err *err) {
     meta.weight_decay = o->adam.weight_decay;
     meta.clip = o->adam.clip;
     snprintf(meta.device, sizeof meta.device, "%s", o->device);
-    if (!(s->codec = codec_new(&meta, err))) goto done;
+    if (!(s->codec = kvc_codec_new(&meta, err))) goto done;
     s->slots = s->codec->slots;
     const int nnet = kv->n_layer * 2 * s->slots;
     s->models = calloc((size_t)nnet, sizeof *s->models);
@@ -382,15 +382,15 @@ int train_codec(const kvc_train_opts *o, kvc_err *err) {
         for (int kind = 0; kind < 2; kind++)
             for (int slot = 0; slot < s->slots; slot++) {
                 int idx = codec_index(s->codec, kv->layers[j], kind, slot);
-                s->models[idx] = ae_new(&cfg, o->seed * 1000003u + (uint64_t)idx, err);
+                s->models[idx] = kvc_ae_new(&cfg, o->seed * 1000003u + (uint64_t)idx, err);
                 if (!s->models[idx]) { free(rel); goto done; }
             }
     kvc_train_state st = {0, 0, 0, INFINITY, 0};
     if (o->resume) {
         if (access(o->out, R_OK) != 0) { kvc_fail(err, "--resume: no checkpoint at '%s' to resume from", o->out); free(rel); goto done; }
-        kvc_codec *prev = codec_load(o->out, err);
-        if (!prev || check_resume(prev, s, err) || codec_load_train_state(o->out, prev, s->models, &st, err)) {
-            codec_free(prev);
+        kvc_codec *prev = kvc_codec_load(o->out, err);
+        if (!prev || check_resume(prev, s, err) || kvc_codec_load_train_state(o->out, prev, s->models, &st, err)) {
+            kvc_codec_free(prev);
             free(rel);
             goto done;
         }
@@ -398,17 +398,17 @@ int train_codec(const kvc_train_opts *o, kvc_err *err) {
         kvc_codec *fresh = s->codec;
         prev->meta = fresh->meta;
         s->codec = prev;
-        codec_free(fresh);
+        kvc_codec_free(fresh);
         fprintf(stderr, "kvcodec train: resuming after epoch %d (step %lld, best validation %.4f at epoch %d)\n",
                 st.epoch, (long long)st.step, st.best_val, st.best_epoch);
     }
 #ifdef KVC_HAVE_CUDA
     if (!strcmp(o->device, "cuda")) {
         char why[256];
-        if (!ae_cuda_available(why, sizeof why)) { kvc_fail(err, "--device cuda: %s", why); free(rel); goto done; }
+        if (!kvc_ae_cuda_available(why, sizeof why)) { kvc_fail(err, "--device cuda: %s", why); free(rel); goto done; }
         s->gpu = calloc((size_t)nnet, sizeof *s->gpu);
         for (int i = 0; i < nnet; i++)
-            if (s->models[i] && !(s->gpu[i] = ae_cuda_new(s->models[i], err))) { free(rel); goto done; }
+            if (s->models[i] && !(s->gpu[i] = kvc_ae_cuda_new(s->models[i], err))) { free(rel); goto done; }
     }
 #else
     if (!strcmp(o->device, "cuda")) { kvc_fail(err, "--device cuda: this build has no CUDA backend"); free(rel); goto done; }
@@ -429,7 +429,7 @@ int train_codec(const kvc_train_opts *o, kvc_err *err) {
     for (int epoch = st.epoch; epoch < o->epochs; epoch++) {
         /* each epoch's order depends only on (seed, epoch): a resumed run replays it */
         kvc_batch_opts bo = {0, s->train_end, o->batch_tokens, 0, 0, o->seed * 7919u + (uint64_t)epoch, 1, want};
-        kvc_batcher *bt = batcher_new(s->ds, &bo, err);
+        kvc_batcher *bt = kvc_batcher_new(s->ds, &bo, err);
         if (!bt) { free(rel); goto done; }
         uint64_t rng = o->seed ^ (0x9E3779B97F4A7C15ull * (uint64_t)(epoch + 1));
         double sum_loss = 0;
@@ -437,8 +437,8 @@ int train_codec(const kvc_train_opts *o, kvc_err *err) {
         double te = kvc_now();
         kvc_batch b;
         int r;
-        while ((r = batcher_next(bt, &b, err)) == 1) {
-            float lr = ae_lr_schedule(st.step, total_steps, o->warmup_steps, o->adam.lr, o->min_lr);
+        while ((r = kvc_batcher_next(bt, &b, err)) == 1) {
+            float lr = kvc_ae_lr_schedule(st.step, total_steps, o->warmup_steps, o->adam.lr, o->min_lr);
             double lv = train_batch(s, &b, lr, &rng, st.step, err);
             if (!isfinite(lv)) { r = -1; break; }
             sum_loss += lv;
@@ -448,15 +448,15 @@ int train_codec(const kvc_train_opts *o, kvc_err *err) {
             if (o->progress) {
                 char label[96];
                 snprintf(label, sizeof label, "epoch %d/%d loss %.4g lr %.2e", epoch + 1, o->epochs, sum_loss / n_steps, lr);
-                progress_draw(label, (double)(st.step - (int64_t)epoch * steps_per_epoch) , (double)steps_per_epoch, "step", te);
+                kvc_progress_draw(label, (double)(st.step - (int64_t)epoch * steps_per_epoch) , (double)steps_per_epoch, "step", te);
             }
         }
-        batcher_free(bt);
-        if (o->progress) progress_end();
+        kvc_batcher_free(bt);
+        if (o->progress) kvc_progress_end();
         if (r < 0) { free(rel); goto done; }
 #ifdef KVC_HAVE_CUDA
         for (int i = 0; s->gpu && i < nnet; i++)
-            if (s->gpu[i] && ae_cuda_download(s->gpu[i], s->models[i], err)) { free(rel); goto done; }
+            if (s->gpu[i] && kvc_ae_cuda_download(s->gpu[i], s->models[i], err)) { free(rel); goto done; }
 #endif
         double ek, ev, ea;
         if (validate(s, rel, &ek, &ev, &ea, err)) { free(rel); goto done; }
@@ -465,7 +465,7 @@ int train_codec(const kvc_train_opts *o, kvc_err *err) {
                 epoch + 1, o->epochs, sum_loss / (n_steps ? n_steps : 1), ek, ev, el, rows / el);
         if (csv) {
             fprintf(csv, "%d,%lld,%.6g,%.6g,%.6g,%.6g,%.6g,%.2f\n", epoch + 1, (long long)st.step,
-                    ae_lr_schedule(st.step, total_steps, o->warmup_steps, o->adam.lr, o->min_lr),
+                    kvc_ae_lr_schedule(st.step, total_steps, o->warmup_steps, o->adam.lr, o->min_lr),
                     sum_loss / (n_steps ? n_steps : 1), ea, ek, ev, kvc_now() - t0);
             fflush(csv);
         }
@@ -480,7 +480,7 @@ int train_codec(const kvc_train_opts *o, kvc_err *err) {
         s->codec->meta.best_epoch = st.best_epoch;
         s->codec->meta.best_val = st.best_val;
         s->codec->meta.train_seconds += kvc_now() - te;
-        if (codec_save(o->out, s->codec, s->models, &st, err)) { free(rel); goto done; }
+        if (kvc_codec_save(o->out, s->codec, s->models, &st, err)) { free(rel); goto done; }
         if (o->stop_after_epoch && st.epoch == o->stop_after_epoch && st.epoch < o->epochs) {
             fprintf(stderr, "kvcodec train: stopping after epoch %d as asked; continue with --resume\n", st.epoch);
             free(rel);
@@ -496,24 +496,24 @@ int train_codec(const kvc_train_opts *o, kvc_err *err) {
     free(rel);
     if (o->reuse) {
         if (analyse_reuse(s, err)) goto done;
-        if (!o->quiet) reuse_plan_print(s->codec->reuse, stdout);
+        if (!o->quiet) kvc_reuse_plan_print(s->codec->reuse, stdout);
     }
-    if (codec_save(o->out, s->codec, o->no_state ? NULL : s->models, o->no_state ? NULL : &st, err)) goto done;
+    if (kvc_codec_save(o->out, s->codec, o->no_state ? NULL : s->models, o->no_state ? NULL : &st, err)) goto done;
     if (!o->quiet) print_table(s);
     rc = 0;
 done:
     if (csv) fclose(csv);
 #ifdef KVC_HAVE_CUDA
     if (s->gpu) {
-        for (int i = 0; s->codec && i < kv->n_layer * 2 * s->slots; i++) ae_cuda_free(s->gpu[i]);
+        for (int i = 0; s->codec && i < kv->n_layer * 2 * s->slots; i++) kvc_ae_cuda_free(s->gpu[i]);
         free(s->gpu);
     }
 #endif
     if (s->models && s->codec)
-        for (int i = 0; i < kv->n_layer * 2 * s->slots; i++) ae_free(s->models[i]);
+        for (int i = 0; i < kv->n_layer * 2 * s->slots; i++) kvc_ae_free(s->models[i]);
     free(s->models);
-    codec_free(s->codec);
+    kvc_codec_free(s->codec);
     free(s->gather); free(s->a_attn); free(s->y); free(s->w_attn);
-    dataset_close(s->ds);
+    kvc_dataset_close(s->ds);
     return rc;
 }

@@ -31,20 +31,20 @@ typedef struct {
 } ae_config;
 
 /* Fills defaults: leaky_slope 0.01, bn_eps 1e-5, bn_momentum 0.1. */
-void ae_config_defaults(ae_config *c);
+void kvc_ae_config_defaults(ae_config *c);
 /* Checks a config; -1 with err naming the problem (e.g. latent not smaller than in_dim). */
-int ae_config_check(const ae_config *c, kvc_err *err);
-const char *ae_act_name(ae_act a);
+int kvc_ae_config_check(const ae_config *c, kvc_err *err);
+const char *kvc_ae_act_name(ae_act a);
 /* Parses "relu", "leaky_relu", "gelu" (tanh form), "silu", "none"; -1 if unknown. */
-int ae_act_parse(const char *s, ae_act *out);
+int kvc_ae_act_parse(const char *s, ae_act *out);
 
 typedef struct ae_model ae_model;
 
 /* A model with weights initialised from seed (Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
  * weights and biases, as PyTorch does; BatchNorm gamma 1, beta 0, running mean 0, var 1). */
-ae_model *ae_new(const ae_config *c, uint64_t seed, kvc_err *err);
-void ae_free(ae_model *m);
-const ae_config *ae_get_config(const ae_model *m);
+ae_model *kvc_ae_new(const ae_config *c, uint64_t seed, kvc_err *err);
+void kvc_ae_free(ae_model *m);
+const ae_config *kvc_ae_get_config(const ae_model *m);
 
 /* Every tensor of a model, in a fixed order, with a stable name: parameters
  * ("enc.0.weight" (out, in), "enc.0.bias", "enc.1.weight" (BatchNorm gamma), "enc.1.bias",
@@ -56,15 +56,15 @@ typedef struct {
     int rows, cols;    /* cols == 1 for vectors */
     int trainable;
 } ae_tensor;
-int ae_n_tensors(const ae_model *m);
-ae_tensor ae_tensor_at(ae_model *m, int i);
-/* Gradient of trainable tensor i (same shape), valid after ae_forward_backward; and the two
+int kvc_ae_n_tensors(const ae_model *m);
+ae_tensor kvc_ae_tensor_at(ae_model *m, int i);
+/* Gradient of trainable tensor i (same shape), valid after kvc_ae_forward_backward; and the two
  * Adam moments (for checkpoints that resume). NULL data for non-trainable tensors. */
-ae_tensor ae_grad_at(ae_model *m, int i);
-ae_tensor ae_adam_m_at(ae_model *m, int i);
-ae_tensor ae_adam_v_at(ae_model *m, int i);
-int64_t ae_adam_steps(const ae_model *m);
-void ae_set_adam_steps(ae_model *m, int64_t t);
+ae_tensor kvc_ae_grad_at(ae_model *m, int i);
+ae_tensor kvc_ae_adam_m_at(ae_model *m, int i);
+ae_tensor kvc_ae_adam_v_at(ae_model *m, int i);
+int64_t kvc_ae_adam_steps(const ae_model *m);
+void kvc_ae_set_adam_steps(ae_model *m, int64_t t);
 
 typedef enum { AE_LOSS_MSE = 0, AE_LOSS_KEY_ATTN, AE_LOSS_VALUE_ATTN } ae_loss_kind;
 
@@ -90,29 +90,29 @@ typedef struct {
  * exact 0 gradient rather than rounding noise. Threads: the rows are split over
  * omp_get_max_threads() OpenMP threads (at least 128 rows each), with OpenBLAS set to one
  * thread for the call; called inside a parallel region it runs on the calling thread only. */
-float ae_forward_backward(ae_model *m, const float *x, int n, const ae_loss *loss);
+float kvc_ae_forward_backward(ae_model *m, const float *x, int n, const ae_loss *loss);
 /* Global gradient norm of the last backward. */
-float ae_grad_norm(const ae_model *m);
+float kvc_ae_grad_norm(const ae_model *m);
 
 typedef struct {
     float lr, beta1, beta2, eps, weight_decay; /* AdamW: decoupled decay lr*wd*param */
     float clip;                                /* clip gradients to this global norm; 0: off */
 } ae_adam;
-void ae_adam_defaults(ae_adam *o); /* lr 1e-3, 0.9, 0.999, 1e-8, wd 1e-4, clip 1.0 */
+void kvc_ae_adam_defaults(ae_adam *o); /* lr 1e-3, 0.9, 0.999, 1e-8, wd 1e-4, clip 1.0 */
 /* One AdamW step with bias correction, on the gradients of the last backward. Weight decay
  * applies to Linear weights only (not biases, not BatchNorm). */
-void ae_adam_step(ae_model *m, const ae_adam *o);
+void kvc_ae_adam_step(ae_model *m, const ae_adam *o);
 
 /* Learning rate at step t of total: linear warmup from 0 over `warmup` steps, then cosine
  * from base down to min_lr at `total`. */
-float ae_lr_schedule(int64_t t, int64_t total, int64_t warmup, float base, float min_lr);
+float kvc_ae_lr_schedule(int64_t t, int64_t total, int64_t warmup, float base, float min_lr);
 
 /* Inference (BatchNorm with running statistics): latent z (N, R) and reconstruction y (N, D);
  * either output may be NULL. */
-void ae_encode(const ae_model *m, const float *x, int n, float *z);
-void ae_decode(const ae_model *m, const float *z, int n, float *y);
+void kvc_ae_encode(const ae_model *m, const float *x, int n, float *z);
+void kvc_ae_decode(const ae_model *m, const float *z, int n, float *y);
 /* Relative reconstruction error sqrt(sum |y - x|^2 / sum |x|^2) over x (N, D) in inference mode. */
-double ae_rel_error(const ae_model *m, const float *x, int n);
+double kvc_ae_rel_error(const ae_model *m, const float *x, int n);
 
 /* Export: the inference network as Linear layers with BatchNorm folded into the Linear before
  * it (W' = diag(g/sqrt(var+eps)) W, b' = (b - mean) g/sqrt(var+eps) + beta), each followed by
@@ -128,10 +128,10 @@ typedef struct {
     ae_dense enc[2], dec[2];
     float leaky_slope;
 } ae_export;
-int ae_export_folded(const ae_model *m, ae_export *out, kvc_err *err);
-void ae_export_free(ae_export *e);
+int kvc_ae_export_folded(const ae_model *m, ae_export *out, kvc_err *err);
+void kvc_ae_export_free(ae_export *e);
 /* Runs an exported network (the form inference uses) on x (N, in) into y. */
-void ae_export_run(const ae_dense *layers, int n_layers, float leaky_slope, const float *x, int n, float *y);
+void kvc_ae_export_run(const ae_dense *layers, int n_layers, float leaky_slope, const float *x, int n, float *y);
 
 #ifdef __cplusplus
 }

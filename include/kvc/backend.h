@@ -9,9 +9,9 @@ extern "C" {
 #endif
 
 /* 1 if this build includes the CUDA backend. */
-int backend_cuda_compiled(void);
+int kvc_backend_cuda_compiled(void);
 /* 1 if a CUDA device can be used now; desc receives its name or why not. */
-int backend_cuda_available(char *desc, size_t cap);
+int kvc_backend_cuda_available(char *desc, size_t cap);
 /* 0 if this CPU has every instruction-set extension the build was compiled for; else -1 and
  * why names every one missing and what to do. Safe to call on any x86-64 CPU. The CLI refuses
  * to start on -1 unless KVC_CPU_CHECK=warn. */

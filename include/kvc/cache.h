@@ -39,7 +39,7 @@ typedef struct {
     int64_t (*n_tokens)(const kvc_cache *c, int layer);
     void (*reset)(kvc_cache *c);
     void (*free)(kvc_cache *c);
-    /* Optional (NULL: the cache never evicts). See cache_set_budget. */
+    /* Optional (NULL: the cache never evicts). See kvc_cache_set_budget. */
     int (*set_budget)(kvc_cache *c, int64_t ref_tokens, kvc_err *err);
 } kvc_cache_ops;
 
@@ -51,28 +51,28 @@ struct kvc_cache {
 };
 
 /* Creates the full-precision (f32) cache with room for shape->max_tokens per layer. */
-kvc_cache *cache_full_new(const kvc_cache_shape *shape, kvc_err *err);
+kvc_cache *kvc_cache_full_new(const kvc_cache_shape *shape, kvc_err *err);
 
 /* Thin dispatchers (check arguments, then call ops). Each returns 0 or -1 with err.
  * append: the keys/values of n new tokens for one layer.
  * attend: causal attention of n_q queries over everything the layer holds whose position
  *         is <= the query's position; softmax scale 1/sqrt(head_dim).
  * end_step: called once after all layers processed a step (where policies evict). */
-int cache_append(kvc_cache *c, int layer, const float *k, const float *v,
+int kvc_cache_append(kvc_cache *c, int layer, const float *k, const float *v,
                  const int32_t *pos, int n, kvc_err *err);
-int cache_attend(kvc_cache *c, int layer, const float *q, const int32_t *pos, int n_q,
+int kvc_cache_attend(kvc_cache *c, int layer, const float *q, const int32_t *pos, int n_q,
                  float *out, kvc_err *err);
-int cache_end_step(kvc_cache *c, kvc_err *err);
-size_t cache_bytes(const kvc_cache *c);           /* bytes really held, side data included */
-int64_t cache_n_tokens(const kvc_cache *c, int layer);
-void cache_reset(kvc_cache *c);                   /* drop all tokens, keep allocations */
+int kvc_cache_end_step(kvc_cache *c, kvc_err *err);
+size_t kvc_cache_bytes(const kvc_cache *c);           /* bytes really held, side data included */
+int64_t kvc_cache_n_tokens(const kvc_cache *c, int layer);
+void kvc_cache_reset(kvc_cache *c);                   /* drop all tokens, keep allocations */
 /* Eviction control for measuring protocols. ref_tokens >= 1: from the next end_step on, the
  * retention policy evicts down to its budget, a fraction budget being taken of ref_tokens;
  * ref_tokens < 0: hold every token (no eviction) until set again (prefill before a one-shot
  * compression, or a frozen cache after it). -1 with err when the budget does not fit (smaller
  * than sinks + window). A no-op returning 0 on caches that never evict. */
-int cache_set_budget(kvc_cache *c, int64_t ref_tokens, kvc_err *err);
-void cache_free(kvc_cache *c);
+int kvc_cache_set_budget(kvc_cache *c, int64_t ref_tokens, kvc_err *err);
+void kvc_cache_free(kvc_cache *c);
 
 #ifdef __cplusplus
 }

@@ -60,22 +60,22 @@ static inline int codec_index(const kvc_codec *c, int layer, int kind, int slot)
 }
 
 /* Allocates an empty codec for meta (no networks yet). */
-kvc_codec *codec_new(const kvc_codec_meta *meta, kvc_err *err);
-void codec_free(kvc_codec *c);
+kvc_codec *kvc_codec_new(const kvc_codec_meta *meta, kvc_err *err);
+void kvc_codec_free(kvc_codec *c);
 
 /* Writes path atomically. models (same indexing as ae, NULL entries allowed) and st are the
  * raw trainer state for --resume; pass NULL for both to write an inference-only file. */
-int codec_save(const char *path, const kvc_codec *c, ae_model *const *models, const kvc_train_state *st,
+int kvc_codec_save(const char *path, const kvc_codec *c, ae_model *const *models, const kvc_train_state *st,
                kvc_err *err);
 /* Reads a checkpoint; NULL with err on a missing/corrupt file or a format/version mismatch. */
-kvc_codec *codec_load(const char *path, kvc_err *err);
+kvc_codec *kvc_codec_load(const char *path, kvc_err *err);
 /* Loads the raw trainer state into models (created by the caller with the checkpoint's
  * config) and st; -1 with err when the file holds no trainer state or shapes differ. */
-int codec_load_train_state(const char *path, const kvc_codec *c, ae_model **models, kvc_train_state *st,
+int kvc_codec_load_train_state(const char *path, const kvc_codec *c, ae_model **models, kvc_train_state *st,
                            kvc_err *err);
 /* Checks that the codec was made for this model: fingerprint and shapes. -1 with err that says
  * which codec and which model differ, and what to do. */
-int codec_check_model(const kvc_codec *c, const char *fingerprint, int n_layer, int n_head_kv, int head_dim,
+int kvc_codec_check_model(const kvc_codec *c, const char *fingerprint, int n_layer, int n_head_kv, int head_dim,
                       kvc_err *err);
 
 #ifdef __cplusplus

@@ -37,16 +37,16 @@ typedef struct kvc_kv_writer kvc_kv_writer;
 
 /* Creates path.tmp with the root attributes of info (n_tokens is maintained by the writer),
  * extendible datasets of `chunk_tokens` rows per chunk, gzip level `gzip` (0 = none; with
- * shuffle). The file appears under its final name only at kv_writer_close(ok=1). */
-kvc_kv_writer *kv_writer_open(const char *path, const kvc_kv_info *info, int chunk_tokens, int gzip,
+ * shuffle). The file appears under its final name only at kvc_kv_writer_close(ok=1). */
+kvc_kv_writer *kvc_kv_writer_open(const char *path, const kvc_kv_info *info, int chunk_tokens, int gzip,
                               kvc_err *err);
 /* Appends n tokens: ids (n), positions (n), and for stored layer j (index into info.layers)
  * k[j], v[j] (n, n_head_kv, D) and q[j] (n, n_head, D), pre-RoPE, f32 (converted to the file's
  * dtype). Rejects NaN/Inf naming the layer and row. */
-int kv_writer_append(kvc_kv_writer *w, const int32_t *ids, const int32_t *pos, int n,
+int kvc_kv_writer_append(kvc_kv_writer *w, const int32_t *ids, const int32_t *pos, int n,
                      const float *const *k, const float *const *v, const float *const *q, kvc_err *err);
 /* ok=1: flush, write n_tokens, fsync, rename into place; ok=0: discard the temporary file. */
-int kv_writer_close(kvc_kv_writer *w, int ok, kvc_err *err);
+int kvc_kv_writer_close(kvc_kv_writer *w, int ok, kvc_err *err);
 
 /* ---- reader ------------------------------------------------------------------------ */
 
@@ -55,9 +55,9 @@ typedef struct kvc_dataset kvc_dataset;
 /* Opens one or more KV files as one dataset, tokens concatenated in the order given. All
  * must share format version, model fingerprint, head counts, head_dim and stored layers;
  * otherwise NULL with err naming the file and the mismatch. */
-kvc_dataset *dataset_open(const char *const *paths, int n_paths, kvc_err *err);
-void dataset_close(kvc_dataset *d);
-const kvc_kv_info *dataset_info(const kvc_dataset *d); /* n_tokens: the total; dtype "mixed"
+kvc_dataset *kvc_dataset_open(const char *const *paths, int n_paths, kvc_err *err);
+void kvc_dataset_close(kvc_dataset *d);
+const kvc_kv_info *kvc_dataset_info(const kvc_dataset *d); /* n_tokens: the total; dtype "mixed"
                                                           when the files differ in it */
 
 /* KV_K, KV_V, KV_Q: see kvc/common.h */
@@ -65,8 +65,8 @@ const kvc_kv_info *dataset_info(const kvc_dataset *d); /* n_tokens: the total; d
 /* Reads tokens [t0, t0+n) of stored layer j (index into info.layers), kind KV_K/KV_V/KV_Q,
  * into out (n, heads, D) f32. Fails on out-of-range requests and on non-finite values
  * (naming the file, layer and row). */
-int dataset_read(kvc_dataset *d, int j, int kind, int64_t t0, int64_t n, float *out, kvc_err *err);
-int dataset_read_positions(kvc_dataset *d, int64_t t0, int64_t n, int32_t *out, kvc_err *err);
+int kvc_dataset_read(kvc_dataset *d, int j, int kind, int64_t t0, int64_t n, float *out, kvc_err *err);
+int kvc_dataset_read_positions(kvc_dataset *d, int64_t t0, int64_t n, int32_t *out, kvc_err *err);
 
 /* A stream of shuffled minibatches over tokens [begin, end). Chunk-aware shuffling: each
  * epoch visits the range's blocks of `block_tokens` consecutive tokens in a random order,
@@ -92,23 +92,23 @@ typedef struct {
 } kvc_batch;
 
 typedef struct kvc_batcher kvc_batcher;
-kvc_batcher *batcher_new(kvc_dataset *d, const kvc_batch_opts *o, kvc_err *err);
+kvc_batcher *kvc_batcher_new(kvc_dataset *d, const kvc_batch_opts *o, kvc_err *err);
 /* Next batch of the current epoch: 1 and *b filled, 0 at the end of the epoch (the next call
  * starts a new epoch with a new order), -1 with err on a read error. */
-int batcher_next(kvc_batcher *bt, kvc_batch *b, kvc_err *err);
-/* Epochs completed so far (0 during the first; it advances when batcher_next returns 0). */
-int64_t batcher_epoch(const kvc_batcher *bt);
-/* Bytes the batcher allocated (buffer, batch arrays, block tables), all at batcher_new: the
+int kvc_batcher_next(kvc_batcher *bt, kvc_batch *b, kvc_err *err);
+/* Epochs completed so far (0 during the first; it advances when kvc_batcher_next returns 0). */
+int64_t kvc_batcher_epoch(const kvc_batcher *bt);
+/* Bytes the batcher allocated (buffer, batch arrays, block tables), all at kvc_batcher_new: the
  * bound on its memory whatever the file size. The dataset's own read staging (about 4 MiB)
  * is not included. */
-size_t batcher_memory_bytes(const kvc_batcher *bt);
-void batcher_free(kvc_batcher *bt);
+size_t kvc_batcher_memory_bytes(const kvc_batcher *bt);
+void kvc_batcher_free(kvc_batcher *bt);
 
 /* Train/validation split by token ranges: the last val_frac of the tokens (rounded to whole
  * capture windows of info.ctx) are validation. Windows restart at each file, so the cut lies
  * on a window start or a file end; a val_frac > 0 gets at least one window and a val_frac < 1
  * leaves training at least one. *train_end == *val_begin. */
-void dataset_split(const kvc_dataset *d, double val_frac, int64_t *train_end, int64_t *val_begin);
+void kvc_dataset_split(const kvc_dataset *d, double val_frac, int64_t *train_end, int64_t *val_begin);
 
 #ifdef __cplusplus
 }

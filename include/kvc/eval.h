@@ -27,15 +27,15 @@ typedef struct {
 
 /* Perplexity protocol: tokens are split into consecutive, non-overlapping windows of
  * opts->ctx tokens (a final window shorter than 2 tokens is dropped); each window starts
- * from an empty cache (cache_reset, no BOS added) and every token but its first is scored
+ * from an empty cache (kvc_cache_reset, no BOS added) and every token but its first is scored
  * from the window's tokens before it. The cache must hold at least ctx tokens.
  * Returns 0 or -1 with err. */
-int eval_perplexity(const kvc_model *m, kvc_cache *c, const int32_t *tokens, int64_t n,
+int kvc_eval_perplexity(const kvc_model *m, kvc_cache *c, const int32_t *tokens, int64_t n,
                     const kvc_ppl_opts *opts, kvc_ppl_result *res, kvc_err *err);
 
 /* Draws a progress line "label [####    ] done/total unit  rate  ETA" on stderr. */
-void progress_draw(const char *label, double done, double total, const char *unit, double t0);
-void progress_end(void);
+void kvc_progress_draw(const char *label, double done, double total, const char *unit, double t0);
+void kvc_progress_end(void);
 
 /* ============================================================ measuring protocols ==== */
 
@@ -45,10 +45,10 @@ void progress_end(void);
 typedef struct kvc_ref_store kvc_ref_store;
 /* An empty store that holds at most max_bytes of logits (a run that needs more runs the
  * reference in lockstep, as without a store). */
-kvc_ref_store *ref_store_new(size_t max_bytes);
-void ref_store_free(kvc_ref_store *s);
+kvc_ref_store *kvc_ref_store_new(size_t max_bytes);
+void kvc_ref_store_free(kvc_ref_store *s);
 /* 1 when the store holds a complete recording. */
-int ref_store_ready(const kvc_ref_store *s);
+int kvc_ref_store_ready(const kvc_ref_store *s);
 
 /* Settings of the protocols below (0 or NULL fields take the defaults in brackets). */
 typedef struct {
@@ -62,7 +62,7 @@ typedef struct {
 } kvc_measure_opts;
 
 /* What a protocol measured. Quality is always against the full-precision reference run in
- * lockstep on the same chunks. Memory is KV bytes as cache_bytes() counts them. */
+ * lockstep on the same chunks. Memory is KV bytes as kvc_cache_bytes() counts them. */
 typedef struct {
     int64_t n_tokens;          /* tokens fed through the measured cache */
     int64_t n_scored;          /* predictions scored */
@@ -86,11 +86,11 @@ typedef struct {
 
 /* Streaming perplexity: tokens are cut into non-overlapping windows of ctx tokens (a final
  * window shorter than 2 tokens is dropped); each window starts from an empty cache with
- * cache_set_budget(c, ctx) and is fed in chunks of `chunk` tokens; every token but the
- * window's first is scored. ref must be a cache that never evicts (cache_full_new); both
+ * kvc_cache_set_budget(c, ctx) and is fed in chunks of `chunk` tokens; every token but the
+ * window's first is scored. ref must be a cache that never evicts (kvc_cache_full_new); both
  * caches need room for ctx tokens. Returns 0 or -1 with err (a budget that does not fit
  * included). */
-int eval_stream(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t *tokens, int64_t n,
+int kvc_eval_stream(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t *tokens, int64_t n,
                 const kvc_measure_opts *o, kvc_quality *q, kvc_err *err);
 
 /* Context compression (kvpress-style): samples are consecutive segments of N + M tokens; per
@@ -98,7 +98,7 @@ int eval_stream(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t 
  * to the budget (taken of N), then the M continuation tokens are fed frozen in one forward
  * call and the M - 1 predictions of continuation tokens 1..M-1 are scored. Memory is read
  * right after the compression. Needs room for N + M tokens. Returns 0 or -1 with err. */
-int eval_context(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t *tokens, int64_t n,
+int kvc_eval_context(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int32_t *tokens, int64_t n,
                  const kvc_measure_opts *o, kvc_quality *q, kvc_err *err);
 
 /* ---- passkey retrieval (eval/passkey.c) ---- */
@@ -119,11 +119,11 @@ typedef struct {
 /* Builds a prompt of at most `length` tokens with the 5-digit key (NUL-terminated digits)
  * hidden after a fraction `depth` (0..1) of the filler, at the nearest sentence boundary.
  * -1 with err when length is too short to hold intro, needle and question. */
-int passkey_build(const kvc_tokenizer *t, int length, double depth, const char *key, kvc_passkey_prompt *p,
+int kvc_passkey_build(const kvc_tokenizer *t, int length, double depth, const char *key, kvc_passkey_prompt *p,
                   kvc_err *err);
-void passkey_prompt_free(kvc_passkey_prompt *p);
+void kvc_passkey_prompt_free(kvc_passkey_prompt *p);
 /* 1 when the generated text contains the key's digits in a row, else 0. */
-int passkey_check(const char *generated, const char *key);
+int kvc_passkey_check(const char *generated, const char *key);
 
 typedef struct {
     const int *lengths;    /* (n_lengths) prompt lengths in tokens [1024, 2048] */
@@ -160,16 +160,16 @@ typedef struct {
  * NULL) runs the same prompts for the reference accuracy. Lengths beyond the model's training
  * context are skipped (cell.skipped). Caches need room for the longest length plus
  * gen_tokens. Returns 0 or -1 with err; res->cells is allocated even on failure. */
-int eval_passkey(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const kvc_passkey_opts *o, kvc_passkey_result *res,
+int kvc_eval_passkey(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const kvc_passkey_opts *o, kvc_passkey_result *res,
                  kvc_err *err);
-void passkey_result_free(kvc_passkey_result *res);
+void kvc_passkey_result_free(kvc_passkey_result *res);
 
 /* Memory of a cache as the protocols read it: bytes per appended token and the kept and
- * removed fractions (kvcache_get_stats for a compressed cache; for the full cache bytes and
+ * removed fractions (kvc_kvcache_get_stats for a compressed cache; for the full cache bytes and
  * n_tokens, nothing removed). Returns the tokens appended (0: nothing to measure). */
-int64_t eval_memory(const kvc_cache *c, double *bytes_per_token, double *kept, double *removed);
+int64_t kvc_eval_memory(const kvc_cache *c, double *bytes_per_token, double *kept, double *removed);
 /* Bytes per token of an f16 full cache for this shape: 2 * L * K * D * 2. */
-double eval_f16_bytes_per_token(const kvc_cache_shape *s);
+double kvc_eval_f16_bytes_per_token(const kvc_cache_shape *s);
 
 #ifdef __cplusplus
 }

@@ -69,26 +69,26 @@ typedef struct {
 } gguf_file;
 
 /* Opens and validates a GGUF file; returns NULL with err filled on any problem. */
-gguf_file *gguf_open(const char *path, kvc_err *err);
+gguf_file *kvc_gguf_open(const char *path, kvc_err *err);
 /* Parses a GGUF image already in memory (not copied; must outlive the result). */
-gguf_file *gguf_open_buffer(const void *buf, size_t size, kvc_err *err);
-void gguf_close(gguf_file *f);
+gguf_file *kvc_gguf_open_buffer(const void *buf, size_t size, kvc_err *err);
+void kvc_gguf_close(gguf_file *f);
 
 /* Metadata lookup; NULL when absent. */
-const gguf_kv *gguf_find_kv(const gguf_file *f, const char *key);
+const gguf_kv *kvc_gguf_find_kv(const gguf_file *f, const char *key);
 /* Typed getters: return 0 on success, -1 (with err) if absent or of an incompatible type.
  * Integer getters accept any integer type whose value fits. */
-int gguf_get_u32(const gguf_file *f, const char *key, uint32_t *out, kvc_err *err);
-int gguf_get_f32(const gguf_file *f, const char *key, float *out, kvc_err *err);
-int gguf_get_bool(const gguf_file *f, const char *key, int *out, kvc_err *err);
+int kvc_gguf_get_u32(const gguf_file *f, const char *key, uint32_t *out, kvc_err *err);
+int kvc_gguf_get_f32(const gguf_file *f, const char *key, float *out, kvc_err *err);
+int kvc_gguf_get_bool(const gguf_file *f, const char *key, int *out, kvc_err *err);
 /* Copies a string value into buf (NUL-terminated, truncated to cap). */
-int gguf_get_str(const gguf_file *f, const char *key, char *buf, size_t cap, kvc_err *err);
+int kvc_gguf_get_str(const gguf_file *f, const char *key, char *buf, size_t cap, kvc_err *err);
 /* Returns 1 if the string equals the NUL-terminated s. */
-int gguf_str_eq(gguf_str a, const char *s);
+int kvc_gguf_str_eq(gguf_str a, const char *s);
 
-const gguf_tensor *gguf_find_tensor(const gguf_file *f, const char *name);
+const gguf_tensor *kvc_gguf_find_tensor(const gguf_file *f, const char *name);
 
-const char *gguf_vtype_name(gguf_vtype t);
+const char *kvc_gguf_vtype_name(gguf_vtype t);
 
 #ifdef __cplusplus
 }

@@ -16,8 +16,8 @@ extern "C" {
 
 /* One exported codec layer: y (N, O) = act(x (N, I) W^T + b) with W (O, I), b (O) (NULL: no
  * bias), act an ae_act, slope the leaky_relu negative slope. Computes exactly what
- * ae_export_run computes for one ae_dense (same GEMM, same activation formulas). */
-void dense_rows_cpu(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
+ * kvc_ae_export_run computes for one ae_dense (same GEMM, same activation formulas). */
+void kvc_dense_rows_cpu(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
                     float *y);
 
 /* Attention of one KV head: queries q (Q, G, D) at positions qpos (Q) over keys k (T, D) (after
@@ -25,21 +25,21 @@ void dense_rows_cpu(const float *x, int64_t n, int in, const float *w, const flo
  * kpos[i] <= qpos[j]; kpos need not be sorted), scale 1/sqrt(D), values v (T, D):
  * out (Q, G, D). When probs is non-NULL it receives the softmax weights (Q, G, T), 0 for keys
  * not visible. A query that sees no key gets a zero output (and zero weights). */
-void attend_head_cpu(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *v,
+void kvc_attend_head_cpu(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *v,
                      const int32_t *kpos, int64_t t, float *out, float *probs);
 
 /* The same attention with values held as latents z (T, R) of a linear decoder W (D, R), b (D)
  * (b may be NULL): out = W (sum_i a_i z_i) + b, which equals attending over the decoded values
  * since the weights a_i sum to 1. A query that sees no key gets a zero output. */
-void attend_latent_cpu(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *z,
+void kvc_attend_latent_cpu(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *z,
                        int r, const float *w, const float *b, const int32_t *kpos, int64_t t, float *out,
                        float *probs);
 
 /* The indices of the kk highest scores among [sinks, n - window), ordered by score, highest
- * first, ties by lower index first: the tokens kvcache_select marks for eviction when
+ * first, ties by lower index first: the tokens kvc_kvcache_select marks for eviction when
  * kk = n - keep. Writes min(kk, candidates) indices to idx (kk) and returns that count (0 when
  * protection leaves nothing). Scores must not be NaN; -0 and +0 tie. */
-int64_t topk_unprotected_cpu(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx);
+int64_t kvc_topk_unprotected_cpu(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx);
 
 #ifdef __cplusplus
 }

@@ -19,17 +19,17 @@ extern "C" {
 /* Builds a cache from two specs (both "name" or "name:opt,opt=val,..."):
  *   repr: f32 | f16 | int8[:group=G,kgroup=T] | int4[:...] | ae:FILE[,f16|int8|int4][,reuse=on|off]
  *   keep: full | streaming | h2o | l2 | random | lsh, with budget=N|F (tokens, or a fraction
- *         0<F<=1 of the reference length set by cache_set_budget), sinks=S, window=W and the
+ *         0<F<=1 of the reference length set by kvc_cache_set_budget), sinks=S, window=W and the
  *         policy's own options.
  * fingerprint: the model's (kvc_model.fingerprint), checked against a codec checkpoint; may be
  * NULL when the representation needs none. NULL with err on an unknown name, a bad option or
  * a codec for another model. */
-kvc_cache *kvcache_new(const kvc_cache_shape *shape, const char *repr, const char *keep,
+kvc_cache *kvc_kvcache_new(const kvc_cache_shape *shape, const char *repr, const char *keep,
                        const char *fingerprint, kvc_err *err);
 /* Prints every representation and policy with its options (for --help). */
-void kvcache_list(void *fp /* FILE * */);
+void kvc_kvcache_list(void *fp /* FILE * */);
 /* The canonical one-line description of a cache ("repr=int8:group=32 keep=lsh:bits=16,...").*/
-const char *kvcache_describe(const kvc_cache *c);
+const char *kvc_kvcache_describe(const kvc_cache *c);
 
 /* Counters for measures: tokens appended since the last reset and tokens held, summed over
  * every (layer, kv head), so held / (appended * L * K) is the kept fraction. */
@@ -37,9 +37,9 @@ typedef struct {
     int64_t appended;  /* tokens appended per layer since reset (the same for every layer) */
     int64_t held;      /* sum over (layer, kv head) of tokens held */
     int64_t evicted;   /* sum over (layer, kv head) of tokens evicted since reset */
-    size_t bytes;      /* cache_bytes() */
+    size_t bytes;      /* kvc_cache_bytes() */
 } kvcache_stats;
-void kvcache_get_stats(const kvc_cache *c, kvcache_stats *st);
+void kvc_kvcache_get_stats(const kvc_cache *c, kvcache_stats *st);
 
 /* ================================================================ representations ==== */
 
@@ -144,7 +144,7 @@ typedef struct {
     /* Writes an eviction score for every held token: the cache evicts the highest scores
      * outside the sinks and the window (ties: the oldest) until the budget holds. */
     void (*score)(kvc_keep *k, kvc_keep_view *v, float *score);
-    /* May be NULL. The cache was emptied (cache_reset): forget per-head state kept outside
+    /* May be NULL. The cache was emptied (kvc_cache_reset): forget per-head state kept outside
      * the tokens (probes, running means). */
     void (*reset)(kvc_keep *k);
 } kvc_keep_ops;
@@ -163,12 +163,12 @@ struct kvc_keep {
 /* Marks in evict[0..n) the n - keep held tokens with the highest scores, never one of the
  * first `sinks` or the last `window` (ties: the oldest goes first). Returns how many were
  * marked: fewer than n - keep only when protection leaves too few candidates. */
-int64_t kvcache_select(const float *score, int64_t n, int64_t keep, int sinks, int window, uint8_t *evict);
+int64_t kvc_kvcache_select(const float *score, int64_t n, int64_t keep, int sinks, int window, uint8_t *evict);
 
 /* ===================================================================== registry ==== */
 
-extern const kvc_repr_ops *const KVC_REPRS[]; /* NULL-terminated */
-extern const kvc_keep_ops *const KVC_KEEPS[]; /* NULL-terminated */
+extern const kvc_repr_ops *const KVC_KVC_REPRS[]; /* NULL-terminated */
+extern const kvc_keep_ops *const KVC_KVC_KEEPS[]; /* NULL-terminated */
 const kvc_repr_ops *kvc_repr_find(const char *name);
 const kvc_keep_ops *kvc_keep_find(const char *name);
 

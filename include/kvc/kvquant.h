@@ -15,22 +15,22 @@ extern "C" {
 #endif
 
 /* 1 if (bits, group) is supported: bits 4 or 8, group >= 1 (and even channel counts for 4). */
-int kvq_params_ok(int bits, int group, int channels);
+int kvc_kvq_params_ok(int bits, int group, int channels);
 /* Bytes of codes for n values at this width (4-bit codes pack two per byte, rounded up). */
-size_t kvq_code_bytes(int bits, int64_t n);
+size_t kvc_kvq_code_bytes(int bits, int64_t n);
 
 /* Per token: x (N, C) with C % g == 0 -> codes (N, code_bytes(C)), scale and min (N, C/g) as
  * f16 bit patterns. */
-void kvq_quant_tokens_cpu(const float *x, int64_t n, int c, int g, int bits, uint8_t *codes, uint16_t *scale,
+void kvc_kvq_quant_tokens_cpu(const float *x, int64_t n, int c, int g, int bits, uint8_t *codes, uint16_t *scale,
                           uint16_t *minv);
-void kvq_dequant_tokens_cpu(const uint8_t *codes, const uint16_t *scale, const uint16_t *minv, int64_t n, int c,
+void kvc_kvq_dequant_tokens_cpu(const uint8_t *codes, const uint16_t *scale, const uint16_t *minv, int64_t n, int c,
                             int g, int bits, float *x);
 
 /* Per channel: a block x (G, C) of G consecutive tokens -> codes (G, code_bytes(C)) laid out
  * token by token like the per-token form, scale and min (C) as f16 bit patterns. */
-void kvq_quant_channels_cpu(const float *x, int g_tokens, int c, int bits, uint8_t *codes, uint16_t *scale,
+void kvc_kvq_quant_channels_cpu(const float *x, int g_tokens, int c, int bits, uint8_t *codes, uint16_t *scale,
                             uint16_t *minv);
-void kvq_dequant_channels_cpu(const uint8_t *codes, const uint16_t *scale, const uint16_t *minv, int g_tokens,
+void kvc_kvq_dequant_channels_cpu(const uint8_t *codes, const uint16_t *scale, const uint16_t *minv, int g_tokens,
                               int c, int bits, float *x);
 
 #ifdef __cplusplus

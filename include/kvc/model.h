@@ -46,29 +46,29 @@ typedef struct {
 
 /* Loads a GGUF model: checks the architecture and shapes, dequantizes weights to f32 and
  * builds the tokenizer. NULL with err (naming the problem) on failure. */
-kvc_model *model_load(const char *path, kvc_err *err);
-void model_free(kvc_model *m);
+kvc_model *kvc_model_load(const char *path, kvc_err *err);
+void kvc_model_free(kvc_model *m);
 
 /* Scratch memory for forward passes of up to max_batch tokens at a time. */
 typedef struct kvc_run kvc_run;
-kvc_run *run_new(const kvc_model *m, int max_batch, kvc_err *err);
-void run_free(kvc_run *r);
+kvc_run *kvc_run_new(const kvc_model *m, int max_batch, kvc_err *err);
+void kvc_run_free(kvc_run *r);
 
 /* An observer of every layer's projections during a forward pass (used by capture):
  * q (N, H*D) and k, v (N, K*D), all before RoPE, for the n tokens at pos. Returns 0 to go
  * on, or -1 (with err filled) to abort the forward pass. */
 typedef int (*kvc_tap_fn)(void *ctx, int layer, const float *q, const float *k, const float *v,
                           const int32_t *pos, int n, kvc_err *err);
-void run_set_tap(kvc_run *r, kvc_tap_fn fn, void *ctx);
+void kvc_run_set_tap(kvc_run *r, kvc_tap_fn fn, void *ctx);
 
 /* Runs n tokens (any n >= 1; split internally into batches) at positions pos through the
  * model, appending their K/V to the cache. Logits: if logits_all, out receives (n, V);
  * otherwise (V) for the last token only; out may be NULL. Returns 0 or -1 with err. */
-int model_forward(const kvc_model *m, kvc_run *r, kvc_cache *c, const int32_t *tokens,
+int kvc_model_forward(const kvc_model *m, kvc_run *r, kvc_cache *c, const int32_t *tokens,
                   const int32_t *pos, int n, float *logits, int logits_all, kvc_err *err);
 
 /* Builds the cache shape this model needs for up to max_tokens tokens. */
-kvc_cache_shape model_cache_shape(const kvc_model *m, int max_tokens);
+kvc_cache_shape kvc_model_cache_shape(const kvc_model *m, int max_tokens);
 
 #ifdef __cplusplus
 }

@@ -22,32 +22,32 @@ typedef struct {
 } kvc_matrix;
 
 /* Sets the thread count used by ops (OpenMP and OpenBLAS). */
-void ops_set_threads(int n);
-int ops_get_threads(void);
+void kvc_ops_set_threads(int n);
+int kvc_ops_get_threads(void);
 /* The kernel family OpenBLAS chose for this CPU (e.g. "Haswell"). */
-const char *ops_blas_core(void);
+const char *kvc_ops_blas_core(void);
 /* OpenBLAS picks kernels from the CPU model when it loads and falls back to its SSE3
  * "Prescott" kernels on models it does not know (common in virtual machines), which makes
  * GEMMs 2-3x slower. Returns the core to ask for instead (via OPENBLAS_CORETYPE) when that
  * happened and the CPU supports it, else NULL. */
-const char *ops_blas_better_core(void);
+const char *kvc_ops_blas_better_core(void);
 /* The instruction set of the fused decode kernels chosen for this CPU at run time: "avx512",
  * "avx2" or "c" (the environment variable KVC_CPU_KERNELS=c|avx2|avx512 caps the choice). */
-const char *ops_cpu_kernels(void);
+const char *kvc_ops_cpu_kernels(void);
 
 /* y (N, O) = x (N, I) . W^T. Uses an OpenBLAS GEMM on the f32 copy for N > 1 (or when no
  * fused kernel exists for W's type) and the fused dequantize-and-dot kernel for N == 1. */
-void matmul_cpu(float *y, const float *x, const kvc_matrix *w, int64_t n);
+void kvc_matmul_cpu(float *y, const float *x, const kvc_matrix *w, int64_t n);
 /* y (O) = W . x computed straight from W's quantized blocks (f32 accumulation). Returns -1
  * if W's type has no fused kernel. */
-int matvec_quant_cpu(float *y, const float *x, const kvc_matrix *w);
+int kvc_matvec_quant_cpu(float *y, const float *x, const kvc_matrix *w);
 
 /* out (N, E) = x / rms(x) * g, per row; eps inside the root. */
-void rmsnorm_cpu(float *out, const float *x, const float *g, int64_t n, int64_t e, float eps);
+void kvc_rmsnorm_cpu(float *out, const float *x, const float *g, int64_t n, int64_t e, float eps);
 /* a (N, F) = silu(a) * b, in place. */
-void swiglu_cpu(float *a, const float *b, int64_t n);
+void kvc_swiglu_cpu(float *a, const float *b, int64_t n);
 /* In-place softmax of one row of n values; returns the log of the normaliser (logsumexp). */
-double softmax_cpu(float *x, int64_t n);
+double kvc_softmax_cpu(float *x, int64_t n);
 
 #ifdef __cplusplus
 }

@@ -11,52 +11,52 @@ extern "C" {
 #endif
 
 /* 1 if a device is usable; desc receives its name or the reason it is not. */
-int cuda_device_info(char *desc, size_t cap);
-int rmsnorm_cuda(float *out, const float *x, const float *g, int64_t n, int64_t e, float eps, kvc_err *err);
-int rope_cuda(float *x, const int32_t *pos, int64_t n, int h, int d, float base, kvc_err *err);
-int swiglu_cuda(float *a, const float *b, int64_t n, kvc_err *err);
+int kvc_cuda_device_info(char *desc, size_t cap);
+int kvc_rmsnorm_cuda(float *out, const float *x, const float *g, int64_t n, int64_t e, float eps, kvc_err *err);
+int kvc_rope_cuda(float *x, const int32_t *pos, int64_t n, int h, int d, float base, kvc_err *err);
+int kvc_swiglu_cuda(float *a, const float *b, int64_t n, kvc_err *err);
 /* Q4_1 and Q8_0 blocks to f32. */
-int dequantize_cuda(uint32_t type, const void *src, float *dst, int64_t n, kvc_err *err);
+int kvc_dequantize_cuda(uint32_t type, const void *src, float *dst, int64_t n, kvc_err *err);
 /* y (N, O) = x (N, I) . W^T with W (O, I) row-major, through cuBLAS. */
-int matmul_cuda(float *y, const float *x, const float *w, int64_t n, int64_t o, int64_t i, kvc_err *err);
+int kvc_matmul_cuda(float *y, const float *x, const float *w, int64_t n, int64_t o, int64_t i, kvc_err *err);
 
 /* KIVI-style quantisation twins of kvc/kvquant.h (same arguments, host pointers). */
-int kvq_quant_tokens_cuda(const float *x, int64_t n, int c, int g, int bits, uint8_t *codes, uint16_t *scale,
+int kvc_kvq_quant_tokens_cuda(const float *x, int64_t n, int c, int g, int bits, uint8_t *codes, uint16_t *scale,
                           uint16_t *minv, kvc_err *err);
-int kvq_quant_channels_cuda(const float *x, int g_tokens, int c, int bits, uint8_t *codes, uint16_t *scale,
+int kvc_kvq_quant_channels_cuda(const float *x, int g_tokens, int c, int bits, uint8_t *codes, uint16_t *scale,
                             uint16_t *minv, kvc_err *err);
 
 /* SimHash and Hamming twins of kvc/lsh.h; proj (bits, dim) as in kvc_simhash. */
-int simhash_codes_cuda(const float *proj, int dim, int bits, const float *x, int64_t ld, int64_t n, uint64_t *codes,
+int kvc_simhash_codes_cuda(const float *proj, int dim, int bits, const float *x, int64_t ld, int64_t n, uint64_t *codes,
                        kvc_err *err);
-int hamming_cuda(const uint64_t *codes, int64_t n, uint64_t probe, uint8_t *dist, kvc_err *err);
+int kvc_hamming_cuda(const uint64_t *codes, int64_t n, uint64_t probe, uint8_t *dist, kvc_err *err);
 
 /* Twins of kvc/kvattn.h (the same arguments plus err, host pointers); topk returns the count
  * of indices written, or -1 with err. */
-int dense_rows_cuda(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
+int kvc_dense_rows_cuda(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
                     float *y, kvc_err *err);
-int rope_rows_cuda(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y,
+int kvc_rope_rows_cuda(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y,
                    kvc_err *err);
-int attend_head_cuda(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *v,
+int kvc_attend_head_cuda(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *v,
                      const int32_t *kpos, int64_t t, float *out, float *probs, kvc_err *err);
-int attend_latent_cuda(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *z,
+int kvc_attend_latent_cuda(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *z,
                        int r, const float *w, const float *b, const int32_t *kpos, int64_t t, float *out,
                        float *probs, kvc_err *err);
-int64_t topk_unprotected_cuda(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx,
+int64_t kvc_topk_unprotected_cuda(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx,
                               kvc_err *err);
 /* The same on device pointers (every array already on the device), queued on the default
  * stream with no final synchronisation: for a cache kept on the device, and for timing the
  * kernels without transfers. Temporary buffers come from the stream-ordered allocator. */
-int dense_rows_dev(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
+int kvc_dense_rows_dev(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
                    float *y, kvc_err *err);
-int rope_rows_dev(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y,
+int kvc_rope_rows_dev(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y,
                   kvc_err *err);
-int attend_head_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *v,
+int kvc_attend_head_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *v,
                     const int32_t *kpos, int64_t t, float *out, float *probs, kvc_err *err);
-int attend_latent_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *z,
+int kvc_attend_latent_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *z,
                       int r, const float *w, const float *b, const int32_t *kpos, int64_t t, float *out,
                       float *probs, kvc_err *err);
-int64_t topk_unprotected_dev(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx,
+int64_t kvc_topk_unprotected_dev(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx,
                              kvc_err *err);
 
 #ifdef __cplusplus

@@ -22,15 +22,15 @@ enum {
 #define QK_K 256
 
 /* Block layout facts for a type. Returns 0 if known (any ggml type), -1 if not. */
-int ggml_type_block(uint32_t type, uint32_t *block_elems, uint32_t *block_bytes);
+int kvc_ggml_type_block(uint32_t type, uint32_t *block_elems, uint32_t *block_bytes);
 /* Name such as "Q4_1", or "?" when unknown. */
-const char *ggml_type_name(uint32_t type);
+const char *kvc_ggml_type_name(uint32_t type);
 /* 1 if kvcodec can dequantize this type. */
-int ggml_type_supported(uint32_t type);
+int kvc_ggml_type_supported(uint32_t type);
 
 /* Dequantizes n elements (n a multiple of the block size) of `type` from src into dst.
  * Returns 0, or -1 for an unsupported type or a bad n. */
-int dequantize_row(uint32_t type, const void *src, float *dst, int64_t n);
+int kvc_dequantize_row(uint32_t type, const void *src, float *dst, int64_t n);
 
 #ifdef __cplusplus
 }

@@ -27,18 +27,18 @@ extern "C" {
 typedef struct reuse_fit reuse_fit;
 
 /* An empty accumulator for D-dimensional rows (with its own scratch, ~16 KiB x D). */
-reuse_fit *reuse_fit_new(int d, kvc_err *err);
-void reuse_fit_free(reuse_fit *f);
+reuse_fit *kvc_reuse_fit_new(int d, kvc_err *err);
+void kvc_reuse_fit_free(reuse_fit *f);
 /* Adds n row pairs: row i of src at src + i*ld_src, of dst at dst + i*ld_dst, D floats
  * each (ld = D for (N, D) arrays; ld = Hk*D with src + h*D for head h of (N, Hk, D)). */
-void reuse_fit_add(reuse_fit *f, const float *src, int64_t ld_src, const float *dst, int64_t ld_dst,
+void kvc_reuse_fit_add(reuse_fit *f, const float *src, int64_t ld_src, const float *dst, int64_t ld_dst,
                    int64_t n);
-int64_t reuse_fit_rows(const reuse_fit *f); /* rows added so far */
+int64_t kvc_reuse_fit_rows(const reuse_fit *f); /* rows added so far */
 /* Solves (Cxx + lambda I) W^T = Cxy (lambda from ridge as above; Cholesky in double) and
  * b = mean(dst) - W mean(src), writing w (D, D) (out, in) and b (D). When src does not vary at
  * all, W = 0 and b = mean(dst). -1 with err when no rows were added, ridge < 0, or the
  * system is singular (ridge 0 with rank-deficient src). */
-int reuse_fit_solve(const reuse_fit *f, double ridge, float *w, float *b, kvc_err *err);
+int kvc_reuse_fit_solve(const reuse_fit *f, double ridge, float *w, float *b, kvc_err *err);
 
 /* Streaming validation statistics of one item: identity (dst ~= src) and, when a map is
  * given, linear (dst ~= W src + b). Zero-initialise (`reuse_eval e = {0};`). */
@@ -50,27 +50,27 @@ typedef struct {
     double sq_linear;    /* sum |dst_i - (W src_i + b)|^2 */
 } reuse_eval;
 
-/* Adds n row pairs (strides as in reuse_fit_add). w (D, D) and b (D) may be NULL: identity
+/* Adds n row pairs (strides as in kvc_reuse_fit_add). w (D, D) and b (D) may be NULL: identity
  * statistics only. */
-void reuse_eval_add(reuse_eval *e, int d, const float *src, int64_t ld_src, const float *dst, int64_t ld_dst,
+void kvc_reuse_eval_add(reuse_eval *e, int d, const float *src, int64_t ld_src, const float *dst, int64_t ld_dst,
                     int64_t n, const float *w, const float *b);
 /* Mean cosine, ||dst - src||_F / ||dst||_F and ||dst - (W src + b)||_F / ||dst||_F (0/0 = 0,
  * x/0 = inf); any output may be NULL. */
-void reuse_eval_result(const reuse_eval *e, double *cos_identity, double *err_identity, double *err_linear);
+void kvc_reuse_eval_result(const reuse_eval *e, double *cos_identity, double *err_identity, double *err_linear);
 
 /* x_l_hat = W x_{l-1} + b for n rows: dst row i (at dst + i*ld_dst) from src row i (at
  * src + i*ld_src); w (D, D) (out, in), b (D). src and dst must not overlap. The CPU reference
  * for inference (float accumulation, vectorised over the D inputs). */
-void reuse_apply(int d, const float *w, const float *b, const float *src, int64_t ld_src, float *dst,
+void kvc_reuse_apply(int d, const float *w, const float *b, const float *src, int64_t ld_src, float *dst,
                  int64_t ld_dst, int64_t n);
 
 /* ---- a model's plan ---------------------------------------------------------------- */
 
 typedef enum { REUSE_NONE = 0, REUSE_IDENTITY = 1, REUSE_LINEAR = 2 } reuse_choice;
 /* "none", "identity", "linear" (checkpoints store these names); "?" when out of range. */
-const char *reuse_choice_name(reuse_choice c);
+const char *kvc_reuse_choice_name(reuse_choice c);
 /* Parses one of those names into *out; -1 if unknown. */
-int reuse_choice_parse(const char *s, reuse_choice *out);
+int kvc_reuse_choice_parse(const char *s, reuse_choice *out);
 
 /* Layer l, KV head h, K or V: predicted from the same head and kind of layer l-1. */
 typedef struct {
@@ -99,11 +99,11 @@ typedef struct {
 } reuse_option;
 
 /* Parses "threshold=X" (X finite, > 0) or "heads=N" (integer N >= 0); -1 with err otherwise.
- * Whether N items exist is checked by reuse_plan_choose. */
-int reuse_option_parse(const char *s, reuse_option *o, kvc_err *err);
+ * Whether N items exist is checked by kvc_reuse_plan_choose. */
+int kvc_reuse_option_parse(const char *s, reuse_option *o, kvc_err *err);
 /* Writes the canonical text of o ("threshold=0.2", "heads=12") into buf (size >= 40); it
  * parses back to the same option. */
-void reuse_option_format(const reuse_option *o, char *buf, size_t size);
+void kvc_reuse_option_format(const reuse_option *o, char *buf, size_t size);
 
 typedef struct {
     int n_layer, n_head_kv, head_dim; /* L, Hk, D */
@@ -112,29 +112,29 @@ typedef struct {
     float *maps;                      /* (n_items, D*D + D): each item's w then b */
     signed char *stored;              /* (L) layer captured in the analysed dataset: 1, 0, or -1 unknown */
     double ridge;                     /* ridge the maps were fitted with (NaN until solved) */
-    int chosen_set;                   /* 1 after reuse_plan_choose */
-    reuse_option option;              /* the option of the last reuse_plan_choose */
+    int chosen_set;                   /* 1 after kvc_reuse_plan_choose */
+    reuse_option option;              /* the option of the last kvc_reuse_plan_choose */
 } reuse_plan;
 
 /* An empty plan: no item analysed, all chosen NONE, maps zero, stored unknown. L >= 2,
  * Hk >= 1, D >= 1. A checkpoint reader fills items and maps directly. */
-reuse_plan *reuse_plan_new(int n_layer, int n_head_kv, int head_dim, kvc_err *err);
-void reuse_plan_free(reuse_plan *p); /* NULL is fine */
+reuse_plan *kvc_reuse_plan_new(int n_layer, int n_head_kv, int head_dim, kvc_err *err);
+void kvc_reuse_plan_free(reuse_plan *p); /* NULL is fine */
 /* The item for (layer, head, kind), or NULL if out of range (layer 0 has none). */
-reuse_item *reuse_plan_item(reuse_plan *p, int layer, int head, int kind);
+reuse_item *kvc_reuse_plan_item(reuse_plan *p, int layer, int head, int kind);
 /* Returns the number of items analysed; also stores it and the numbers chosen as identity /
  * linear through the pointers (any may be NULL). */
-int reuse_plan_count(const reuse_plan *p, int *n_analysed, int *n_identity, int *n_linear);
+int kvc_reuse_plan_count(const reuse_plan *p, int *n_analysed, int *n_identity, int *n_linear);
 /* Sets every item's `chosen` by the option; clears earlier choices. -1 with err when
  * heads=N asks for more items than were analysed. */
-int reuse_plan_choose(reuse_plan *p, const reuse_option *o, kvc_err *err);
+int kvc_reuse_plan_choose(reuse_plan *p, const reuse_option *o, kvc_err *err);
 /* Prints the layer x head table: rows layers 1..L-1, per KV head a K and a V column with
  * the best error, marked L (linear map chosen) or I (identity chosen); then a legend and
  * counts. Layers not analysed say why. */
-void reuse_plan_print(const reuse_plan *p, FILE *fp);
-/* dst = the chosen prediction of item it from src (strides as in reuse_apply): a copy for
+void kvc_reuse_plan_print(const reuse_plan *p, FILE *fp);
+/* dst = the chosen prediction of item it from src (strides as in kvc_reuse_apply): a copy for
  * IDENTITY, W src + b for LINEAR. -1 (nothing written) for NONE. */
-int reuse_item_predict(const reuse_plan *p, const reuse_item *it, const float *src, int64_t ld_src, float *dst,
+int kvc_reuse_item_predict(const reuse_plan *p, const reuse_item *it, const float *src, int64_t ld_src, float *dst,
                        int64_t ld_dst, int64_t n);
 
 /* ---- analysing a dataset ----------------------------------------------------------- */
@@ -142,30 +142,30 @@ int reuse_item_predict(const reuse_plan *p, const reuse_item *it, const float *s
 /* The streaming analysis of a plan over batches laid out as kvc_batch gives them:
  * x[j*3 + kind] is (n, Hk, D) for stored layer j (layers[j] its model layer, ascending).
  * Only model layers l with l-1 also stored are analysed; the rest stay analysed = 0 and
- * reuse_plan_print names the missing layer. Order: add_train..., solve, add_val...,
+ * kvc_reuse_plan_print names the missing layer. Order: add_train..., solve, add_val...,
  * finish. */
 typedef struct reuse_analysis reuse_analysis;
 
 /* Marks p->stored from layers, clears the plan's results and choices, and prepares the
  * accumulators. NULL with err when layers are out of the plan's range, not ascending, or hold
  * no consecutive pair. The plan must outlive the analysis. */
-reuse_analysis *reuse_analysis_new(reuse_plan *p, const int *layers, int n_stored, kvc_err *err);
-void reuse_analysis_free(reuse_analysis *a); /* NULL is fine */
+reuse_analysis *kvc_reuse_analysis_new(reuse_plan *p, const int *layers, int n_stored, kvc_err *err);
+void kvc_reuse_analysis_free(reuse_analysis *a); /* NULL is fine */
 /* Number of layer pairs (l-1, l) analysed. */
-int reuse_analysis_pairs(const reuse_analysis *a);
+int kvc_reuse_analysis_pairs(const reuse_analysis *a);
 /* Sets want[j*3 + kind] (n_stored*3 entries) to 1 for the K and V of every stored layer
  * the analysis reads and 0 otherwise, for kvc_batch_opts.want. */
-void reuse_analysis_want(const reuse_analysis *a, unsigned char *want);
+void kvc_reuse_analysis_want(const reuse_analysis *a, unsigned char *want);
 /* Adds n training rows to every pair's fit. -1 with err if a needed x[j*3+kind] is NULL or
  * the maps were already solved. */
-int reuse_analysis_add_train(reuse_analysis *a, const float *const *x, int n, kvc_err *err);
-/* Fits every pair's map (reuse_fit_solve) into the plan; p->ridge = ridge. */
-int reuse_analysis_solve(reuse_analysis *a, double ridge, kvc_err *err);
+int kvc_reuse_analysis_add_train(reuse_analysis *a, const float *const *x, int n, kvc_err *err);
+/* Fits every pair's map (kvc_reuse_fit_solve) into the plan; p->ridge = ridge. */
+int kvc_reuse_analysis_solve(reuse_analysis *a, double ridge, kvc_err *err);
 /* Adds n validation rows to every pair's statistics (after solve). */
-int reuse_analysis_add_val(reuse_analysis *a, const float *const *x, int n, kvc_err *err);
+int kvc_reuse_analysis_add_val(reuse_analysis *a, const float *const *x, int n, kvc_err *err);
 /* Writes cos/err and row counts into the plan's items and marks them analysed. -1 with err
  * if solve was not called or no validation rows were added. */
-int reuse_analysis_finish(reuse_analysis *a, kvc_err *err);
+int kvc_reuse_analysis_finish(reuse_analysis *a, kvc_err *err);
 
 #ifdef __cplusplus
 }

@@ -36,10 +36,10 @@ typedef struct {
     int no_state;             /* leave the trainer state out of the final checkpoint (smaller; no resume) */
 } kvc_train_opts;
 
-void train_opts_defaults(kvc_train_opts *o);
+void kvc_train_opts_defaults(kvc_train_opts *o);
 /* Runs training; 0 on success, 1 when stopped by stop_after_epoch (checkpoint written),
  * -1 with err on failure (the previous checkpoint at `out`, if any, is left intact). */
-int train_codec(const kvc_train_opts *o, kvc_err *err);
+int kvc_train_codec(const kvc_train_opts *o, kvc_err *err);
 
 #ifdef __cplusplus
 }

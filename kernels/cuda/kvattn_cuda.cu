@@ -52,7 +52,7 @@ __global__ void dense_rows_kernel(const float *x, int64_t n, int in, const float
     if (row < n && col < out) y[row * out + col] = act_dev(b ? acc + b[col] : acc, act, slope);
 }
 
-extern "C" int dense_rows_dev(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act,
+extern "C" int kvc_dense_rows_dev(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act,
                               float slope, float *y, kvc_err *err) {
     if (n <= 0) return 0;
     if (blocks_of(out, DENSE_TILE) > 65535) return kvc_fail(err, "dense_rows: %d outputs is too wide", out);
@@ -64,7 +64,7 @@ fail:
     return -1;
 }
 
-extern "C" int dense_rows_cuda(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act,
+extern "C" int kvc_dense_rows_cuda(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act,
                                float slope, float *y, kvc_err *err) {
     float *dx = NULL, *dw = NULL, *db = NULL, *dy = NULL;
     if (n <= 0) return 0;
@@ -77,7 +77,7 @@ extern "C" int dense_rows_cuda(const float *x, int64_t n, int in, const float *w
         CUDA_CHECK(cudaMalloc(&db, (size_t)out * sizeof(float)));
         CUDA_CHECK(cudaMemcpy(db, b, (size_t)out * sizeof(float), cudaMemcpyHostToDevice));
     }
-    if (dense_rows_dev(dx, n, in, dw, db, out, act, slope, dy, err)) goto fail;
+    if (kvc_dense_rows_dev(dx, n, in, dw, db, out, act, slope, dy, err)) goto fail;
     CUDA_CHECK(cudaMemcpy(y, dy, (size_t)n * out * sizeof(float), cudaMemcpyDeviceToHost));
     cudaFree(dx); cudaFree(dw); cudaFree(db); cudaFree(dy);
     return 0;
@@ -109,7 +109,7 @@ __global__ void rope_rows_kernel(const float *x, int64_t ldx, const int32_t *pos
     y[t * d + 2 * i + 1] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(bb, c));
 }
 
-extern "C" int rope_rows_dev(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y,
+extern "C" int kvc_rope_rows_dev(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y,
                              kvc_err *err) {
     rope_table inv;
     if (d < 2 || d % 2 || d / 2 > ROPE_MAX_HALF) return kvc_fail(err, "rope_rows: head_dim %d must be even and <= %d", d, 2 * ROPE_MAX_HALF);
@@ -123,7 +123,7 @@ fail:
     return -1;
 }
 
-extern "C" int rope_rows_cuda(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y,
+extern "C" int kvc_rope_rows_cuda(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y,
                               kvc_err *err) {
     float *dx = NULL, *dy = NULL;
     int32_t *dp = NULL;
@@ -134,7 +134,7 @@ extern "C" int rope_rows_cuda(const float *x, int64_t ldx, const int32_t *pos, i
     CUDA_CHECK(cudaMalloc(&dp, (size_t)n * sizeof(int32_t)));
     CUDA_CHECK(cudaMemcpy(dx, x, xcount * sizeof(float), cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(dp, pos, (size_t)n * sizeof(int32_t), cudaMemcpyHostToDevice));
-    if (rope_rows_dev(dx, ldx, dp, n, d, base, dy, err)) goto fail;
+    if (kvc_rope_rows_dev(dx, ldx, dp, n, d, base, dy, err)) goto fail;
     CUDA_CHECK(cudaMemcpy(y, dy, (size_t)n * d * sizeof(float), cudaMemcpyDeviceToHost));
     cudaFree(dx); cudaFree(dy); cudaFree(dp);
     return 0;
@@ -312,12 +312,12 @@ fail:
     return -1;
 }
 
-extern "C" int attend_head_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k,
+extern "C" int kvc_attend_head_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k,
                                const float *v, const int32_t *kpos, int64_t t, float *out, float *probs, kvc_err *err) {
     return attend_dev(q, qpos, n_q, g, d, k, v, d, NULL, NULL, kpos, t, out, probs, err);
 }
 
-extern "C" int attend_latent_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k,
+extern "C" int kvc_attend_latent_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k,
                                  const float *z, int r, const float *w, const float *b, const int32_t *kpos, int64_t t,
                                  float *out, float *probs, kvc_err *err) {
     return attend_dev(q, qpos, n_q, g, d, k, z, r, w, b, kpos, t, out, probs, err);
@@ -365,13 +365,13 @@ fail:
     return -1;
 }
 
-extern "C" int attend_head_cuda(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k,
+extern "C" int kvc_attend_head_cuda(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k,
                                 const float *v, const int32_t *kpos, int64_t t, float *out, float *probs,
                                 kvc_err *err) {
     return attend_host(q, qpos, n_q, g, d, k, v, d, NULL, NULL, kpos, t, out, probs, err);
 }
 
-extern "C" int attend_latent_cuda(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k,
+extern "C" int kvc_attend_latent_cuda(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k,
                                   const float *z, int r, const float *w, const float *b, const int32_t *kpos,
                                   int64_t t, float *out, float *probs, kvc_err *err) {
     return attend_host(q, qpos, n_q, g, d, k, z, r, w, b, kpos, t, out, probs, err);
@@ -426,7 +426,7 @@ __global__ void topk_gather_kernel(const uint64_t *keys, int64_t cnt, int64_t *i
     if (i < cnt) idx[i] = (int64_t)(uint32_t)keys[i];
 }
 
-extern "C" int64_t topk_unprotected_dev(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk,
+extern "C" int64_t kvc_topk_unprotected_dev(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk,
                                         int64_t *idx, kvc_err *err) {
     uint64_t *keys = NULL;
     const int64_t lo = sinks < 0 ? 0 : sinks, hi = n - (window < 0 ? 0 : window), m = hi - lo;
@@ -462,7 +462,7 @@ fail:
     return -1;
 }
 
-extern "C" int64_t topk_unprotected_cuda(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk,
+extern "C" int64_t kvc_topk_unprotected_cuda(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk,
                                          int64_t *idx, kvc_err *err) {
     float *ds = NULL;
     int64_t *di = NULL, cnt = 0;
@@ -470,7 +470,7 @@ extern "C" int64_t topk_unprotected_cuda(const float *score, int64_t n, int64_t 
     CUDA_CHECK(cudaMalloc(&ds, (size_t)n * sizeof(float)));
     CUDA_CHECK(cudaMalloc(&di, (size_t)(kk < n ? kk : n) * sizeof(int64_t)));
     CUDA_CHECK(cudaMemcpy(ds, score, (size_t)n * sizeof(float), cudaMemcpyHostToDevice));
-    cnt = topk_unprotected_dev(ds, n, sinks, window, kk, di, err);
+    cnt = kvc_topk_unprotected_dev(ds, n, sinks, window, kk, di, err);
     if (cnt < 0) goto fail;
     if (cnt) CUDA_CHECK(cudaMemcpy(idx, di, (size_t)cnt * sizeof(int64_t), cudaMemcpyDeviceToHost));
     cudaFree(ds); cudaFree(di);

@@ -113,7 +113,7 @@ __global__ void kvq_channels_kernel(const float *x, int gt, int c, int bits, uin
     }
 }
 
-extern "C" int kvq_quant_tokens_cuda(const float *x, int64_t n, int c, int g, int bits, uint8_t *codes,
+extern "C" int kvc_kvq_quant_tokens_cuda(const float *x, int64_t n, int c, int g, int bits, uint8_t *codes,
                                      uint16_t *scale, uint16_t *minv, kvc_err *err) {
     float *dx = NULL;
     uint8_t *dc = NULL;
@@ -136,7 +136,7 @@ fail:
     return -1;
 }
 
-extern "C" int kvq_quant_channels_cuda(const float *x, int gt, int c, int bits, uint8_t *codes, uint16_t *scale,
+extern "C" int kvc_kvq_quant_channels_cuda(const float *x, int gt, int c, int bits, uint8_t *codes, uint16_t *scale,
                                        uint16_t *minv, kvc_err *err) {
     float *dx = NULL;
     uint8_t *dc = NULL;

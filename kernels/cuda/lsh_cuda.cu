@@ -27,7 +27,7 @@ __global__ void hamming_kernel(const uint64_t *codes, int64_t n, uint64_t probe,
     if (i < n) dist[i] = (uint8_t)__popcll(codes[i] ^ probe);
 }
 
-extern "C" int simhash_codes_cuda(const float *proj, int dim, int bits, const float *x, int64_t ld, int64_t n,
+extern "C" int kvc_simhash_codes_cuda(const float *proj, int dim, int bits, const float *x, int64_t ld, int64_t n,
                                   uint64_t *codes, kvc_err *err) {
     float *dp = NULL, *dx = NULL;
     uint64_t *dc = NULL;
@@ -47,7 +47,7 @@ fail:
     return -1;
 }
 
-extern "C" int hamming_cuda(const uint64_t *codes, int64_t n, uint64_t probe, uint8_t *dist, kvc_err *err) {
+extern "C" int kvc_hamming_cuda(const uint64_t *codes, int64_t n, uint64_t probe, uint8_t *dist, kvc_err *err) {
     uint64_t *dc = NULL;
     uint8_t *dd = NULL;
     CUDA_CHECK(cudaMalloc(&dc, (size_t)n * sizeof(uint64_t)));

@@ -14,7 +14,7 @@
  * `fail:` label). */
 #include "cuda_check.h"
 
-extern "C" int cuda_device_info(char *desc, size_t cap) {
+extern "C" int kvc_cuda_device_info(char *desc, size_t cap) {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || n == 0) {
@@ -89,7 +89,7 @@ __global__ void dequant_q8_0_kernel(const uint8_t *src, float *dst, int64_t n) {
 
 static unsigned blocks_for(int64_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
 
-extern "C" int rmsnorm_cuda(float *out, const float *x, const float *g, int64_t n, int64_t e, float eps, kvc_err *err) {
+extern "C" int kvc_rmsnorm_cuda(float *out, const float *x, const float *g, int64_t n, int64_t e, float eps, kvc_err *err) {
     float *dx = NULL, *dg = NULL, *dout = NULL;
     size_t bytes = (size_t)(n * e) * sizeof(float);
     CUDA_CHECK(cudaMalloc(&dx, bytes));
@@ -107,7 +107,7 @@ fail:
     return -1;
 }
 
-extern "C" int rope_cuda(float *x, const int32_t *pos, int64_t n, int h, int d, float base, kvc_err *err) {
+extern "C" int kvc_rope_cuda(float *x, const int32_t *pos, int64_t n, int h, int d, float base, kvc_err *err) {
     float *dx = NULL;
     int32_t *dp = NULL;
     size_t bytes = (size_t)(n * h * d) * sizeof(float);
@@ -126,7 +126,7 @@ fail:
     return -1;
 }
 
-extern "C" int swiglu_cuda(float *a, const float *b, int64_t n, kvc_err *err) {
+extern "C" int kvc_swiglu_cuda(float *a, const float *b, int64_t n, kvc_err *err) {
     float *da = NULL, *db = NULL;
     size_t bytes = (size_t)n * sizeof(float);
     CUDA_CHECK(cudaMalloc(&da, bytes));
@@ -143,10 +143,10 @@ fail:
     return -1;
 }
 
-extern "C" int dequantize_cuda(uint32_t type, const void *src, float *dst, int64_t n, kvc_err *err) {
+extern "C" int kvc_dequantize_cuda(uint32_t type, const void *src, float *dst, int64_t n, kvc_err *err) {
     uint8_t *ds = NULL;
     float *dd = NULL;
-    if ((type != GGML_T_Q4_1 && type != GGML_T_Q8_0) || n % 32) return kvc_fail(err, "dequantize_cuda: unsupported type or size");
+    if ((type != GGML_T_Q4_1 && type != GGML_T_Q8_0) || n % 32) return kvc_fail(err, "kvc_dequantize_cuda: unsupported type or size");
     size_t in_bytes = (size_t)(n / 32) * (type == GGML_T_Q4_1 ? 20 : 34);
     CUDA_CHECK(cudaMalloc(&ds, in_bytes));
     CUDA_CHECK(cudaMalloc(&dd, (size_t)n * sizeof(float)));
@@ -162,7 +162,7 @@ fail:
     return -1;
 }
 
-extern "C" int matmul_cuda(float *y, const float *x, const float *w, int64_t n, int64_t o, int64_t i, kvc_err *err) {
+extern "C" int kvc_matmul_cuda(float *y, const float *x, const float *w, int64_t n, int64_t o, int64_t i, kvc_err *err) {
     float *dx = NULL, *dw = NULL, *dy = NULL;
     cublasHandle_t h = NULL;
     const float one = 1.0f, zero = 0.0f;
