@@ -26,6 +26,8 @@ int args_parse(const char *cmd, const char *usage, const char *summary, const ar
 #define ARG_MODEL(dest) \
     {"model", ARG_STR, dest, "FILE", "GGUF model (default: $KVC_MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf)", 0}
 #define ARG_THREADS(dest, dflt_text) {"threads", ARG_INT, dest, "N", "CPU threads (default: " dflt_text ")", 0}
+#define ARG_DEVICE(dest) \
+    {"device", ARG_STR, dest, "cpu|cuda", "where the cache's attention and RoPE run (default cpu)", 0}
 #define ARG_JSON(dest) {"json", ARG_FLAG, dest, NULL, "print the result as JSON", 0}
 
 /* The cores this process may use (at least 1). */

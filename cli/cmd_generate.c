@@ -11,7 +11,7 @@
 #include <unistd.h>
 
 int cmd_generate(int argc, char **argv) {
-    const char *model = cli_default_model(), *prompt = NULL, *repr = NULL, *keep = NULL;
+    const char *model = cli_default_model(), *prompt = NULL, *repr = NULL, *keep = NULL, *device = "cpu";
     int max_tokens = 64, threads = cli_default_threads(), ctx = 0, chat = 0, show_stats = 0;
     int ignore_eos = 0;
     float temp = 0.0f, top_p = 1.0f;
@@ -27,6 +27,7 @@ int cmd_generate(int argc, char **argv) {
         {"chat", ARG_FLAG, &chat, NULL, "wrap the prompt in the ChatML template (<|im_start|>user ...)", 0},
         {"ignore-eos", ARG_FLAG, &ignore_eos, NULL, "keep generating past the end-of-sequence token", 0},
         ARG_THREADS(&threads, "all cores"),
+        ARG_DEVICE(&device),
         {"stats", ARG_FLAG, &show_stats, NULL, "print prefill/decode speed and KV bytes on stderr", 0},
         {"repr", ARG_STR, &repr, "SPEC", "KV representation, e.g. int8 or ae:FILE,int8 (default: the full f32 cache)", 0},
         {"keep", ARG_STR, &keep, "SPEC", "retention policy, e.g. lsh:budget=0.5 (fractions are of the prompt length)", 0},
@@ -76,10 +77,12 @@ int cmd_generate(int argc, char **argv) {
     kvc_err err = {{0}};
     kvc_cache_shape shape = kvc_model_cache_shape(m, (int)n + max_tokens);
     kvc_cache *c = repr || keep ? kvc_kvcache_new(&shape, repr, keep, m->fingerprint, &err) : kvc_cache_full_new(&shape, &err);
-    if (c && kvc_cache_set_budget(c, n, &err)) {
+    const kvc_backend *be = c ? kvc_backend_find(device, &err) : NULL;
+    if (c && (!be || kvc_cache_set_budget(c, n, &err))) {
         kvc_cache_free(c);
         c = NULL;
     }
+    kvc_cache_set_backend(c, be);
     kvc_run *r = c ? kvc_run_new(m, n < 512 ? (int)n : 512, &err) : NULL;
     float *logits = malloc((size_t)m->hp.n_vocab * sizeof(float));
     int32_t *pos = malloc((size_t)n * sizeof(int32_t));

@@ -69,7 +69,7 @@ int cmd_train(int argc, char **argv) {
     o.ae.norm = !strcmp(norm, "batch") ? AE_NORM_BATCH : AE_NORM_NONE;
     if (o.ae.hidden == 0) { /* a linear encoder/decoder has no activation or norm to record */
         if (o.ae.norm == AE_NORM_BATCH) return cli_error("train", "--norm batch needs a hidden layer (--hidden H)"), 2;
-        o.ae.act = AE_ACT_NONE;
+        o.ae.act = KVC_ACT_NONE;
     }
     if (strcmp(share, "layer") && strcmp(share, "head")) return cli_error("train", "--share must be layer or head"), 2;
     o.per_head = !strcmp(share, "head");

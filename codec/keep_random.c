@@ -11,14 +11,6 @@ typedef struct {
     uint64_t *steps; /* (L * K) score calls so far per (layer, kv head) */
 } keep_random;
 
-/* splitmix64 finaliser: a well-mixed 64-bit value from any input. */
-static uint64_t mix64(uint64_t z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 /* Allocates the per-head step counters; no per-token state. */
 static int random_init(kvc_keep *k, kvc_err *err) {
     keep_random *r = calloc(1, sizeof *r);
@@ -52,9 +44,9 @@ static void random_describe(const kvc_keep *k, char *buf, size_t size) {
 static void random_score(kvc_keep *k, kvc_keep_view *v, float *score) {
     keep_random *r = k->impl;
     uint64_t *step = &r->steps[(size_t)v->layer * k->shape.n_head_kv + v->head];
-    uint64_t base = mix64(k->seed ^ mix64(((uint64_t)v->layer << 32) ^ (uint64_t)v->head ^ mix64(*step)));
+    uint64_t base = kvc_mix64(k->seed ^ kvc_mix64(((uint64_t)v->layer << 32) ^ (uint64_t)v->head ^ kvc_mix64(*step)));
     (*step)++;
-    for (int64_t t = 0; t < v->n; t++) score[t] = (float)(mix64(base ^ (uint64_t)(uint32_t)v->pos[t]) >> 40) * 0x1p-24f;
+    for (int64_t t = 0; t < v->n; t++) score[t] = (float)(kvc_mix64(base ^ (uint64_t)(uint32_t)v->pos[t]) >> 40) * 0x1p-24f;
 }
 
 const kvc_keep_ops KVC_KEEP_RANDOM = {

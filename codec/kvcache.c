@@ -287,7 +287,6 @@ static int kv_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpo
                      kvc_err *err) {
     kv_impl *im = c->impl;
     const int K = im->K, G = im->G, D = im->D, H = im->H;
-    const float scale = 1.0f / sqrtf((float)D);
     int fail = 0;
     /* 1. per kv head: keys (decoded, rotated) and values (decoded, or latents) */
     for (int h = 0; h < K; h++) {
@@ -303,7 +302,10 @@ static int kv_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpo
         /* the memo keeps this layer's rows (before RoPE) for a layer above that reuses them */
         const float *kp = memo_rows(im, layer, h, KK, scr);
         if (!kp) { fail |= 1; continue; }
-        kvc_rope_rows(&im->rope, kp, D, s->pos, T, scr->kr, D);
+        if (kvc_cache_backend(c)->rope_rows(&im->rope, kp, D, s->pos, T, scr->kr, D, NULL)) {
+            fail |= 1;
+            continue;
+        }
         if (!im->latent[(size_t)layer * K + h]) {
             const float *vp = memo_rows(im, layer, h, KV, scr);
             if (!vp) { fail |= 1; continue; }
@@ -312,66 +314,22 @@ static int kv_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpo
             im->repr->ops->decode_latent(im->repr, layer, h, s->rows[KV], (int)s->n_enc[KV], scr->z);
         }
     }
-    if (fail) return kvc_fail(err, "out of memory in attention");
-    /* 2. every (query, query head) */
-#pragma omp parallel
-    {
-        float *zs = NULL;
-        int Rmax = 0;
-        for (int h = 0; h < K; h++) Rmax = im->latent[(size_t)layer * K + h] > Rmax ? im->latent[(size_t)layer * K + h] : Rmax;
-        float *sc = NULL;
-        int64_t Tmax = 1;
-        for (int h = 0; h < K; h++) Tmax = im->hs[(size_t)layer * K + h].n > Tmax ? im->hs[(size_t)layer * K + h].n : Tmax;
-        sc = malloc((size_t)Tmax * sizeof(float));
-        zs = malloc((size_t)(Rmax > 0 ? Rmax : 1) * sizeof(float) + (size_t)D * sizeof(float));
-#pragma omp for collapse(2) schedule(dynamic, 4)
-        for (int t = 0; t < n_q; t++) {
-            for (int hq = 0; hq < H; hq++) {
-                const int h = hq / G, g = hq % G;
-                const hstore *s = &im->hs[(size_t)layer * K + h];
-                hscratch *scr = &im->sc[h];
-                const float *qh = q + ((size_t)t * H + hq) * D;
-                float *o = out + ((size_t)t * H + hq) * D;
-                const int R = im->latent[(size_t)layer * K + h];
-                const int64_t T = s->n;
-                if (!sc || !zs) { memset(o, 0, (size_t)D * sizeof(float)); continue; }
-                if (!R) {
-                    kvc_attn_row(qh, scr->kr, (size_t)D, scr->vr, (size_t)D, s->pos, T, qpos[t], D, scale, sc, o);
-                } else {
-                    /* values in latent space: encoded rows through W (sum a z) + b * (sum a), the
-                     * exact rows directly */
-                    kvc_attn_row(qh, scr->kr, (size_t)D, NULL, 0, s->pos, T, qpos[t], D, scale, sc, NULL);
-                    const int64_t ne = s->n_enc[KV];
-                    float mass = 0.0f;
-                    memset(zs, 0, (size_t)R * sizeof(float));
-                    for (int64_t j = 0; j < ne; j++) {
-                        const float a = sc[j];
-                        if (a == 0.0f) continue;
-                        mass += a;
-                        const float *zj = scr->z + (size_t)j * R;
-                        for (int r = 0; r < R; r++) zs[r] += a * zj[r];
-                    }
-                    memset(o, 0, (size_t)D * sizeof(float));
-                    if (mass > 0.0f) {
-                        float *lift = zs + R;
-                        for (int r = 0; r < R; r++) zs[r] /= mass;
-                        im->repr->ops->lift(im->repr, layer, h, zs, lift);
-                        for (int d = 0; d < D; d++) o[d] = lift[d] * mass;
-                    }
-                    for (int64_t j = ne; j < T; j++) {
-                        const float a = sc[j];
-                        if (a == 0.0f) continue;
-                        const float *vj = s->raw[KV] + (size_t)(j - ne) * D;
-                        for (int d = 0; d < D; d++) o[d] += a * vj[d];
-                    }
-                }
-                if (im->keep->needs_probs)
-                    memcpy(scr->probs + ((size_t)t * G + g) * T, sc, (size_t)T * sizeof(float));
-            }
-        }
-        free(sc);
-        free(zs);
+    if (fail) return kvc_fail(err, "attention: out of memory, or the backend failed rotating keys");
+    /* 2. every (query, query head): the backend's attention, exact rows and latents alike */
+    kvc_attn_kv kv[K];
+    float *probs[K];
+    const kvc_repr_ops *ro = im->repr->ops;
+    for (int h = 0; h < K; h++) {
+        const hstore *s = &im->hs[(size_t)layer * K + h];
+        const hscratch *scr = &im->sc[h];
+        const int R = im->latent[(size_t)layer * K + h];
+        const int64_t ne = R ? s->n_enc[KV] : 0;
+        kv[h] = (kvc_attn_kv){.t = s->n, .k = scr->kr, .ldk = D, .pos = s->pos, .ne = ne, .z = scr->z, .r = R,
+                              .v = R ? s->raw[KV] : scr->vr, .ldv = D};
+        if (ne > 0) ro->linear_decoder(im->repr, layer, h, &kv[h].w, &kv[h].b);
+        probs[h] = im->keep->needs_probs ? scr->probs : NULL;
     }
+    if (kvc_cache_backend(c)->attend_layer(q, qpos, n_q, H, K, D, kv, out, probs, err)) return -1;
     /* 3. the policy sees the step's queries (and weights) */
     if (im->keep->ops->on_attend) {
         for (int h = 0; h < K; h++) {
@@ -665,7 +623,7 @@ kvc_cache *kvc_kvcache_new(const kvc_cache_shape *shape, const char *repr, const
     /* values in latent space when the decoder is linear and no layer above needs them decoded */
     for (int l = 0; l < im->L; l++)
         for (int h = 0; h < im->K; h++) {
-            int R = ro->latent_dim && ro->decode_latent && ro->lift ? ro->latent_dim(im->repr, l, h) : 0;
+            int R = ro->latent_dim && ro->decode_latent && ro->linear_decoder ? ro->latent_dim(im->repr, l, h) : 0;
             if (im->reused[IDX3(im, l, h, KV)] || (l + 1 < im->L && im->reused[IDX3(im, l + 1, h, KV)]) ||
                 im->brows[KV] != 1)
                 R = 0;

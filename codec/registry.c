@@ -2,6 +2,7 @@
  * the spec parser that turns "name:opt,key=val" into a built plug-in. A new method is one
  * file plus one line here. */
 #include "kvc/kvcache.h"
+#include "kvc/kernels.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -196,54 +197,22 @@ void kvc_keep_free(kvc_keep *k) {
 
 int64_t kvc_kvcache_select(const float *score, int64_t n, int64_t keep, int sinks, int window, uint8_t *evict) {
     memset(evict, 0, (size_t)(n > 0 ? n : 0));
-    int64_t lo = sinks, hi = n - window; /* candidates [lo, hi) */
-    if (hi <= lo || keep >= n) return 0;
-    int64_t want = n - keep, got = 0;
-    if (want > hi - lo) want = hi - lo;
-    /* repeated arg-max is O(n * want); a partial sort is not needed at these sizes when
-     * want is small, so pick the method by size */
-    if (want <= 8) {
+    if (keep >= n) return 0;
+    int64_t want = n - keep;
+    int64_t *idx = malloc((size_t)want * sizeof *idx);
+    if (!idx) { /* out of memory: one token at a time, the same order, no allocation */
+        int64_t got = 0;
         for (; got < want; got++) {
             int64_t best = -1;
-            for (int64_t i = lo; i < hi; i++)
+            for (int64_t i = sinks; i < n - window; i++)
                 if (!evict[i] && (best < 0 || score[i] > score[best])) best = i;
+            if (best < 0) break;
             evict[best] = 1;
         }
         return got;
     }
-    /* general case: sort candidate indices by (score desc, index asc), a merge sort */
-    int64_t m = hi - lo;
-    int64_t *idx = malloc((size_t)m * sizeof *idx), *tmp = malloc((size_t)m * sizeof *tmp);
-    if (!idx || !tmp) { /* out of memory: the slow exact method needs none */
-        free(idx);
-        free(tmp);
-        for (; got < want; got++) {
-            int64_t best = -1;
-            for (int64_t i = lo; i < hi; i++)
-                if (!evict[i] && (best < 0 || score[i] > score[best])) best = i;
-            evict[best] = 1;
-        }
-        return got;
-    }
-    for (int64_t i = 0; i < m; i++) idx[i] = lo + i;
-    for (int64_t w = 1; w < m; w *= 2) {
-        for (int64_t a = 0; a < m; a += 2 * w) {
-            int64_t mid = a + w < m ? a + w : m, b = a + 2 * w < m ? a + 2 * w : m;
-            int64_t i = a, j = mid, o = a;
-            while (i < mid && j < b) {
-                int64_t x = idx[i], y = idx[j];
-                int take_y = score[y] > score[x] || (score[y] == score[x] && y < x);
-                tmp[o++] = take_y ? idx[j++] : idx[i++];
-            }
-            while (i < mid) tmp[o++] = idx[i++];
-            while (j < b) tmp[o++] = idx[j++];
-        }
-        int64_t *t = idx;
-        idx = tmp;
-        tmp = t;
-    }
-    for (got = 0; got < want; got++) evict[idx[got]] = 1;
+    int64_t got = kvc_topk(score, n, sinks, window, want, idx);
+    for (int64_t i = 0; i < got; i++) evict[idx[i]] = 1;
     free(idx);
-    free(tmp);
     return got;
 }

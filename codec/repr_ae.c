@@ -294,7 +294,7 @@ static int prepare_fast_path(ae_repr *a, kvc_err *err) {
             const int nl = half ? e->n_dec : e->n_enc;
             for (int l = 0; l < nl; l++) {
                 const ae_dense *dl = &layers[l];
-                if (dl->act != AE_ACT_NONE) continue;
+                if (dl->act != KVC_ACT_NONE) continue;
                 float *wt = kvc_malloc_array((size_t)dl->in * dl->out, sizeof(float));
                 if (!wt) return kvc_fail(err, "out of memory");
                 for (int o = 0; o < dl->out; o++)
@@ -390,7 +390,7 @@ static int repr_ae_latent_dim(const kvc_repr *r, int layer, int head) {
     const ae_repr *a = r->impl;
     if (form_of(a, layer, KV_V) != FORM_AE || repr_ae_reused(r, layer, head, KV_V)) return 0;
     const ae_export *e = net_of(a, layer, KV_V, head);
-    return e->n_dec == 1 && e->dec[0].act == AE_ACT_NONE ? a->r : 0;
+    return e->n_dec == 1 && e->dec[0].act == KVC_ACT_NONE ? a->r : 0;
 }
 
 /* Stored value latents of (layer, head) back to floats: z (n, R). */
@@ -401,12 +401,13 @@ static void repr_ae_decode_latent(const kvc_repr *r, int layer, int head, const 
     for (int i = 0; i < n; i++) lat_decode(a, rows + (size_t)i * rb, z + (size_t)i * a->r);
 }
 
-/* out (D) = W zs + b with the value decoder of (layer, head) (valid when latent_dim > 0). */
-static void repr_ae_lift(const kvc_repr *r, int layer, int head, const float *zs, float *out) {
+/* The value decoder of (layer, head) as y = W z + b: W (D, R) and b (D) (valid when
+ * latent_dim > 0), for attention in latent space. */
+static void repr_ae_linear_decoder(const kvc_repr *r, int layer, int head, const float **w, const float **b) {
     const ae_repr *a = r->impl;
-    const int net = net_index(a, layer, KV_V, head);
-    const ae_dense *dl = &a->c->ae[net].dec[0];
-    dense_t(a->wt[(size_t)net * 4 + 2], dl->b, dl->in, dl->out, zs, 1, out);
+    const ae_dense *dl = &a->c->ae[net_index(a, layer, KV_V, head)].dec[0];
+    *w = dl->w;
+    *b = dl->b;
 }
 
 const kvc_repr_ops KVC_REPR_AE = {
@@ -425,5 +426,5 @@ const kvc_repr_ops KVC_REPR_AE = {
     .predict = repr_ae_predict,
     .latent_dim = repr_ae_latent_dim,
     .decode_latent = repr_ae_decode_latent,
-    .lift = repr_ae_lift,
+    .linear_decoder = repr_ae_linear_decoder,
 };

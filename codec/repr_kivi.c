@@ -9,7 +9,6 @@
  * Defaults: group 64 for int8 (one range per head row at D = 64: 8 bits leave room for it),
  * 32 for int4 (KIVI's choice); when the default does not divide D, gcd(default, D). kgroup 32. */
 #include "kvc/kvcache.h"
-#include "kvc/dataset.h" /* KV_K, KV_V */
 #include "kvc/kvquant.h"
 #include "repr_quant.h"
 
@@ -49,7 +48,7 @@ void kvc_repr_qrow_decode(const uint8_t *row, int c, int g, int bits, float *y) 
         uint16_t hs, hm;
         memcpy(&hs, row + cb + k * 2, 2);
         memcpy(&hm, row + cb + (ng + k) * 2, 2);
-        const float s = repr_f16_to_f32(hs), m = repr_f16_to_f32(hm);
+        const float s = kvc_f16_to_f32(hs), m = kvc_f16_to_f32(hm);
         float *yk = y + k * g;
         const int j0 = (int)k * g;
         if (bits == 8) {

@@ -12,28 +12,12 @@
  * stack and is sized by it. */
 #define REPR_MAX_DIM 1024
 
-/* f16 bits to f32, equal to kvc_f16_to_f32 for every input (NaN payloads included) but
- * without its data-dependent loop, so the decode loops that read every held row at every
- * attention step stay fast: the f16 exponent and mantissa shifted into f32 place and scaled
- * by 2^112 is exact for normal and subnormal values; Inf/NaN get the f32 all-ones exponent. */
-static inline float repr_f16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)(h & 0x7FFFu) << 13, sign = (uint32_t)(h & 0x8000u) << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    f *= 0x1p112f;
-    memcpy(&bits, &f, 4);
-    if ((h & 0x7C00u) == 0x7C00u) bits = 0x7F800000u | ((uint32_t)(h & 0x3FFu) << 13);
-    bits |= sign;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 /* n f16 values stored bytewise (possibly unaligned) at src to floats. */
 static inline void repr_f16_row(const uint8_t *src, size_t n, float *y) {
     for (size_t j = 0; j < n; j++) {
         uint16_t h;
         memcpy(&h, src + 2 * j, 2);
-        y[j] = repr_f16_to_f32(h);
+        y[j] = kvc_f16_to_f32(h);
     }
 }
 

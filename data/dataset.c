@@ -4,7 +4,7 @@
  * Shapes: N rows (tokens), H heads (n_head_kv for k/v, n_head for q), D head_dim. */
 #include "kvc/dataset.h"
 
-#include "h5util.h"
+#include "internal/h5util.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -577,22 +577,6 @@ struct kvc_batcher {
     size_t bytes;          /* everything above */
 };
 
-/* splitmix64: advances *s and returns the next 64 random bits. */
-static uint64_t rng_next(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/* Uniform integer in [0, n), n > 0, without modulo bias. */
-static uint64_t rng_below(uint64_t *s, uint64_t n) {
-    uint64_t lim = UINT64_MAX - UINT64_MAX % n, r;
-    do r = rng_next(s);
-    while (r >= lim);
-    return r % n;
-}
-
 /* Allocates n elements of size sz and counts them into bt->bytes; NULL on overflow/OOM. */
 static void *bt_alloc(kvc_batcher *bt, int64_t n, size_t sz) {
     if (n < 1) n = 1;
@@ -605,11 +589,11 @@ static void *bt_alloc(kvc_batcher *bt, int64_t n, size_t sz) {
 static void batcher_begin_epoch(kvc_batcher *bt, int64_t e) {
     bt->epoch = e;
     bt->rng = bt->o.seed ^ 0x6A09E667F3BCC909ull;
-    bt->rng = rng_next(&bt->rng) + (uint64_t)e * 0xD1B54A32D192ED03ull;
+    bt->rng = kvc_rng_next(&bt->rng) + (uint64_t)e * 0xD1B54A32D192ED03ull;
     for (int64_t i = 0; i < bt->n_blocks; i++) bt->order[i] = i;
     if (bt->o.shuffle)
         for (int64_t i = bt->n_blocks - 1; i > 0; i--) {
-            int64_t k = (int64_t)rng_below(&bt->rng, (uint64_t)i + 1), t = bt->order[i];
+            int64_t k = (int64_t)kvc_rng_below(&bt->rng, (uint64_t)i + 1), t = bt->order[i];
             bt->order[i] = bt->order[k];
             bt->order[k] = t;
         }
@@ -647,7 +631,7 @@ static int batcher_fill(kvc_batcher *bt, kvc_err *err) {
     for (int64_t i = 0; i < row; i++) bt->perm[i] = (int32_t)i;
     if (bt->o.shuffle)
         for (int64_t i = row - 1; i > 0; i--) {
-            int64_t k = (int64_t)rng_below(&bt->rng, (uint64_t)i + 1);
+            int64_t k = (int64_t)kvc_rng_below(&bt->rng, (uint64_t)i + 1);
             int32_t t = bt->perm[i];
             bt->perm[i] = bt->perm[k];
             bt->perm[k] = t;

@@ -4,7 +4,7 @@
  * PATH.tmp and renamed into place only when complete. */
 #include "kvc/dataset.h"
 
-#include "h5util.h"
+#include "internal/h5util.h"
 
 #include <math.h>
 #include <stdio.h>

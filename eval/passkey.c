@@ -125,14 +125,6 @@ int kvc_passkey_check(const char *generated, const char *key) {
 
 /* ==================================================================== the protocol ==== */
 
-/* SplitMix64: the next pseudo-random 64-bit value of the stream *s (advanced). */
-static uint64_t splitmix(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 /* Index of the largest of x (n), the first on ties: greedy decoding. */
 static int argmax(const float *x, int n) {
     int a = 0;
@@ -239,7 +231,7 @@ int kvc_eval_passkey(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const kvc
         if (cell->skipped) continue;
         for (int tr = 0; tr < trials && rc == 0; tr++) {
             char key[8];
-            snprintf(key, sizeof key, "%05d", (int)(10000 + splitmix(&rng) % 90000));
+            snprintf(key, sizeof key, "%05d", (int)(10000 + kvc_rng_next(&rng) % 90000));
             kvc_passkey_prompt p;
             if (kvc_passkey_build(m->tok, cell->length, cell->depth, key, &p, err)) { rc = -1; break; }
             double mem[3], t1 = kvc_now();

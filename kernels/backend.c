@@ -1,13 +1,15 @@
-/* backend.c - which compute backends this build has and whether a GPU can be used now.
- * A binary built with CUDA still starts and runs on the CPU where no driver exists. */
+/* backend.c - the backend tables (kvc/backend.h): the CPU reference over the kernels of
+ * kvc/kernels.h and, when built with CUDA, the same entries over their twins; which backends
+ * this build has and whether a GPU can be used now; and the start-up check that the CPU runs
+ * what the build was compiled for. A binary built with CUDA still starts and runs on the CPU
+ * where no driver exists. */
 #include "kvc/backend.h"
+#include "kvc/ops_cuda.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
-#ifdef KVC_HAVE_CUDA
-int kvc_cuda_device_info(char *desc, size_t cap); /* kernels/cuda/ops_cuda.cu */
-#endif
 
 int kvc_backend_cuda_compiled(void) {
 #ifdef KVC_HAVE_CUDA
@@ -23,6 +25,97 @@ int kvc_backend_cuda_available(char *desc, size_t cap) {
 #else
     if (desc && cap) snprintf(desc, cap, "this build has no CUDA backend");
     return 0;
+#endif
+}
+
+/* ---- the CPU table ------------------------------------------------------------------------ */
+
+static int cpu_rope_rows(const kvc_rope_table *t, const float *x, int64_t ldx, const int32_t *pos, int64_t n, float *y,
+                         int64_t ldy, kvc_err *err) {
+    (void)err;
+    kvc_rope_rows(t, x, ldx, pos, n, y, ldy);
+    return 0;
+}
+
+/* One row per (token, query head), split over the OpenMP threads: H rows per token keep two
+ * threads busy even at decode, where a KV head has only G. */
+static int cpu_attend_layer(const float *q, const int32_t *qpos, int n_q, int h, int k, int d, const kvc_attn_kv *kv,
+                            float *out, float *const *probs, kvc_err *err) {
+    const int g = h / k;
+    int64_t tmax = 1;
+    int rmax = 0;
+    for (int j = 0; j < k; j++) {
+        tmax = kv[j].t > tmax ? kv[j].t : tmax;
+        rmax = kv[j].ne > 0 && kv[j].r > rmax ? kv[j].r : rmax;
+    }
+    int oom = 0;
+#pragma omp parallel reduction(| : oom) if (n_q * h > 1)
+    {
+        float *sc = kvc_malloc_array((size_t)(tmax + rmax + 1), sizeof(float));
+        if (!sc) oom = 1;
+#pragma omp for collapse(2) schedule(dynamic, 4)
+        for (int t = 0; t < n_q; t++)
+            for (int hq = 0; hq < h; hq++) {
+                if (!sc) continue;
+                const int j = hq / g;
+                float *pr = probs && probs[j] ? probs[j] + ((size_t)t * g + hq % g) * kv[j].t : NULL;
+                kvc_attend(q + ((size_t)t * h + hq) * d, d, qpos + t, 1, 1, d, &kv[j], out + ((size_t)t * h + hq) * d, d,
+                           pr, sc);
+            }
+        free(sc);
+    }
+    return oom ? kvc_fail(err, "out of memory in attention") : 0;
+}
+
+static int cpu_dense_rows(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act,
+                          float slope, float *y, kvc_err *err) {
+    (void)err;
+    kvc_dense_rows(x, n, in, w, b, out, act, slope, y);
+    return 0;
+}
+
+static int64_t cpu_topk(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx,
+                        kvc_err *err) {
+    (void)err;
+    return kvc_topk(score, n, sinks, window, kk, idx);
+}
+
+static const kvc_backend CPU = {"cpu", cpu_rope_rows, cpu_attend_layer, cpu_dense_rows, cpu_topk};
+
+const kvc_backend *kvc_backend_cpu(void) { return &CPU; }
+
+/* ---- the CUDA table: the twins, staged through host memory per call ------------------------ */
+
+#ifdef KVC_HAVE_CUDA
+static int cuda_attend_layer(const float *q, const int32_t *qpos, int n_q, int h, int k, int d, const kvc_attn_kv *kv,
+                             float *out, float *const *probs, kvc_err *err) {
+    const int g = h / k;
+    for (int j = 0; j < k; j++)
+        if (kvc_attend_cuda(q + (size_t)j * g * d, (int64_t)h * d, qpos, n_q, g, d, &kv[j], out + (size_t)j * g * d,
+                            (int64_t)h * d, probs ? probs[j] : NULL, err))
+            return -1;
+    return 0;
+}
+
+static const kvc_backend CUDA = {"cuda", kvc_rope_rows_cuda, cuda_attend_layer, kvc_dense_rows_cuda, kvc_topk_cuda};
+#endif
+
+const kvc_backend *kvc_backend_find(const char *name, kvc_err *err) {
+    if (!name || !strcmp(name, "cpu")) return &CPU;
+    if (strcmp(name, "cuda")) {
+        kvc_fail(err, "unknown device '%s' (cpu or cuda)", name);
+        return NULL;
+    }
+#ifdef KVC_HAVE_CUDA
+    char why[200];
+    if (!kvc_cuda_device_info(why, sizeof why)) {
+        kvc_fail(err, "--device cuda: no usable CUDA device (%s)", why);
+        return NULL;
+    }
+    return &CUDA;
+#else
+    kvc_fail(err, "--device cuda: this build has no CUDA backend (nvcc was not found when it was configured)");
+    return NULL;
 #endif
 }
 

@@ -7,14 +7,6 @@
 
 #define LSH_TWO_PI 6.283185307179586
 
-/* splitmix64: the seeded source of the projections. */
-static uint64_t mix64(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 int kvc_simhash_init(kvc_simhash *h, int dim, int bits, uint64_t seed, kvc_err *err) {
     h->proj = NULL;
     if (bits < LSH_MIN_BITS || bits > LSH_MAX_BITS)
@@ -26,7 +18,7 @@ int kvc_simhash_init(kvc_simhash *h, int dim, int bits, uint64_t seed, kvc_err *
     if (!h->proj) return kvc_fail(err, "out of memory");
     uint64_t s = seed;
     for (int i = 0; i < dim * bits; i += 2) { /* Box-Muller pairs */
-        double u1 = ((double)(mix64(&s) >> 11) + 1.0) / 9007199254740993.0, u2 = (double)(mix64(&s) >> 11) / 9007199254740992.0;
+        double u1 = ((double)(kvc_rng_next(&s) >> 11) + 1.0) / 9007199254740993.0, u2 = (double)(kvc_rng_next(&s) >> 11) / 9007199254740992.0;
         double r = sqrt(-2.0 * log(u1));
         h->proj[i] = (float)(r * cos(LSH_TWO_PI * u2));
         if (i + 1 < dim * bits) h->proj[i + 1] = (float)(r * sin(LSH_TWO_PI * u2));

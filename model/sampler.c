@@ -12,17 +12,6 @@ int32_t kvc_argmax_f32(const float *x, int64_t n) {
     return (int32_t)best;
 }
 
-/* splitmix64 step: decorrelates nearby seeds. */
-static uint64_t splitmix(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/* Uniform float in [0, 1). */
-static float rand_unit(uint64_t *s) { return (float)(splitmix(s) >> 40) / 16777216.0f; }
-
 int kvc_sampler_init(kvc_sampler *s, int n_vocab, float temperature, float top_p, uint64_t seed, kvc_err *err) {
     if (!(top_p > 0.0f && top_p <= 1.0f)) return kvc_fail(err, "top-p must be in (0, 1], got %g", top_p);
     if (!(temperature >= 0.0f) || !isfinite(temperature)) return kvc_fail(err, "temperature must be >= 0");
@@ -75,7 +64,7 @@ int32_t kvc_sampler_sample(kvc_sampler *s, const float *logits) {
         mass += s->prob[s->idx[i]];
         if (mass >= s->top_p) { keep = i + 1; break; }
     }
-    float r = rand_unit(&s->rng) * (float)mass;
+    float r = kvc_rng_unit(&s->rng) * (float)mass;
     double acc = 0.0;
     for (int i = 0; i < keep; i++) {
         acc += s->prob[s->idx[i]];

@@ -122,15 +122,6 @@ static uint64_t hash_bytes(const char *s, size_t n) {
     return h;
 }
 
-/* splitmix64 finaliser: spreads a token-pair key over the table. */
-static uint64_t hash_u64(uint64_t x) {
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ull;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
 /* Length of token id's stored text. */
 static size_t tok_text_len(const kvc_tokenizer *t, int32_t id) {
     return t->text_off[id + 1] - t->text_off[id] - 1;
@@ -165,7 +156,7 @@ static void vocab_insert(kvc_tokenizer *t, int32_t id) {
 /* The merge slot for (left, right): the matching one, or the empty one that ends its probe. */
 static merge_slot *merge_slot_of(const kvc_tokenizer *t, int32_t left, int32_t right) {
     uint64_t key = (uint64_t)(uint32_t)left << 32 | (uint32_t)right;
-    for (uint64_t i = hash_u64(key) & t->merge_mask;; i = (i + 1) & t->merge_mask) {
+    for (uint64_t i = kvc_mix64(key) & t->merge_mask;; i = (i + 1) & t->merge_mask) {
         merge_slot *m = &t->merge[i];
         if (m->rank < 0 || m->key == key)
             return m;

@@ -55,7 +55,7 @@ static float *rand_array(size_t n, float scale, float offset) {
     return a;
 }
 
-static ae_config make_config(int d, int h, int r, ae_act act, ae_norm norm) {
+static ae_config make_config(int d, int h, int r, kvc_act act, ae_norm norm) {
     ae_config c;
     kvc_ae_config_defaults(&c);
     c.in_dim = d, c.hidden = h, c.latent = r, c.act = act, c.norm = norm;
@@ -101,7 +101,7 @@ static void grad_check(const ae_config *c, const ae_loss *L, const float *x, int
         grads[i] = malloc(tensor_size(g) * sizeof(float));
         memcpy(grads[i], g.data, tensor_size(g) * sizeof(float));
     }
-    double worst = 0, h = c->hidden && (c->act == AE_ACT_RELU || c->act == AE_ACT_LEAKY_RELU) ? GRAD_STEP_KINK : GRAD_STEP;
+    double worst = 0, h = c->hidden && (c->act == KVC_ACT_RELU || c->act == KVC_ACT_LEAKY_RELU) ? GRAD_STEP_KINK : GRAD_STEP;
     for (int i = 0; i < nt; i++) {
         ae_tensor t = kvc_ae_tensor_at(m, i);
         if (!t.trainable) continue;
@@ -129,7 +129,7 @@ static void grad_check(const ae_config *c, const ae_loss *L, const float *x, int
 }
 
 /* Grad check of one architecture with the MSE loss on an 8-row batch. */
-static void grad_check_mse(int hidden, ae_act act, ae_norm norm) {
+static void grad_check_mse(int hidden, kvc_act act, ae_norm norm) {
     rng_state = 11 + (uint64_t)act;
     ae_config c = make_config(8, hidden, 3, act, norm);
     float *x = rand_array(8 * 8, 1.0f, 0.2f);
@@ -140,21 +140,21 @@ static void grad_check_mse(int hidden, ae_act act, ae_norm norm) {
 
 /* ---- gradients ------------------------------------------------------------------------ */
 
-Test(ae_grad, linear_mse) { grad_check_mse(0, AE_ACT_NONE, AE_NORM_NONE); }
-Test(ae_grad, hidden_none) { grad_check_mse(6, AE_ACT_NONE, AE_NORM_NONE); }
-Test(ae_grad, hidden_relu) { grad_check_mse(6, AE_ACT_RELU, AE_NORM_NONE); }
-Test(ae_grad, hidden_leaky_relu) { grad_check_mse(6, AE_ACT_LEAKY_RELU, AE_NORM_NONE); }
-Test(ae_grad, hidden_gelu) { grad_check_mse(6, AE_ACT_GELU, AE_NORM_NONE); }
-Test(ae_grad, hidden_silu) { grad_check_mse(6, AE_ACT_SILU, AE_NORM_NONE); }
-Test(ae_grad, batchnorm_leaky_relu) { grad_check_mse(6, AE_ACT_LEAKY_RELU, AE_NORM_BATCH); }
-Test(ae_grad, batchnorm_gelu) { grad_check_mse(6, AE_ACT_GELU, AE_NORM_BATCH); }
+Test(ae_grad, linear_mse) { grad_check_mse(0, KVC_ACT_NONE, AE_NORM_NONE); }
+Test(ae_grad, hidden_none) { grad_check_mse(6, KVC_ACT_NONE, AE_NORM_NONE); }
+Test(ae_grad, hidden_relu) { grad_check_mse(6, KVC_ACT_RELU, AE_NORM_NONE); }
+Test(ae_grad, hidden_leaky_relu) { grad_check_mse(6, KVC_ACT_LEAKY_RELU, AE_NORM_NONE); }
+Test(ae_grad, hidden_gelu) { grad_check_mse(6, KVC_ACT_GELU, AE_NORM_NONE); }
+Test(ae_grad, hidden_silu) { grad_check_mse(6, KVC_ACT_SILU, AE_NORM_NONE); }
+Test(ae_grad, batchnorm_leaky_relu) { grad_check_mse(6, KVC_ACT_LEAKY_RELU, AE_NORM_BATCH); }
+Test(ae_grad, batchnorm_gelu) { grad_check_mse(6, KVC_ACT_GELU, AE_NORM_BATCH); }
 
 Test(ae_grad, batchnorm_cancels_linear_bias) {
     /* BatchNorm removes any per-column shift, so the bias before it and the latent bias (a
      * shift of the decoder's BatchNorm input) have zero gradient: written as exact zeros, not
      * rounding noise that Adam would amplify (the finite-difference checks see ~0 too). */
     rng_state = 3;
-    ae_config c = make_config(8, 6, 3, AE_ACT_SILU, AE_NORM_BATCH);
+    ae_config c = make_config(8, 6, 3, KVC_ACT_SILU, AE_NORM_BATCH);
     ae_model *m = make_model(&c, 9);
     float *x = rand_array(16 * 8, 1.0f, 0.5f);
     ae_loss L = {.kind = AE_LOSS_MSE};
@@ -184,9 +184,9 @@ Test(ae_grad, key_attn_loss) {
             w[i * d + j] = (float)(s / nq);
         }
     ae_loss L = {.kind = AE_LOSS_KEY_ATTN, .w = w, .mse_mix = 0.1f};
-    ae_config lin = make_config(d, 0, 3, AE_ACT_NONE, AE_NORM_NONE);
+    ae_config lin = make_config(d, 0, 3, KVC_ACT_NONE, AE_NORM_NONE);
     grad_check(&lin, &L, x, n, 1);
-    ae_config mlp = make_config(d, 6, 3, AE_ACT_GELU, AE_NORM_BATCH);
+    ae_config mlp = make_config(d, 6, 3, KVC_ACT_GELU, AE_NORM_BATCH);
     grad_check(&mlp, &L, x, n, 2);
     free(q);
     free(x);
@@ -202,9 +202,9 @@ Test(ae_grad, value_attn_loss) {
         for (int j = 0; j < n; j++) a[i * n + j] /= (float)s;
     }
     ae_loss L = {.kind = AE_LOSS_VALUE_ATTN, .a = a, .m = mq, .mse_mix = 0.25f};
-    ae_config lin = make_config(d, 0, 3, AE_ACT_NONE, AE_NORM_NONE);
+    ae_config lin = make_config(d, 0, 3, KVC_ACT_NONE, AE_NORM_NONE);
     grad_check(&lin, &L, x, n, 3);
-    ae_config mlp = make_config(d, 6, 3, AE_ACT_SILU, AE_NORM_BATCH);
+    ae_config mlp = make_config(d, 6, 3, KVC_ACT_SILU, AE_NORM_BATCH);
     grad_check(&mlp, &L, x, n, 4);
     L.mse_mix = 0;
     grad_check(&mlp, &L, x, n, 4);
@@ -214,7 +214,7 @@ Test(ae_grad, value_attn_loss) {
 /* Loss, gradients and running statistics of one training step on 1 and on 4 threads (the
  * multi-threaded step splits the rows and reduces BatchNorm statistics and the value loss
  * across threads). */
-static void threads_check(int hidden, ae_act act, ae_norm norm, const ae_loss *L, const float *x, int n) {
+static void threads_check(int hidden, kvc_act act, ae_norm norm, const ae_loss *L, const float *x, int n) {
     ae_config c = make_config(16, hidden, 4, act, norm);
     ae_model *m[2];
     float loss[2];
@@ -250,10 +250,10 @@ Test(ae, threads_agree) {
         for (int j = 0; j < 16; j++) w[i * 16 + j] = q[i * 16 + j] + q[j * 16 + i];
     ae_loss mse = {.kind = AE_LOSS_MSE}, key = {.kind = AE_LOSS_KEY_ATTN, .w = w, .mse_mix = 0.1f},
             val = {.kind = AE_LOSS_VALUE_ATTN, .a = a, .m = mq, .mse_mix = 0.1f};
-    threads_check(12, AE_ACT_LEAKY_RELU, AE_NORM_BATCH, &mse, x, n);
-    threads_check(12, AE_ACT_GELU, AE_NORM_BATCH, &val, x, n);
-    threads_check(0, AE_ACT_NONE, AE_NORM_NONE, &key, x, n);
-    threads_check(12, AE_ACT_SILU, AE_NORM_NONE, &val, x, n);
+    threads_check(12, KVC_ACT_LEAKY_RELU, AE_NORM_BATCH, &mse, x, n);
+    threads_check(12, KVC_ACT_GELU, AE_NORM_BATCH, &val, x, n);
+    threads_check(0, KVC_ACT_NONE, AE_NORM_NONE, &key, x, n);
+    threads_check(12, KVC_ACT_SILU, AE_NORM_NONE, &val, x, n);
     free(x), free(a), free(q);
 }
 
@@ -261,7 +261,7 @@ Test(ae, threads_agree) {
 
 /* Trains a model a few steps (so running statistics move), exports it and checks that the
  * folded network reproduces kvc_ae_encode/kvc_ae_decode. */
-static void export_check(int hidden, ae_act act, ae_norm norm) {
+static void export_check(int hidden, kvc_act act, ae_norm norm) {
     rng_state = 41;
     int d = 16, r = 4, n = 300; /* more rows than one inference block */
     ae_config c = make_config(d, hidden, r, act, norm);
@@ -311,15 +311,15 @@ static void export_check(int hidden, ae_act act, ae_norm norm) {
     kvc_ae_free(m);
 }
 
-Test(ae_export, batchnorm_folded_equals_inference) { export_check(12, AE_ACT_LEAKY_RELU, AE_NORM_BATCH); }
-Test(ae_export, mlp_gelu_equals_inference) { export_check(12, AE_ACT_GELU, AE_NORM_NONE); }
-Test(ae_export, linear_equals_inference) { export_check(0, AE_ACT_NONE, AE_NORM_NONE); }
+Test(ae_export, batchnorm_folded_equals_inference) { export_check(12, KVC_ACT_LEAKY_RELU, AE_NORM_BATCH); }
+Test(ae_export, mlp_gelu_equals_inference) { export_check(12, KVC_ACT_GELU, AE_NORM_NONE); }
+Test(ae_export, linear_equals_inference) { export_check(0, KVC_ACT_NONE, AE_NORM_NONE); }
 
 Test(ae_export, inference_uses_running_stats) {
     /* Before any training step the running stats are (0, 1): inference is then
      * gamma * h / sqrt(1 + eps) + beta, not the batch-normalised value. */
     rng_state = 43;
-    ae_config c = make_config(6, 4, 2, AE_ACT_NONE, AE_NORM_BATCH);
+    ae_config c = make_config(6, 4, 2, KVC_ACT_NONE, AE_NORM_BATCH);
     ae_model *m = make_model(&c, 1);
     float *x = rand_array(5 * 6, 1.0f, 3.0f), z[10], ref[10];
     ae_tensor w0 = kvc_ae_tensor_at(m, 0), b0 = kvc_ae_tensor_at(m, 1), w3 = kvc_ae_tensor_at(m, 4), b3 = kvc_ae_tensor_at(m, 5);
@@ -344,7 +344,7 @@ Test(ae_export, inference_uses_running_stats) {
 
 Test(ae_adam, matches_hand_computed_update) {
     rng_state = 51;
-    ae_config c = make_config(3, 0, 1, AE_ACT_NONE, AE_NORM_NONE);
+    ae_config c = make_config(3, 0, 1, KVC_ACT_NONE, AE_NORM_NONE);
     ae_model *m = make_model(&c, 2);
     float *x = rand_array(4 * 3, 1.0f, 0.0f);
     ae_loss L = {.kind = AE_LOSS_MSE};
@@ -395,7 +395,7 @@ static double adam_m_norm(ae_model *m) {
 
 Test(ae_adam, clipping_caps_global_norm) {
     rng_state = 61;
-    ae_config c = make_config(16, 8, 4, AE_ACT_RELU, AE_NORM_BATCH);
+    ae_config c = make_config(16, 8, 4, KVC_ACT_RELU, AE_NORM_BATCH);
     float *x = rand_array(32 * 16, 2.0f, 1.0f);
     ae_loss L = {.kind = AE_LOSS_MSE};
     ae_adam o;
@@ -444,7 +444,7 @@ static void expect_rejected(ae_config c, const char *word) {
 }
 
 Test(ae_config, rejects_bad_configs) {
-    ae_config ok = make_config(64, 32, 16, AE_ACT_LEAKY_RELU, AE_NORM_BATCH), c;
+    ae_config ok = make_config(64, 32, 16, KVC_ACT_LEAKY_RELU, AE_NORM_BATCH), c;
     kvc_err err = {{0}};
     cr_expect_eq(kvc_ae_config_check(&ok, &err), 0, "%s", err.msg);
     c = ok, c.latent = 64;
@@ -457,7 +457,7 @@ Test(ae_config, rejects_bad_configs) {
     expect_rejected(c, "hidden");
     c = ok, c.in_dim = 1, c.latent = 1;
     expect_rejected(c, "in_dim");
-    c = ok, c.act = AE_ACT_COUNT;
+    c = ok, c.act = KVC_ACT_COUNT;
     expect_rejected(c, "activation");
     c = ok, c.norm = (ae_norm)7;
     expect_rejected(c, "norm");
@@ -476,18 +476,18 @@ Test(ae_config, defaults_and_activation_names) {
     cr_expect_float_eq(c.bn_eps, 1e-5f, 1e-12);
     cr_expect_float_eq(c.bn_momentum, 0.1f, 1e-9);
     const char *names[] = {"none", "relu", "leaky_relu", "gelu", "silu"};
-    for (int i = 0; i < AE_ACT_COUNT; i++) {
-        ae_act a;
+    for (int i = 0; i < KVC_ACT_COUNT; i++) {
+        kvc_act a;
         cr_expect_eq(kvc_ae_act_parse(names[i], &a), 0);
         cr_expect_eq((int)a, i);
         cr_expect_str_eq(kvc_ae_act_name(a), names[i]);
     }
-    ae_act a;
+    kvc_act a;
     cr_expect_eq(kvc_ae_act_parse("tanh", &a), -1);
 }
 
 Test(ae, tensor_table_names_and_shapes) {
-    ae_config c = make_config(64, 32, 16, AE_ACT_LEAKY_RELU, AE_NORM_BATCH);
+    ae_config c = make_config(64, 32, 16, KVC_ACT_LEAKY_RELU, AE_NORM_BATCH);
     ae_model *m = make_model(&c, 1);
     const struct { const char *name; int rows, cols, trainable; } want[] = {
         {"enc.0.weight", 32, 64, 1}, {"enc.0.bias", 32, 1, 1}, {"enc.1.weight", 32, 1, 1}, {"enc.1.bias", 32, 1, 1},
@@ -507,7 +507,7 @@ Test(ae, tensor_table_names_and_shapes) {
 }
 
 Test(ae, same_seed_same_weights) {
-    ae_config c = make_config(64, 32, 16, AE_ACT_LEAKY_RELU, AE_NORM_BATCH);
+    ae_config c = make_config(64, 32, 16, KVC_ACT_LEAKY_RELU, AE_NORM_BATCH);
     ae_model *a = make_model(&c, 42), *b = make_model(&c, 42), *o = make_model(&c, 43);
     int differ = 0;
     for (int i = 0; i < kvc_ae_n_tensors(a); i++) {
@@ -531,8 +531,8 @@ Test(ae, nan_input_gives_nan_loss) {
     x[5 * 8 + 3] = NAN;
     for (int j = 0; j < 16; j++) a[j] = a[16 + j] = j == 5 ? 0.0f : 1.0f / 15; /* no weight on the NaN row */
     ae_loss mse = {.kind = AE_LOSS_MSE}, val = {.kind = AE_LOSS_VALUE_ATTN, .a = a, .m = 2};
-    ae_config cs[] = {make_config(8, 0, 3, AE_ACT_NONE, AE_NORM_NONE), make_config(8, 6, 3, AE_ACT_RELU, AE_NORM_NONE),
-                      make_config(8, 6, 3, AE_ACT_LEAKY_RELU, AE_NORM_BATCH)};
+    ae_config cs[] = {make_config(8, 0, 3, KVC_ACT_NONE, AE_NORM_NONE), make_config(8, 6, 3, KVC_ACT_RELU, AE_NORM_NONE),
+                      make_config(8, 6, 3, KVC_ACT_LEAKY_RELU, AE_NORM_BATCH)};
     for (int i = 0; i < 3; i++) {
         ae_model *m = make_model(&cs[i], 1);
         cr_expect(isnan(kvc_ae_forward_backward(m, x, 16, &mse)), "config %d, mse", i);

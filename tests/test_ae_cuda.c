@@ -43,7 +43,7 @@
 #define ROWS 512 /* rows of the synthetic data set */
 #define QUERIES 8
 
-static ae_config make_config(int d, int h, int r, ae_act act, ae_norm norm) {
+static ae_config make_config(int d, int h, int r, kvc_act act, ae_norm norm) {
     ae_config c;
     kvc_ae_config_defaults(&c);
     c.in_dim = d, c.hidden = h, c.latent = r, c.act = act, c.norm = norm;
@@ -270,27 +270,27 @@ static void parity(const char *what, ae_config cfg, ae_loss_kind kind, float mse
 
 Test(ae_cuda_parity, kvcar_batchnorm_leaky_relu_mse) {
     static const int batch[] = {128, 64, 200, 96}; /* grows, shrinks, grows past the first size */
-    parity("kvcar", make_config(64, 32, 16, AE_ACT_LEAKY_RELU, AE_NORM_BATCH), AE_LOSS_MSE, 0, batch, 4, NULL);
+    parity("kvcar", make_config(64, 32, 16, KVC_ACT_LEAKY_RELU, AE_NORM_BATCH), AE_LOSS_MSE, 0, batch, 4, NULL);
 }
 
 Test(ae_cuda_parity, linear_key_attn) {
     static const int batch[] = {128};
-    parity("linear_key", make_config(64, 0, 16, AE_ACT_NONE, AE_NORM_NONE), AE_LOSS_KEY_ATTN, 0.1f, batch, 1, NULL);
+    parity("linear_key", make_config(64, 0, 16, KVC_ACT_NONE, AE_NORM_NONE), AE_LOSS_KEY_ATTN, 0.1f, batch, 1, NULL);
 }
 
 Test(ae_cuda_parity, gelu_value_attn) {
     static const int batch[] = {96, 128};
-    parity("gelu_value", make_config(64, 48, 8, AE_ACT_GELU, AE_NORM_NONE), AE_LOSS_VALUE_ATTN, 0.05f, batch, 2, NULL);
+    parity("gelu_value", make_config(64, 48, 8, KVC_ACT_GELU, AE_NORM_NONE), AE_LOSS_VALUE_ATTN, 0.05f, batch, 2, NULL);
 }
 
 Test(ae_cuda_parity, silu_value_attn) {
     static const int batch[] = {128};
-    parity("silu_value", make_config(64, 48, 8, AE_ACT_SILU, AE_NORM_NONE), AE_LOSS_VALUE_ATTN, 0.05f, batch, 1, NULL);
+    parity("silu_value", make_config(64, 48, 8, KVC_ACT_SILU, AE_NORM_NONE), AE_LOSS_VALUE_ATTN, 0.05f, batch, 1, NULL);
 }
 
 Test(ae_cuda_parity, relu_batchnorm_key_attn) {
     static const int batch[] = {64, 300}; /* 300 rows: more than one BatchNorm block's threads */
-    parity("relu_bn_key", make_config(64, 32, 16, AE_ACT_RELU, AE_NORM_BATCH), AE_LOSS_KEY_ATTN, 0.1f, batch, 2, NULL);
+    parity("relu_bn_key", make_config(64, 32, 16, KVC_ACT_RELU, AE_NORM_BATCH), AE_LOSS_KEY_ATTN, 0.1f, batch, 2, NULL);
 }
 
 Test(ae_cuda_parity, strong_weight_decay_spares_biases_and_batchnorm) {
@@ -300,7 +300,7 @@ Test(ae_cuda_parity, strong_weight_decay_spares_biases_and_batchnorm) {
     ae_adam o;
     kvc_ae_adam_defaults(&o);
     o.lr = 1e-2f, o.weight_decay = 5.0f;
-    parity("strong_decay", make_config(64, 32, 16, AE_ACT_LEAKY_RELU, AE_NORM_BATCH), AE_LOSS_MSE, 0, batch, 1, &o);
+    parity("strong_decay", make_config(64, 32, 16, KVC_ACT_LEAKY_RELU, AE_NORM_BATCH), AE_LOSS_MSE, 0, batch, 1, &o);
 }
 
 Test(ae_cuda_parity, batchnorm_running_stats_without_updates) {
@@ -310,7 +310,7 @@ Test(ae_cuda_parity, batchnorm_running_stats_without_updates) {
     need_gpu();
     static const int batch[] = {128, 64, 300, 2, 16};
     kvc_err err = {{0}};
-    ae_config cfg = make_config(64, 32, 16, AE_ACT_GELU, AE_NORM_BATCH);
+    ae_config cfg = make_config(64, 32, 16, KVC_ACT_GELU, AE_NORM_BATCH);
     rng_state = 5;
     float *x = make_data(64);
     ae_model *cpu = kvc_ae_new(&cfg, 77, &err), *chk = kvc_ae_new(&cfg, 78, &err);
@@ -341,25 +341,25 @@ Test(ae_cuda_parity, batchnorm_running_stats_without_updates) {
 
 /* ---- single kernels against C loops ------------------------------------------------- */
 
-static double act_ref(double x, ae_act act, double slope) {
+static double act_ref(double x, kvc_act act, double slope) {
     switch (act) {
-    case AE_ACT_RELU: return x > 0 ? x : 0;
-    case AE_ACT_LEAKY_RELU: return x > 0 ? x : slope * x;
-    case AE_ACT_GELU: return 0.5 * x * (1 + tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)));
-    case AE_ACT_SILU: return x / (1 + exp(-x));
+    case KVC_ACT_RELU: return x > 0 ? x : 0;
+    case KVC_ACT_LEAKY_RELU: return x > 0 ? x : slope * x;
+    case KVC_ACT_GELU: return 0.5 * x * (1 + tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)));
+    case KVC_ACT_SILU: return x / (1 + exp(-x));
     default: return x;
     }
 }
 
-static double dact_ref(double x, ae_act act, double slope) {
+static double dact_ref(double x, kvc_act act, double slope) {
     switch (act) {
-    case AE_ACT_RELU: return x > 0 ? 1 : 0;
-    case AE_ACT_LEAKY_RELU: return x > 0 ? 1 : slope;
-    case AE_ACT_GELU: {
+    case KVC_ACT_RELU: return x > 0 ? 1 : 0;
+    case KVC_ACT_LEAKY_RELU: return x > 0 ? 1 : slope;
+    case KVC_ACT_GELU: {
         double k = SQRT_2_OVER_PI, t = tanh(k * (x + 0.044715 * x * x * x));
         return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x);
     }
-    case AE_ACT_SILU: {
+    case KVC_ACT_SILU: {
         double s = 1 / (1 + exp(-x));
         return s * (1 + x * (1 - s));
     }
@@ -375,14 +375,14 @@ Test(ae_cuda_kernels, activations_and_derivatives) {
     rng_state = 7;
     for (int i = 0; i < N; i++) x[i] = 3.0f * randn(), dy[i] = randn();
     x[0] = 0.0f, x[1] = -0.0f, x[2] = 12.0f, x[3] = -12.0f, x[4] = 1e-4f;
-    for (int a = 0; a < AE_ACT_COUNT; a++) {
-        cr_assert_eq(kvc_ae_cuda_test_act((ae_act)a, 0.01f, x, dy, N, y, dx, &err), 0, "%s", err.msg);
+    for (int a = 0; a < KVC_ACT_COUNT; a++) {
+        cr_assert_eq(kvc_ae_cuda_test_act((kvc_act)a, 0.01f, x, dy, N, y, dx, &err), 0, "%s", err.msg);
         for (int i = 0; i < N; i++) {
-            double ry = act_ref(x[i], (ae_act)a, 0.01), rdx = dy[i] * dact_ref(x[i], (ae_act)a, 0.01);
+            double ry = act_ref(x[i], (kvc_act)a, 0.01), rdx = dy[i] * dact_ref(x[i], (kvc_act)a, 0.01);
             cr_assert(fabs(y[i] - ry) <= 1e-6 + EPS_F32 * fabs(ry), "%s(%g): cuda %.9g ref %.9g",
-                      kvc_ae_act_name((ae_act)a), x[i], y[i], ry);
+                      kvc_ae_act_name((kvc_act)a), x[i], y[i], ry);
             cr_assert(fabs(dx[i] - rdx) <= 1e-6 + EPS_F32 * fabs(rdx), "%s'(%g): cuda %.9g ref %.9g",
-                      kvc_ae_act_name((ae_act)a), x[i], dx[i], rdx);
+                      kvc_ae_act_name((kvc_act)a), x[i], dx[i], rdx);
         }
     }
 }
@@ -445,8 +445,8 @@ Test(ae_cuda_kernels, batchnorm_forward_backward) {
 Test(ae_cuda, bad_arguments_fail_with_a_message) {
     need_gpu();
     kvc_err err = {{0}};
-    ae_config c = make_config(16, 8, 4, AE_ACT_LEAKY_RELU, AE_NORM_BATCH);
-    ae_config c2 = make_config(16, 0, 4, AE_ACT_NONE, AE_NORM_NONE);
+    ae_config c = make_config(16, 8, 4, KVC_ACT_LEAKY_RELU, AE_NORM_BATCH);
+    ae_config c2 = make_config(16, 0, 4, KVC_ACT_NONE, AE_NORM_NONE);
     ae_model *m = kvc_ae_new(&c, 1, &err), *other = kvc_ae_new(&c2, 1, &err);
     cr_assert(m && other, "%s", err.msg);
     ae_cuda *g = kvc_ae_cuda_new(m, &err);
@@ -476,7 +476,7 @@ Test(ae_cuda, without_a_device_fails_cleanly) {
     cr_assert(avail == 0 || avail == 1);
     cr_assert(why[0] != '\0', "kvc_ae_cuda_available must say what it found");
     cr_log_info("CUDA trainer available: %d (%s)", avail, why);
-    ae_config c = make_config(64, 32, 16, AE_ACT_LEAKY_RELU, AE_NORM_BATCH);
+    ae_config c = make_config(64, 32, 16, KVC_ACT_LEAKY_RELU, AE_NORM_BATCH);
     ae_model *m = kvc_ae_new(&c, 1, &err);
     cr_assert_not_null(m, "%s", err.msg);
     /* NULL handles and arguments: an error, never a crash */
@@ -504,7 +504,7 @@ Test(ae_cuda, without_a_device_fails_cleanly) {
         cr_assert(strstr(err.msg, why) != NULL, "the error should carry the reason '%s', got '%s'", why, err.msg);
         float y[4], dx[4], in[4] = {-1, 0, 1, 2};
         err.msg[0] = 0;
-        cr_assert_eq(kvc_ae_cuda_test_act(AE_ACT_GELU, 0.01f, in, in, 4, y, dx, &err), -1);
+        cr_assert_eq(kvc_ae_cuda_test_act(KVC_ACT_GELU, 0.01f, in, in, 4, y, dx, &err), -1);
         cr_assert(strstr(err.msg, "CUDA") != NULL, "kernel entry point without a device: '%s'", err.msg);
     } else {
         ae_cuda *g = kvc_ae_cuda_new(m, &err);
@@ -521,7 +521,7 @@ Test(ae_cuda, not_built) { cr_skip_test("CUDA parity skipped: this build has no 
 Test(ae_cuda, cpu_config_still_checks) {
     /* the CPU side of the twin pair stands on its own in a CPU-only build */
     kvc_err err = {{0}};
-    ae_config c = make_config(64, 32, 16, AE_ACT_LEAKY_RELU, AE_NORM_BATCH);
+    ae_config c = make_config(64, 32, 16, KVC_ACT_LEAKY_RELU, AE_NORM_BATCH);
     cr_assert_eq(kvc_ae_config_check(&c, &err), 0, "%s", err.msg);
 }
 #endif

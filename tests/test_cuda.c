@@ -30,7 +30,7 @@ static void expect_close(const float *got, const float *ref, size_t n, double ab
                   got[i], ref[i]);
 }
 
-Test(cuda, rmsnorm_rope_swiglu) {
+Test(cuda, rmsnorm_swiglu) {
     need_gpu();
     enum { N = 7, E = 576, H = 9, D = 64 };
     float *x = malloc(N * E * 4), *g = malloc(E * 4), *a = malloc(N * E * 4), *b = malloc(N * E * 4);
@@ -40,12 +40,7 @@ Test(cuda, rmsnorm_rope_swiglu) {
     kvc_rmsnorm_cpu(a, x, g, N, E, 1e-5f);
     cr_assert_eq(kvc_rmsnorm_cuda(b, x, g, N, E, 1e-5f, &err), 0, "%s", err.msg);
     expect_close(b, a, N * E, 1e-6, "rmsnorm");
-    int32_t pos[N] = {0, 1, 5, 100, 1000, 4000, 8191};
-    memcpy(a, x, N * E * 4);
-    memcpy(b, x, N * E * 4);
-    cr_assert_eq(kvc_rope_apply(a, pos, N, H, D, 100000.0f), 0);
-    cr_assert_eq(kvc_rope_cuda(b, pos, N, H, D, 100000.0f, &err), 0, "%s", err.msg);
-    expect_close(b, a, N * E, 2e-4, "rope"); /* large angles: sincosf argument reduction differs */
+    (void)H, (void)D; /* RoPE's twin is tested in test_kernels_cuda.c */
     memcpy(a, x, N * E * 4);
     memcpy(b, x, N * E * 4);
     kvc_swiglu_cpu(a, g, E);

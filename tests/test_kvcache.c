@@ -80,6 +80,29 @@ Test(kvcache, f32_full_reproduces_full_cache_exactly) {
     kvc_cache_free(kc);
 }
 
+/* The backend seam: the same caches with their hot paths on CUDA agree with the CPU within
+ * the attention twins' budget (1e-5 of the value scale; values here are in [-1, 1]): the full
+ * cache, and a compressed one that evicts (H2O needs the weights back from the device). */
+Test(kvcache, cuda_backend_agrees_with_cpu) {
+    kvc_err err = {{0}};
+    const kvc_backend *be = kvc_backend_find("cuda", &err);
+    if (!be) cr_skip_test("CUDA backend skipped: %s", err.msg);
+    kvc_cache_shape s = small_shape(256);
+    const char *keeps[2] = {"full", "h2o:budget=40,sinks=2,window=4"};
+    for (int i = 0; i < 2; i++) {
+        kvc_cache *a = i ? kvc_kvcache_new(&s, "f32", keeps[i], NULL, &err) : kvc_cache_full_new(&s, &err);
+        kvc_cache *b = i ? kvc_kvcache_new(&s, "f32", keeps[i], NULL, &err) : kvc_cache_full_new(&s, &err);
+        cr_assert(a && b, "%s", err.msg);
+        kvc_cache_set_backend(b, be);
+        cr_assert_str_eq(kvc_cache_backend(b)->name, "cuda");
+        if (i) cr_assert_eq(kvc_cache_set_budget(a, 1, &err) | kvc_cache_set_budget(b, 1, &err), 0, "%s", err.msg);
+        int32_t p = 0;
+        float d = run_pair(a, b, 10, 7, &p);
+        cr_expect(d < 1e-5f, "%s: max |cpu - cuda| %g", keeps[i], d);
+        kvc_cache_free(a), kvc_cache_free(b);
+    }
+}
+
 Test(kvcache, f16_full_close_to_full_cache) {
     kvc_cache_shape s = small_shape(256);
     kvc_err err;

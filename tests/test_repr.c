@@ -9,7 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "kvc/checkpoint.h"
+#include "kvc/trainer.h"
 #include "kvc/kvcache.h"
 #include "kvc/kvquant.h"
 
@@ -368,7 +368,13 @@ Test(repr, latent_lift_equals_weighted_decode) {
                 for (int i = 0; i < N; i++) a[i] /= asum;
                 for (int i = 0; i < N; i++)
                     for (int j = 0; j < R; j++) zs[j] += a[i] * z[i * R + j];
-                r->ops->lift(r, layer, head, zs, out);
+                const float *W, *B;
+                r->ops->linear_decoder(r, layer, head, &W, &B);
+                for (int o = 0; o < D; o++) { /* W zs + b: attention in latent space */
+                    float acc = 0;
+                    for (int j = 0; j < R; j++) acc += W[o * R + j] * zs[j];
+                    out[o] = acc + (B ? B[o] : 0.0f);
+                }
                 for (int o = 0; o < D; o++) {
                     double ref = 0;
                     for (int i = 0; i < N; i++) ref += (double)a[i] * y[i * D + o];
@@ -432,7 +438,7 @@ Test(repr, per_head_nonlinear_codec_and_untrained_layers) {
     meta.ae.hidden = 48;
     meta.ae.latent = 24;
     meta.ae.norm = AE_NORM_BATCH;
-    meta.ae.act = AE_ACT_LEAKY_RELU;
+    meta.ae.act = KVC_ACT_LEAKY_RELU;
     kvc_codec *c = kvc_codec_new(&meta, &err);
     cr_assert_not_null(c, "%s", err.msg);
     for (int layer = 0; layer <= 2; layer += 2) {

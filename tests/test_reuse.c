@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kvc/reuse.h"
+#include "kvc/reuse_fit.h"
 
 #define EXACT_TOL 1e-5  /* noise-free fit: W, b and relative errors, float data */
 #define STREAM_TOL 1e-5 /* batched vs one-shot fit, relative to max |W| */

@@ -62,85 +62,48 @@ struct ae_model {
     double *lossacc;             /* (threads, 2) per-thread loss terms */
 };
 
-/* ---- config --------------------------------------------------------------------------- */
-
-static const char *const ACT_NAMES[AE_ACT_COUNT] = {"none", "relu", "leaky_relu", "gelu", "silu"};
-
-void kvc_ae_config_defaults(ae_config *c) {
-    memset(c, 0, sizeof *c);
-    c->leaky_slope = 0.01f;
-    c->bn_eps = 1e-5f;
-    c->bn_momentum = 0.1f;
-}
-
-int kvc_ae_config_check(const ae_config *c, kvc_err *err) {
-    if (!c) return kvc_fail(err, "autoencoder config is missing");
-    if (c->in_dim < 2 || c->in_dim > AE_MAX_DIM)
-        return kvc_fail(err, "autoencoder in_dim %d out of range [2, %d]", c->in_dim, AE_MAX_DIM);
-    if (c->latent < 1 || c->latent >= c->in_dim)
-        return kvc_fail(err, "autoencoder latent %d must be in [1, in_dim) = [1, %d)", c->latent, c->in_dim);
-    if (c->hidden < 0 || c->hidden > AE_MAX_DIM)
-        return kvc_fail(err, "autoencoder hidden %d out of range [0, %d] (0: linear)", c->hidden, AE_MAX_DIM);
-    if ((int)c->act < 0 || c->act >= AE_ACT_COUNT) return kvc_fail(err, "unknown activation %d", (int)c->act);
-    if (c->norm != AE_NORM_NONE && c->norm != AE_NORM_BATCH) return kvc_fail(err, "unknown norm %d", (int)c->norm);
-    if (!isfinite(c->leaky_slope)) return kvc_fail(err, "leaky_slope must be finite");
-    if (!(c->bn_eps > 0) || !isfinite(c->bn_eps)) return kvc_fail(err, "bn_eps %g must be > 0", (double)c->bn_eps);
-    if (!(c->bn_momentum >= 0 && c->bn_momentum <= 1))
-        return kvc_fail(err, "bn_momentum %g must be in [0, 1]", (double)c->bn_momentum);
-    return 0;
-}
-
-const char *kvc_ae_act_name(ae_act a) { return (int)a >= 0 && a < AE_ACT_COUNT ? ACT_NAMES[a] : "?"; }
-
-int kvc_ae_act_parse(const char *s, ae_act *out) {
-    for (int i = 0; s && i < AE_ACT_COUNT; i++)
-        if (!strcmp(s, ACT_NAMES[i])) { *out = (ae_act)i; return 0; }
-    return -1;
-}
-
 /* ---- activations ---------------------------------------------------------------------- */
 
-#define GELU_K 0.7978845608028654f /* sqrt(2/pi) */
-#define GELU_C 0.044715f
 #define CB 16          /* columns per block of the elementwise passes (one cache line) */
 #define ROWS_MIN 128   /* fewest batch rows worth a thread of their own in a training step */
 
-/* GELU (tanh form, as nn.GELU(approximate='tanh')) and its derivative. */
-static inline float gelu_f(float a) { return 0.5f * a * (1.0f + tanhf(GELU_K * (a + GELU_C * a * a * a))); }
+/* Forward formulas: kernels' kvc_act_apply (one definition for training, export and the
+ * cache; with a constant activation the switch folds away). LEAKY_F and the derivatives read
+ * `slope` from the enclosing scope. */
+#define RELU_F(a) kvc_act_apply((a), KVC_ACT_RELU, 0.0f)
+#define LEAKY_F(a) kvc_act_apply((a), KVC_ACT_LEAKY_RELU, slope)
+#define GELU_F(a) kvc_act_apply((a), KVC_ACT_GELU, 0.0f)
+#define SILU_F(a) kvc_act_apply((a), KVC_ACT_SILU, 0.0f)
+#define NONE_F(a) (a)
+/* Derivatives: tanh-form GELU, SiLU; ReLU-type at 0 as PyTorch (0 for relu, slope for
+ * leaky_relu). */
 static inline float gelu_df(float a) {
-    float t = tanhf(GELU_K * (a + GELU_C * a * a * a));
-    return 0.5f * (1.0f + t) + 0.5f * a * (1.0f - t * t) * GELU_K * (1.0f + 3.0f * GELU_C * a * a);
+    float t = tanhf(KVC_GELU_K * (a + KVC_GELU_C * a * a * a));
+    return 0.5f * (1.0f + t) + 0.5f * a * (1.0f - t * t) * KVC_GELU_K * (1.0f + 3.0f * KVC_GELU_C * a * a);
 }
-/* SiLU a sigmoid(a) and its derivative. */
-static inline float silu_f(float a) { return a / (1.0f + expf(-a)); }
 static inline float silu_df(float a) {
     float s = 1.0f / (1.0f + expf(-a));
     return s * (1.0f + a * (1.0f - s));
 }
-/* ReLU-type activations propagate NaN; their derivatives at 0 follow PyTorch (0 for relu,
- * slope for leaky_relu). LEAKY_* read `slope` from the enclosing scope. */
-#define RELU_F(a) ((a) > 0 ? (a) : 0.0f * (a))
 #define RELU_DF(a) ((a) > 0 ? 1.0f : 0.0f)
-#define LEAKY_F(a) ((a) > 0 ? (a) : slope * (a))
 #define LEAKY_DF(a) ((a) > 0 ? 1.0f : slope)
-#define NONE_F(a) (a)
 #define NONE_DF(a) ((void)(a), 1.0f)
 /* Expands LOOP(F) with F the activation (or, for ACT_DISPATCH_DF, its derivative) so that
  * each loop is compiled for one activation and the switch stays outside it. */
 #define ACT_DISPATCH(act, LOOP)                                                                    \
     switch (act) {                                                                                 \
-    case AE_ACT_RELU: LOOP(RELU_F); break;                                                         \
-    case AE_ACT_LEAKY_RELU: LOOP(LEAKY_F); break;                                                  \
-    case AE_ACT_GELU: LOOP(gelu_f); break;                                                         \
-    case AE_ACT_SILU: LOOP(silu_f); break;                                                         \
+    case KVC_ACT_RELU: LOOP(RELU_F); break;                                                         \
+    case KVC_ACT_LEAKY_RELU: LOOP(LEAKY_F); break;                                                  \
+    case KVC_ACT_GELU: LOOP(GELU_F); break;                                                         \
+    case KVC_ACT_SILU: LOOP(SILU_F); break;                                                         \
     default: LOOP(NONE_F); break;                                                                  \
     }
 #define ACT_DISPATCH_DF(act, LOOP)                                                                 \
     switch (act) {                                                                                 \
-    case AE_ACT_RELU: LOOP(RELU_DF); break;                                                        \
-    case AE_ACT_LEAKY_RELU: LOOP(LEAKY_DF); break;                                                 \
-    case AE_ACT_GELU: LOOP(gelu_df); break;                                                        \
-    case AE_ACT_SILU: LOOP(silu_df); break;                                                        \
+    case KVC_ACT_RELU: LOOP(RELU_DF); break;                                                        \
+    case KVC_ACT_LEAKY_RELU: LOOP(LEAKY_DF); break;                                                 \
+    case KVC_ACT_GELU: LOOP(gelu_df); break;                                                        \
+    case KVC_ACT_SILU: LOOP(silu_df); break;                                                        \
     default: LOOP(NONE_DF); break;                                                                 \
     }
 
@@ -148,7 +111,7 @@ static inline float silu_df(float a) {
  * normalised value xh = (h - s) k is stored back into h and u = act(g xh + b). A plain bias
  * is s = -bias, k = g = 1, b = 0 (exact). u may equal h. */
 static void act_fwd_block(float *h, float *u, size_t ld, int rows, int w, const float *s, const float *k,
-                          const float *g, const float *b, ae_act act, float slope) {
+                          const float *g, const float *b, kvc_act act, float slope) {
 #define FWD(F)                                                                                     \
     for (int i = 0; i < rows; i++) {                                                               \
         float *hi = h + (size_t)i * ld, *ui = u + (size_t)i * ld;                                  \
@@ -165,7 +128,7 @@ static void act_fwd_block(float *h, float *u, size_t ld, int rows, int w, const 
 /* Elementwise backward on a block of w <= CB columns: d *= act'(g xh + b), and adds the
  * column sums of the new d and of d xh to s1 and s2. */
 static void act_bwd_block(float *d, const float *xh, size_t ld, int rows, int w, const float *g, const float *b,
-                          double *s1, double *s2, ae_act act, float slope) {
+                          double *s1, double *s2, kvc_act act, float slope) {
 #define BWD(DF)                                                                                    \
     for (int i = 0; i < rows; i++) {                                                               \
         float *di = d + (size_t)i * ld;                                                            \
@@ -182,7 +145,7 @@ static void act_bwd_block(float *d, const float *xh, size_t ld, int rows, int w,
 }
 
 /* y (rows, cols) = act(y + bias) in place, column block by column block. */
-static void bias_act(float *y, int rows, int cols, const float *bias, ae_act act, float slope) {
+static void bias_act(float *y, int rows, int cols, const float *bias, kvc_act act, float slope) {
     for (int j0 = 0; j0 < cols; j0 += CB) {
         int w = cols - j0 < CB ? cols - j0 : CB;
         float s[CB], one[CB], zero[CB];
@@ -204,17 +167,9 @@ static void col_sums(const float *d, int rows, int cols, float *out) {
 
 /* ---- construction --------------------------------------------------------------------- */
 
-/* splitmix64: the seeded generator behind the initial weights. */
-static uint64_t rng_next(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 /* Uniform float in [-bound, bound). */
 static float rng_uniform(uint64_t *s, float bound) {
-    float u = (float)(rng_next(s) >> 40) * (1.0f / 16777216.0f);
+    float u = (float)(kvc_rng_next(s) >> 40) * (1.0f / 16777216.0f);
     return (2.0f * u - 1.0f) * bound;
 }
 
@@ -631,7 +586,7 @@ static void loss_fwd_bwd(ae_model *m, const float *x, const ae_loss *L, slice_t 
 static void step_slice(ae_model *m, const float *x, const ae_loss *L, slice_t *s) {
     int R = m->cfg.latent, rows = s->r1 - s->r0, bn = m->cfg.hidden && m->cfg.norm == AE_NORM_BATCH;
     half_fwd_train(m, &m->enc, x, s, m->z);
-    bias_act(m->z + (size_t)s->r0 * R, rows, R, m->par + half_out_bias(&m->enc), AE_ACT_NONE, 0);
+    bias_act(m->z + (size_t)s->r0 * R, rows, R, m->par + half_out_bias(&m->enc), KVC_ACT_NONE, 0);
     half_fwd_train(m, &m->dec, m->z, s, m->y);
     loss_fwd_bwd(m, x, L, s);
 
@@ -730,8 +685,7 @@ float kvc_ae_lr_schedule(int64_t t, int64_t total, int64_t warmup, float base, f
 /* One Linear layer plus act on a block: y (n, out) = act(x W^T + b). */
 static void dense_run(const float *x, int n, int in, const float *w, const float *b, int out, int act,
                       float slope, float *y) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
-    bias_act(y, n, out, b, (ae_act)act, slope);
+    kvc_dense_rows(x, n, in, w, b, out, act, slope, y);
 }
 
 /* Inference through one half on a block of n <= AE_CHUNK rows; hbuf holds (n, hid). */
@@ -739,14 +693,14 @@ static void half_infer(const ae_model *m, const half_t *hf, const float *x, int 
     const ae_config *c = &m->cfg;
     const float *p = m->par;
     if (!hf->hid) {
-        dense_run(x, n, hf->in, p + hf->w0, p + hf->b0, hf->out, AE_ACT_NONE, 0, out);
+        dense_run(x, n, hf->in, p + hf->w0, p + hf->b0, hf->out, KVC_ACT_NONE, 0, out);
         return;
     }
     int H = hf->hid;
     if (c->norm != AE_NORM_BATCH) {
         dense_run(x, n, hf->in, p + hf->w0, p + hf->b0, H, c->act, c->leaky_slope, hbuf);
     } else {
-        dense_run(x, n, hf->in, p + hf->w0, p + hf->b0, H, AE_ACT_NONE, 0, hbuf);
+        dense_run(x, n, hf->in, p + hf->w0, p + hf->b0, H, KVC_ACT_NONE, 0, hbuf);
         for (int j0 = 0; j0 < H; j0 += CB) {
             int w = H - j0 < CB ? H - j0 : CB;
             float k[CB];
@@ -755,7 +709,7 @@ static void half_infer(const ae_model *m, const half_t *hf, const float *x, int 
                           p + hf->be + j0, c->act, c->leaky_slope);
         }
     }
-    dense_run(hbuf, n, H, p + hf->w1, p + hf->b1, hf->out, AE_ACT_NONE, 0, out);
+    dense_run(hbuf, n, H, p + hf->w1, p + hf->b1, hf->out, KVC_ACT_NONE, 0, out);
 }
 
 /* Runs the encoder and/or decoder over n rows block by block. x is (n, D) when enc, else
@@ -842,13 +796,13 @@ int kvc_ae_export_folded(const ae_model *m, ae_export *out, kvc_err *err) {
         int *nl = k ? &out->n_dec : &out->n_enc, bad;
         if (!hf->hid) {
             *nl = 1;
-            bad = dense_from(&d[0], p + hf->w0, p + hf->b0, hf->out, hf->in, AE_ACT_NONE, NULL, NULL, NULL, NULL, 0);
+            bad = dense_from(&d[0], p + hf->w0, p + hf->b0, hf->out, hf->in, KVC_ACT_NONE, NULL, NULL, NULL, NULL, 0);
         } else {
             int bn = c->norm == AE_NORM_BATCH;
             *nl = 2;
             bad = dense_from(&d[0], p + hf->w0, p + hf->b0, hf->hid, hf->in, c->act, bn ? m->state + hf->rm : NULL,
                              bn ? m->state + hf->rv : NULL, bn ? p + hf->g : NULL, bn ? p + hf->be : NULL, c->bn_eps);
-            bad = bad || dense_from(&d[1], p + hf->w1, p + hf->b1, hf->out, hf->hid, AE_ACT_NONE, NULL, NULL, NULL,
+            bad = bad || dense_from(&d[1], p + hf->w1, p + hf->b1, hf->out, hf->hid, KVC_ACT_NONE, NULL, NULL, NULL,
                                     NULL, 0);
         }
         if (bad) {
@@ -857,35 +811,4 @@ int kvc_ae_export_folded(const ae_model *m, ae_export *out, kvc_err *err) {
         }
     }
     return 0;
-}
-
-void kvc_ae_export_free(ae_export *e) {
-    if (!e) return;
-    for (int i = 0; i < 2; i++) {
-        free(e->enc[i].w), free(e->enc[i].b), free(e->dec[i].w), free(e->dec[i].b);
-    }
-    memset(e, 0, sizeof *e);
-}
-
-void kvc_ae_export_run(const ae_dense *layers, int n_layers, float leaky_slope, const float *x, int n, float *y) {
-    if (n_layers < 1 || n < 1) return;
-    int width = 0;
-    for (int l = 0; l < n_layers; l++) width = layers[l].out > width ? layers[l].out : width;
-    const ae_dense *last = &layers[n_layers - 1];
-    float *buf = n_layers > 1 ? kvc_malloc_array(2 * (size_t)AE_CHUNK * width, sizeof(float)) : NULL;
-    if (n_layers > 1 && !buf) {
-        for (size_t k = 0; k < (size_t)n * last->out; k++) y[k] = NAN;
-        return;
-    }
-    for (int i0 = 0; i0 < n; i0 += AE_CHUNK) {
-        int nb = n - i0 < AE_CHUNK ? n - i0 : AE_CHUNK;
-        const float *in = x + (size_t)i0 * layers[0].in;
-        for (int l = 0; l < n_layers; l++) {
-            const ae_dense *d = &layers[l];
-            float *o = l == n_layers - 1 ? y + (size_t)i0 * last->out : buf + (size_t)(l & 1) * AE_CHUNK * width;
-            dense_run(in, nb, d->in, d->w, d->b, d->out, d->act, leaky_slope, o);
-            in = o;
-        }
-    }
-    free(buf);
 }

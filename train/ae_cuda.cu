@@ -16,7 +16,7 @@
 
 /* Error checks: CUDA_CHECK, CUBLAS_CHECK, LAUNCH_CHECK (every function declares `err` and a
  * `fail:` label). */
-#include "../kernels/cuda/cuda_check.h"
+#include "internal/cuda_check.h"
 /* A failing helper has already filled err; just leave. */
 #define TRY(call)                                                                                  \
     do {                                                                                           \
@@ -36,10 +36,10 @@ enum { ACC_SSE = 0, ACC_ATTN, ACC_GRAD_SQ, ACC_COUNT };
 
 static __device__ __forceinline__ float act_f(float x, int act, float slope) {
     switch (act) {
-    case AE_ACT_RELU: return x > 0.0f ? x : 0.0f * x; /* NaN stays NaN */
-    case AE_ACT_LEAKY_RELU: return x > 0.0f ? x : slope * x;
-    case AE_ACT_GELU: return 0.5f * x * (1.0f + tanhf(GELU_K * (x + GELU_C * x * x * x)));
-    case AE_ACT_SILU: return x / (1.0f + expf(-x));
+    case KVC_ACT_RELU: return x > 0.0f ? x : 0.0f * x; /* NaN stays NaN */
+    case KVC_ACT_LEAKY_RELU: return x > 0.0f ? x : slope * x;
+    case KVC_ACT_GELU: return 0.5f * x * (1.0f + tanhf(GELU_K * (x + GELU_C * x * x * x)));
+    case KVC_ACT_SILU: return x / (1.0f + expf(-x));
     default: return x;
     }
 }
@@ -48,13 +48,13 @@ static __device__ __forceinline__ float act_f(float x, int act, float slope) {
  * take the x <= 0 branch at 0, as PyTorch does; relu passes exactly 0 there. */
 static __device__ __forceinline__ float act_b(float d, float x, int act, float slope) {
     switch (act) {
-    case AE_ACT_RELU: return x > 0.0f ? d : 0.0f;
-    case AE_ACT_LEAKY_RELU: return d * (x > 0.0f ? 1.0f : slope);
-    case AE_ACT_GELU: {
+    case KVC_ACT_RELU: return x > 0.0f ? d : 0.0f;
+    case KVC_ACT_LEAKY_RELU: return d * (x > 0.0f ? 1.0f : slope);
+    case KVC_ACT_GELU: {
         float t = tanhf(GELU_K * (x + GELU_C * x * x * x));
         return d * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_K * (1.0f + 3.0f * GELU_C * x * x));
     }
-    case AE_ACT_SILU: {
+    case KVC_ACT_SILU: {
         float s = 1.0f / (1.0f + expf(-x));
         return d * (s * (1.0f + x * (1.0f - s)));
     }
@@ -245,7 +245,7 @@ typedef struct {
     float *gamma, *beta, *ggamma, *gbeta; /* (O) */
     float *rmean, *rvar;                  /* (O) running stats */
     float *mean, *invstd;                 /* (O) batch statistics of the last forward */
-    ae_act act;                           /* AE_ACT_NONE: no activation */
+    kvc_act act;                           /* KVC_ACT_NONE: no activation */
     float *lin;                           /* (N, O) Linear output */
     float *xhat;                          /* (N, O) normalised (bn only) */
     float *pre;                           /* (N, O) activation input: BN output, or lin */
@@ -330,7 +330,7 @@ static int64_t arena_layout(ae_cuda *g, float *base, int n, int m) {
         } else if (base) {
             s->pre = s->lin;
         }
-        if (s->act != AE_ACT_NONE) TAKE(s->out, no);
+        if (s->act != KVC_ACT_NONE) TAKE(s->out, no);
         else if (base) s->out = s->pre;
     }
 #undef TAKE
@@ -518,7 +518,7 @@ extern "C" ae_cuda *kvc_ae_cuda_new(ae_model *init, kvc_err *err) {
         /* stages 0 and 2 are each half's first Linear of a hidden-layer model */
         int first = c->hidden > 0 && k % 2 == 0;
         g->st[k].bn = first && c->norm == AE_NORM_BATCH;
-        g->st[k].act = first ? c->act : AE_ACT_NONE;
+        g->st[k].act = first ? c->act : KVC_ACT_NONE;
     }
     g->n_slots = kvc_ae_n_tensors(init);
     g->slots = (slot *)calloc(g->n_slots > 0 ? (size_t)g->n_slots : 1, sizeof(slot));
@@ -594,7 +594,7 @@ static int forward(ae_cuda *g, int n, kvc_err *err) {
                                                        g->cfg.bn_momentum);
             LAUNCH_CHECK();
         }
-        if (s->act != AE_ACT_NONE) {
+        if (s->act != KVC_ACT_NONE) {
             act_forward_kernel<<<blocks_for(no, EW_THREADS), EW_THREADS>>>(s->pre, s->out, no, s->act,
                                                                            g->cfg.leaky_slope);
             LAUNCH_CHECK();
@@ -647,7 +647,7 @@ static int backward(ae_cuda *g, int n, kvc_err *err) {
         const float *in = k > 0 ? g->st[k - 1].out : g->x; /* (N, I) */
         const int I = s->n_in, O = s->n_out;
         int64_t no = (int64_t)n * O;
-        if (s->act != AE_ACT_NONE) {
+        if (s->act != KVC_ACT_NONE) {
             act_backward_kernel<<<blocks_for(no, EW_THREADS), EW_THREADS>>>(d, s->pre, no, s->act,
                                                                             g->cfg.leaky_slope);
             LAUNCH_CHECK();
@@ -803,11 +803,11 @@ fail:
 
 /* ---- single-kernel entry points for the tests ----------------------------------- */
 
-extern "C" int kvc_ae_cuda_test_act(ae_act act, float leaky_slope, const float *x, const float *dy, int64_t n, float *y,
+extern "C" int kvc_ae_cuda_test_act(kvc_act act, float leaky_slope, const float *x, const float *dy, int64_t n, float *y,
                                 float *dx, kvc_err *err) {
     float *dp = NULL, *dout = NULL, *dd = NULL;
     size_t bytes = (size_t)n * sizeof(float);
-    if (n < 1 || (int)act < 0 || act >= AE_ACT_COUNT) return kvc_fail(err, "kvc_ae_cuda_test_act: bad arguments");
+    if (n < 1 || (int)act < 0 || act >= KVC_ACT_COUNT) return kvc_fail(err, "kvc_ae_cuda_test_act: bad arguments");
     CUDA_CHECK(cudaMalloc(&dp, bytes));
     CUDA_CHECK(cudaMalloc(&dout, bytes));
     CUDA_CHECK(cudaMalloc(&dd, bytes));

@@ -7,8 +7,7 @@
 
 #include "kvc/checkpoint.h"
 #include "kvc/dataset.h"
-#include "kvc/eval.h"
-#include "kvc/reuse.h"
+#include "kvc/reuse_fit.h"
 #ifdef KVC_HAVE_CUDA
 #include "kvc/ae_cuda.h"
 #endif
@@ -25,7 +24,7 @@ void kvc_train_opts_defaults(kvc_train_opts *o) {
     kvc_ae_config_defaults(&o->ae);
     o->ae.in_dim = 64;
     o->ae.latent = 32;
-    o->ae.act = AE_ACT_LEAKY_RELU;
+    o->ae.act = KVC_ACT_LEAKY_RELU;
     o->mse_mix = 0.1f;
     o->epochs = 10;
     o->batch_tokens = 256;

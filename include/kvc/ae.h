@@ -6,37 +6,11 @@
 #ifndef KVC_AE_H
 #define KVC_AE_H
 
-#include "kvc/common.h"
+#include "kvc/aenet.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-typedef enum { AE_ACT_NONE = 0, AE_ACT_RELU, AE_ACT_LEAKY_RELU, AE_ACT_GELU, AE_ACT_SILU, AE_ACT_COUNT } ae_act;
-typedef enum { AE_NORM_NONE = 0, AE_NORM_BATCH } ae_norm;
-
-/* Architecture. hidden == 0: encoder Linear(D,R), decoder Linear(R,D) (both linear; act and
- * norm unused). hidden > 0: encoder Linear(D,H) -> [BatchNorm(H)] -> act -> Linear(H,R);
- * decoder Linear(R,H) -> [BatchNorm(H)] -> act -> Linear(H,D) (KV-CAR: norm=batch,
- * act=leaky_relu). */
-typedef struct {
-    int in_dim;        /* D */
-    int hidden;        /* H, or 0 */
-    int latent;        /* R, 1 <= R < D */
-    ae_act act;
-    ae_norm norm;
-    float leaky_slope; /* LeakyReLU negative slope (default 0.01) */
-    float bn_eps;      /* default 1e-5 */
-    float bn_momentum; /* running-stat update weight, PyTorch convention (default 0.1) */
-} ae_config;
-
-/* Fills defaults: leaky_slope 0.01, bn_eps 1e-5, bn_momentum 0.1. */
-void kvc_ae_config_defaults(ae_config *c);
-/* Checks a config; -1 with err naming the problem (e.g. latent not smaller than in_dim). */
-int kvc_ae_config_check(const ae_config *c, kvc_err *err);
-const char *kvc_ae_act_name(ae_act a);
-/* Parses "relu", "leaky_relu", "gelu" (tanh form), "silu", "none"; -1 if unknown. */
-int kvc_ae_act_parse(const char *s, ae_act *out);
 
 typedef struct ae_model ae_model;
 
@@ -114,25 +88,10 @@ void kvc_ae_decode(const ae_model *m, const float *z, int n, float *y);
 /* Relative reconstruction error sqrt(sum |y - x|^2 / sum |x|^2) over x (N, D) in inference mode. */
 double kvc_ae_rel_error(const ae_model *m, const float *x, int n);
 
-/* Export: the inference network as Linear layers with BatchNorm folded into the Linear before
- * it (W' = diag(g/sqrt(var+eps)) W, b' = (b - mean) g/sqrt(var+eps) + beta), each followed by
- * the activation except the last of each half. enc/dec receive up to 2 layers each. */
-typedef struct {
-    int in, out;
-    float *w;  /* (out, in), malloc'd */
-    float *b;  /* (out), malloc'd */
-    int act;   /* ae_act applied after this layer */
-} ae_dense;
-typedef struct {
-    int n_enc, n_dec;
-    ae_dense enc[2], dec[2];
-    float leaky_slope;
-} ae_export;
+/* Export: the inference network (kvc/aenet.h) with BatchNorm folded into the Linear before it
+ * (W' = diag(g/sqrt(var+eps)) W, b' = (b - mean) g/sqrt(var+eps) + beta), each followed by the
+ * activation except the last of each half. */
 int kvc_ae_export_folded(const ae_model *m, ae_export *out, kvc_err *err);
-void kvc_ae_export_free(ae_export *e);
-/* Runs an exported network (the form inference uses) on x (N, in) into y. */
-void kvc_ae_export_run(const ae_dense *layers, int n_layers, float leaky_slope, const float *x, int n, float *y);
-
 #ifdef __cplusplus
 }
 #endif

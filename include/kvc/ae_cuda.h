@@ -45,7 +45,7 @@ int64_t kvc_ae_cuda_adam_steps(const ae_cuda *g);
 
 /* Single-kernel entry points for the parity tests (host pointers in and out):
  * activation forward y = act(x) and backward dx = dy * act'(x) over n elements; */
-int kvc_ae_cuda_test_act(ae_act act, float leaky_slope, const float *x, const float *dy, int64_t n, float *y, float *dx,
+int kvc_ae_cuda_test_act(kvc_act act, float leaky_slope, const float *x, const float *dy, int64_t n, float *y, float *dx,
                      kvc_err *err);
 /* BatchNorm1d over h (n, c) in training mode: y (n, c), running_mean/var (c) updated in place;
  * then backward of dy (n, c) into dh (n, c), dgamma (c), dbeta (c). */

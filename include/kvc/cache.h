@@ -5,7 +5,7 @@
 #ifndef KVC_CACHE_H
 #define KVC_CACHE_H
 
-#include "kvc/common.h"
+#include "kvc/backend.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -47,6 +47,7 @@ struct kvc_cache {
     const kvc_cache_ops *ops;
     kvc_cache_shape shape;
     int n_threads;
+    const kvc_backend *backend; /* where attention and RoPE run; NULL: the CPU */
     void *impl;
 };
 
@@ -73,6 +74,11 @@ void kvc_cache_reset(kvc_cache *c);                   /* drop all tokens, keep a
  * than sinks + window). A no-op returning 0 on caches that never evict. */
 int kvc_cache_set_budget(kvc_cache *c, int64_t ref_tokens, kvc_err *err);
 void kvc_cache_free(kvc_cache *c);
+/* Runs the cache's hot paths (RoPE on read, attention) on backend be (kvc_backend_find);
+ * NULL: the CPU. The held data stay in host memory either way. */
+void kvc_cache_set_backend(kvc_cache *c, const kvc_backend *be);
+/* The backend a cache runs on (never NULL). */
+const kvc_backend *kvc_cache_backend(const kvc_cache *c);
 
 #ifdef __cplusplus
 }

@@ -1,11 +1,11 @@
-/* checkpoint.h - the codec checkpoint (HDF5, docs/formats.md): what a trained codec holds
- * for inference (per layer, K and V, the exported autoencoders with BatchNorm folded, their
- * validation errors, the cross-layer reuse plan) and, for resuming training, the raw
- * trainer state. Written atomically (temporary file, fsync, rename). */
+/* checkpoint.h - the codec checkpoint (HDF5, docs/formats.md) as inference reads it (codec
+ * layer): per layer, K and V, the exported autoencoders with BatchNorm folded, their
+ * validation errors, the cross-layer reuse plan, and the model it was trained for. Writing it
+ * and the raw trainer state for resuming are in kvc/trainer.h (train layer). */
 #ifndef KVC_CHECKPOINT_H
 #define KVC_CHECKPOINT_H
 
-#include "kvc/ae.h"
+#include "kvc/aenet.h"
 #include "kvc/reuse.h"
 
 #ifdef __cplusplus
@@ -46,15 +46,6 @@ typedef struct {
     reuse_plan *reuse;       /* NULL when no reuse analysis was stored */
 } kvc_codec;
 
-/* The resumable state of a training run. */
-typedef struct {
-    int epoch;               /* epochs completed */
-    int64_t step;            /* optimiser steps taken */
-    int bad_epochs;          /* epochs since the best validation (early stopping) */
-    double best_val;
-    int best_epoch;
-} kvc_train_state;
-
 static inline int codec_index(const kvc_codec *c, int layer, int kind, int slot) {
     return (layer * 2 + kind) * c->slots + slot;
 }
@@ -63,16 +54,10 @@ static inline int codec_index(const kvc_codec *c, int layer, int kind, int slot)
 kvc_codec *kvc_codec_new(const kvc_codec_meta *meta, kvc_err *err);
 void kvc_codec_free(kvc_codec *c);
 
-/* Writes path atomically. models (same indexing as ae, NULL entries allowed) and st are the
- * raw trainer state for --resume; pass NULL for both to write an inference-only file. */
-int kvc_codec_save(const char *path, const kvc_codec *c, ae_model *const *models, const kvc_train_state *st,
-               kvc_err *err);
+/* Group path of one network inside a checkpoint: "layer_LL/k/slot_S" (kind 0 k, 1 v). */
+void kvc_codec_net_path(char *buf, size_t cap, int layer, int kind, int slot);
 /* Reads a checkpoint; NULL with err on a missing/corrupt file or a format/version mismatch. */
 kvc_codec *kvc_codec_load(const char *path, kvc_err *err);
-/* Loads the raw trainer state into models (created by the caller with the checkpoint's
- * config) and st; -1 with err when the file holds no trainer state or shapes differ. */
-int kvc_codec_load_train_state(const char *path, const kvc_codec *c, ae_model **models, kvc_train_state *st,
-                           kvc_err *err);
 /* Checks that the codec was made for this model: fingerprint and shapes. -1 with err that says
  * which codec and which model differ, and what to do. */
 int kvc_codec_check_model(const kvc_codec *c, const char *fingerprint, int n_layer, int n_head_kv, int head_dim,

@@ -4,7 +4,7 @@
 #ifndef KVC_DATASET_H
 #define KVC_DATASET_H
 
-#include "kvc/common.h"
+#include "kvc/model.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -109,6 +109,35 @@ void kvc_batcher_free(kvc_batcher *bt);
  * on a window start or a file end; a val_frac > 0 gets at least one window and a val_frac < 1
  * leaves training at least one. *train_end == *val_begin. */
 void kvc_dataset_split(const kvc_dataset *d, double val_frac, int64_t *train_end, int64_t *val_begin);
+
+/* ---- capture (data/capture.c) ------------------------------------------------------- */
+
+/* Parses "all" or a list like "0,3,10-12" into ascending unique layers of a model with
+ * n_layer layers; returns the count, or -1 on a bad list or a layer out of range. */
+int kvc_parse_layers(const char *s, int n_layer, int *out);
+
+typedef struct {
+    const char *out;            /* KV dataset to write (atomically: nothing on failure) */
+    const char *dtype;          /* "f16" or "f32" */
+    const char *layers;         /* "all" or a list for kvc_parse_layers */
+    const char *corpus_name;    /* recorded in the file */
+    const char *corpus_sha256;  /* recorded in the file (64 hex digits or "") */
+    int ctx;                    /* window length; each window starts from an empty cache */
+    int chunk;                  /* HDF5 chunk length in tokens */
+    int gzip;                   /* 0-9 */
+    int progress;               /* progress line on stderr */
+} kvc_capture_opts;
+
+typedef struct {
+    int64_t n_tokens;
+    int n_layers;
+    double seconds;
+} kvc_capture_result;
+
+/* Runs m over ids[0, n_tokens) in windows of o->ctx tokens and writes every chosen layer's
+ * pre-RoPE K, V and Q to o->out. 0, or -1 with err (nothing left at o->out). */
+int kvc_capture(const kvc_model *m, const int32_t *ids, int64_t n_tokens, const kvc_capture_opts *o,
+                kvc_capture_result *res, kvc_err *err);
 
 #ifdef __cplusplus
 }

@@ -33,9 +33,6 @@ typedef struct {
 int kvc_eval_perplexity(const kvc_model *m, kvc_cache *c, const int32_t *tokens, int64_t n,
                     const kvc_ppl_opts *opts, kvc_ppl_result *res, kvc_err *err);
 
-/* Draws a progress line "label [####    ] done/total unit  rate  ETA" on stderr. */
-void kvc_progress_draw(const char *label, double done, double total, const char *unit, double t0);
-void kvc_progress_end(void);
 
 /* ============================================================ measuring protocols ==== */
 
@@ -170,6 +167,45 @@ void kvc_passkey_result_free(kvc_passkey_result *res);
 int64_t kvc_eval_memory(const kvc_cache *c, double *bytes_per_token, double *kept, double *removed);
 /* Bytes per token of an f16 full cache for this shape: 2 * L * K * D * 2. */
 double kvc_eval_f16_bytes_per_token(const kvc_cache_shape *s);
+
+/* ---- one `kvcodec eval` run (eval/eval_run.c) ---------------------------------------- */
+
+enum { KVC_M_STREAM = 1, KVC_M_CONTEXT = 2, KVC_M_PASSKEY = 4 };
+
+typedef struct {
+    const char *text, *repr, *keep; /* text: recorded in the report */
+    int set;                        /* KVC_M_* bits */
+    int ctx, chunk, context_len, continuation, samples;
+    const int *lengths;             /* passkey prompt lengths */
+    int n_lengths;
+    const double *depths;
+    int n_depths;
+    int trials;
+    uint64_t seed;
+    int explicit_lengths;           /* lengths beyond the model's context: an error (1) or skipped (0) */
+    int threads;                    /* recorded in the report */
+    int progress;
+    const kvc_backend *backend;     /* where both caches run their hot paths; NULL: the CPU */
+} kvc_eval_run_opts;
+
+/* Everything one run measured. */
+typedef struct {
+    const char *model, *fingerprint, *text, *repr, *keep;
+    char cache[1100];               /* kvc_kvcache_describe of the measured cache */
+    int ctx, chunk, context_len, continuation, threads, set;
+    int64_t tokens;
+    kvc_quality stream, context;
+    kvc_passkey_result pk;
+} kvc_eval_report;
+
+/* Checks every setting against the model first (contexts, budgets that cannot fit, passkey
+ * lengths), then measures the cache o->repr x o->keep against the full cache on ids[0, n)
+ * (n may be 0 for passkey alone). 0, or -1 with err; rep is always initialised (free it). */
+int kvc_eval_run(const kvc_model *m, const int32_t *ids, int64_t n, const kvc_eval_run_opts *o, kvc_eval_report *rep,
+                 kvc_err *err);
+/* Writes rep as JSON to path (temporary file, fsync, rename). 0 or -1 with err. */
+int kvc_eval_report_json(const char *path, const kvc_eval_report *rep, kvc_err *err);
+void kvc_eval_report_free(kvc_eval_report *rep);
 
 #ifdef __cplusplus
 }

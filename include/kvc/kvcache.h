@@ -84,11 +84,11 @@ typedef struct {
     void (*predict)(const kvc_repr *r, int layer, int head, int kind, const float *src, int n, float *y);
     /* Optional (NULL: never). R > 0 when values of (layer, head) have a linear decoder
      * y = W z + b, so attention can run in latent space: sum_i a_i y_i = W (sum_i a_i z_i) + b
-     * for weights a summing to 1. Then decode_latent gives z (n, R) and lift maps a weighted
-     * latent sum zs (R) to out (D). */
+     * for weights a summing to 1. Then decode_latent gives z (n, R) and linear_decoder points
+     * at W (D, R) and b (D) (b may be NULL). */
     int (*latent_dim)(const kvc_repr *r, int layer, int head);
     void (*decode_latent)(const kvc_repr *r, int layer, int head, const uint8_t *rows, int n, float *z);
-    void (*lift)(const kvc_repr *r, int layer, int head, const float *zs, float *out);
+    void (*linear_decoder)(const kvc_repr *r, int layer, int head, const float **w, const float **b);
 } kvc_repr_ops;
 
 struct kvc_repr {

@@ -5,7 +5,7 @@
 #ifndef KVC_SWEEP_H
 #define KVC_SWEEP_H
 
-#include "kvc/common.h"
+#include "kvc/model.h"
 
 #include <stdio.h>
 
@@ -170,6 +170,30 @@ int kvc_sweep_plot_pareto(const sweep_table *own, const sweep_table *peers, cons
  * into paths (up to max). Returns how many were written, or -1 with err. */
 int kvc_sweep_plot_passkey(const sweep_table *t, const sweep_cell *cells, int n_cells, const char *dir, char **paths,
                        int max, kvc_err *err);
+
+/* ---- running a sweep (eval/sweep_run.c) ---------------------------------------------- */
+
+typedef struct {
+    const char *out_dir;   /* results folder; NULL: out/sweeps/<model>_<corpus>_<protocols> */
+    const char *peers;     /* ';'-separated peer CSVs drawn on pareto.png, or NULL */
+    int force;             /* start a folder with a different config over */
+    int dry_run;           /* validate and list the points, measure nothing */
+    int threads;           /* printed */
+    int progress;          /* progress line on stderr */
+    FILE *out;             /* the per-point lines and the table (NULL: stdout) */
+    int stop_after;        /* tests: return 3 after this many new points, leaving the folder as a
+                              kill would (results.json not rebuilt); 0: off */
+    const kvc_backend *backend; /* where every cache runs its hot paths; NULL: the CPU */
+} kvc_sweep_run_opts;
+
+/* 1 when the grid has a protocol that reads the text (context, stream). */
+int kvc_sweep_uses_text(const sweep_grid *g);
+/* Measures every point of g (its model and text already loaded: m, ids[0, n_ids) with the
+ * text's sha256, or n_ids 0 for passkey-only grids) into the results folder, skipping points
+ * already there; records the fingerprint and sha in g. Returns 0, 1 when a point failed (err
+ * says which; the finished rows stay), 3 when stopped by stop_after, or -1 with err. */
+int kvc_sweep_run(sweep_grid *g, const kvc_model *m, const int32_t *ids, int64_t n_ids, const char *sha,
+                  const kvc_sweep_run_opts *o, kvc_err *err);
 
 #ifdef __cplusplus
 }

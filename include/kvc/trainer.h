@@ -5,6 +5,7 @@
 #define KVC_TRAINER_H
 
 #include "kvc/ae.h"
+#include "kvc/checkpoint.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -37,6 +38,25 @@ typedef struct {
 } kvc_train_opts;
 
 void kvc_train_opts_defaults(kvc_train_opts *o);
+
+/* The resumable state of a training run. */
+typedef struct {
+    int epoch;               /* epochs completed */
+    int64_t step;            /* optimiser steps taken */
+    int bad_epochs;          /* epochs since the best validation (early stopping) */
+    double best_val;
+    int best_epoch;
+} kvc_train_state;
+
+/* Writes path atomically. models (same indexing as ae, NULL entries allowed) and st are the
+ * raw trainer state for --resume; pass NULL for both to write an inference-only file. */
+int kvc_codec_save(const char *path, const kvc_codec *c, ae_model *const *models, const kvc_train_state *st,
+               kvc_err *err);
+/* Loads the raw trainer state into models (created by the caller with the checkpoint's
+ * config) and st; -1 with err when the file holds no trainer state or shapes differ. */
+int kvc_codec_load_train_state(const char *path, const kvc_codec *c, ae_model **models, kvc_train_state *st,
+                           kvc_err *err);
+
 /* Runs training; 0 on success, 1 when stopped by stop_after_epoch (checkpoint written),
  * -1 with err on failure (the previous checkpoint at `out`, if any, is left intact). */
 int kvc_train_codec(const kvc_train_opts *o, kvc_err *err);

@@ -8,7 +8,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "cuda_check.h"
+#include "internal/cuda_check.h"
 
 /* f32 -> f16 bits, round to nearest even: the same integer algorithm as model/common.c. */
 __device__ static uint16_t f32_to_f16_dev(float f) {

@@ -5,7 +5,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "cuda_check.h"
+#include "internal/cuda_check.h"
 
 __global__ void simhash_kernel(const float *proj, int dim, int bits, const float *x, int64_t ld, int64_t n,
                                uint64_t *codes) {

@@ -12,7 +12,7 @@
 
 /* Error checks: CUDA_CHECK, CUBLAS_CHECK, LAUNCH_CHECK (every function declares `err` and a
  * `fail:` label). */
-#include "cuda_check.h"
+#include "internal/cuda_check.h"
 
 extern "C" int kvc_cuda_device_info(char *desc, size_t cap) {
     int n = 0;
@@ -47,19 +47,6 @@ __global__ void rmsnorm_kernel(float *out, const float *x, const float *g, int64
     }
     float scale = rsqrtf(red[0] / (float)e + eps);
     for (int64_t i = threadIdx.x; i < e; i += blockDim.x) o[i] = xr[i] * scale * g[i];
-}
-
-/* One thread per (token, head, pair). */
-__global__ void rope_kernel(float *x, const int32_t *pos, int64_t n, int h, int d, float base) {
-    int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, half = d / 2;
-    if (idx >= n * h * half) return;
-    int64_t i = idx % half, t = idx / (half * h);
-    float inv = powf(base, -2.0f * (float)i / (float)d), th = (float)pos[t] * inv, c, s;
-    sincosf(th, &s, &c);
-    float *v = x + (idx / half) * d + 2 * i;
-    float a = v[0], b = v[1];
-    v[0] = a * c - b * s;
-    v[1] = a * s + b * c;
 }
 
 __global__ void swiglu_kernel(float *a, const float *b, int64_t n) {
@@ -107,24 +94,6 @@ fail:
     return -1;
 }
 
-extern "C" int kvc_rope_cuda(float *x, const int32_t *pos, int64_t n, int h, int d, float base, kvc_err *err) {
-    float *dx = NULL;
-    int32_t *dp = NULL;
-    size_t bytes = (size_t)(n * h * d) * sizeof(float);
-    int64_t work = n * h * (d / 2);
-    CUDA_CHECK(cudaMalloc(&dx, bytes));
-    CUDA_CHECK(cudaMalloc(&dp, (size_t)n * sizeof(int32_t)));
-    CUDA_CHECK(cudaMemcpy(dx, x, bytes, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(dp, pos, (size_t)n * sizeof(int32_t), cudaMemcpyHostToDevice));
-    rope_kernel<<<blocks_for(work, 256), 256>>>(dx, dp, n, h, d, base);
-    LAUNCH_CHECK();
-    CUDA_CHECK(cudaMemcpy(x, dx, bytes, cudaMemcpyDeviceToHost));
-    cudaFree(dx); cudaFree(dp);
-    return 0;
-fail:
-    cudaFree(dx); cudaFree(dp);
-    return -1;
-}
 
 extern "C" int kvc_swiglu_cuda(float *a, const float *b, int64_t n, kvc_err *err) {
     float *da = NULL, *db = NULL;

@@ -1,8 +1,8 @@
-/* bench_kvattn.c - times the compressed cache's hot paths (kvc/kvattn.h) on the CPU and, when a
+/* bench_kernels.c - times the compressed cache's hot paths (kvc/kernels.h) on the CPU and, when a
  * GPU is present, their CUDA twins on device-resident data, at inference sizes (one KV head:
  * T tokens held, D head_dim, R latent, G query heads). One line per kernel: milliseconds per
  * call for each backend and the CPU/CUDA ratio; CUDA is reported as skipped with the reason
- * where no device can be used. Not a test: nothing is checked here (tests/test_kvattn*.c). */
+ * where no device can be used. Not a test: nothing is checked here (tests/test_kernels*.c). */
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,7 +11,6 @@
 
 #include "kvc/backend.h"
 #include "kvc/kernels.h"
-#include "kvc/kvattn.h"
 #include "kvc/ops.h"
 #ifdef KVC_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -20,7 +19,7 @@
 #endif
 
 static void usage(void) {
-    fprintf(stderr, "usage: bench_kvattn [--t 4096] [--d 64] [--r 32] [--g 3] [--chunk 32] [--reps 20] [--threads 2]\n");
+    fprintf(stderr, "usage: bench_kernels [--t 4096] [--d 64] [--r 32] [--g 3] [--chunk 32] [--reps 20] [--threads 2]\n");
 }
 
 /* OpenBLAS picks its kernels when it loads: if it fell back to generic ones on a CPU that can
@@ -50,23 +49,38 @@ static float *rnd(size_t n, float scale) {
 /* Sizes and host data shared by every kernel. */
 typedef struct {
     int t, d, r, g, chunk, reps;
-    float *k, *v, *z, *wenc, *wdec, *benc, *bdec, *q, *y, *out, *probs, *score;
+    float *k, *v, *z, *wenc, *wdec, *benc, *bdec, *q, *y, *out, *probs, *score, *sc;
     int32_t *kpos, *qpos;
     kvc_rope_table rope;
     int64_t *idx;
 } bench;
 
+/* kvc_attend over every row, split over threads the way the caches split it. */
+static void attend_rows(bench *b, int n_q, const kvc_attn_kv *kv, float *probs) {
+    const int g = b->g, d = b->d;
+#pragma omp parallel for collapse(2) schedule(dynamic, 4)
+    for (int i = 0; i < n_q; i++)
+        for (int h = 0; h < g; h++) {
+            float sc[b->t + b->r + 1];
+            kvc_attend(b->q + ((size_t)i * g + h) * d, d, b->qpos + i, 1, 1, d, kv, b->out + ((size_t)i * g + h) * d, d,
+                       probs ? probs + ((size_t)i * g + h) * b->t : NULL, sc);
+        }
+}
+
 /* The CPU kernel named `op` on b's data (0..6 as in OPS). */
 static void run_cpu(bench *b, int op) {
-    const int t = b->t, d = b->d, r = b->r, g = b->g;
+    const int t = b->t, d = b->d, r = b->r;
+    const kvc_attn_kv exact = {.t = t, .k = b->k, .ldk = d, .pos = b->kpos, .v = b->v, .ldv = d};
+    const kvc_attn_kv latent = {.t = t, .k = b->k, .ldk = d, .pos = b->kpos, .ne = t, .z = b->z, .r = r, .w = b->wdec,
+                                .b = b->bdec};
     switch (op) {
-    case 0: kvc_dense_rows_cpu(b->v, t, d, b->wenc, b->benc, r, AE_ACT_NONE, 0, b->z); break;
-    case 1: kvc_dense_rows_cpu(b->z, t, r, b->wdec, b->bdec, d, AE_ACT_NONE, 0, b->y); break;
+    case 0: kvc_dense_rows(b->v, t, d, b->wenc, b->benc, r, KVC_ACT_NONE, 0, b->z); break;
+    case 1: kvc_dense_rows(b->z, t, r, b->wdec, b->bdec, d, KVC_ACT_NONE, 0, b->y); break;
     case 2: kvc_rope_rows(&b->rope, b->k, d, b->kpos, t, b->y, d); break;
-    case 3: kvc_attend_head_cpu(b->q, b->qpos, 1, g, d, b->k, b->v, b->kpos, t, b->out, b->probs); break;
-    case 4: kvc_attend_head_cpu(b->q, b->qpos, b->chunk, g, d, b->k, b->v, b->kpos, t, b->out, NULL); break;
-    case 5: kvc_attend_latent_cpu(b->q, b->qpos, 1, g, d, b->k, b->z, r, b->wdec, b->bdec, b->kpos, t, b->out, b->probs); break;
-    case 6: kvc_topk_unprotected_cpu(b->score, t, 4, 10, t / 2, b->idx); break;
+    case 3: attend_rows(b, 1, &exact, b->probs); break;
+    case 4: attend_rows(b, b->chunk, &exact, NULL); break;
+    case 5: attend_rows(b, 1, &latent, b->probs); break;
+    case 6: kvc_topk(b->score, t, 4, 10, t / 2, b->idx); break;
     }
 }
 
@@ -79,7 +93,7 @@ static const char *const OPS[] = {
 #ifdef KVC_HAVE_CUDA
 /* Device copies of b's data; every pointer NULL when an allocation failed. */
 typedef struct {
-    float *k, *v, *z, *wenc, *wdec, *benc, *bdec, *q, *y, *out, *probs, *score;
+    float *k, *v, *z, *wenc, *wdec, *benc, *bdec, *q, *y, *out, *probs, *score, *cs;
     int32_t *kpos, *qpos;
     int64_t *idx;
 } dev_bufs;
@@ -100,7 +114,8 @@ static int dev_upload(const bench *b, dev_bufs *d) {
     d->y = to_dev(NULL, t * D, 4), d->out = to_dev(NULL, rows * D, 4), d->probs = to_dev(NULL, (size_t)b->g * t, 4);
     d->score = to_dev(b->score, t, 4), d->kpos = to_dev(b->kpos, t, 4), d->qpos = to_dev(b->qpos, b->chunk, 4);
     d->idx = to_dev(NULL, t, 8);
-    return d->k && d->v && d->z && d->wenc && d->wdec && d->benc && d->bdec && d->q && d->y && d->out && d->probs &&
+    d->cs = to_dev(b->rope.cs, (size_t)b->rope.n * 2 * D, 4);
+    return d->cs && d->k && d->v && d->z && d->wenc && d->wdec && d->benc && d->bdec && d->q && d->y && d->out && d->probs &&
                    d->score && d->kpos && d->qpos && d->idx
                ? 0
                : -1;
@@ -108,7 +123,7 @@ static int dev_upload(const bench *b, dev_bufs *d) {
 
 static void dev_free(dev_bufs *d) {
     void *ps[] = {d->k, d->v, d->z, d->wenc, d->wdec, d->benc, d->bdec, d->q, d->y, d->out, d->probs, d->score,
-                  d->kpos, d->qpos, d->idx};
+                  d->kpos, d->qpos, d->idx, d->cs};
     for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) cudaFree(ps[i]);
 }
 
@@ -116,15 +131,15 @@ static void dev_free(dev_bufs *d) {
 static int run_cuda(const bench *b, dev_bufs *dv, int op, kvc_err *err) {
     const int t = b->t, d = b->d, r = b->r, g = b->g;
     switch (op) {
-    case 0: return kvc_dense_rows_dev(dv->v, t, d, dv->wenc, dv->benc, r, AE_ACT_NONE, 0, dv->z, err);
-    case 1: return kvc_dense_rows_dev(dv->z, t, r, dv->wdec, dv->bdec, d, AE_ACT_NONE, 0, dv->y, err);
-    case 2: return kvc_rope_rows_dev(dv->k, d, dv->kpos, t, d, 100000.0f, dv->y, err);
-    case 3: return kvc_attend_head_dev(dv->q, dv->qpos, 1, g, d, dv->k, dv->v, dv->kpos, t, dv->out, dv->probs, err);
-    case 4: return kvc_attend_head_dev(dv->q, dv->qpos, b->chunk, g, d, dv->k, dv->v, dv->kpos, t, dv->out, NULL, err);
+    case 0: return kvc_dense_rows_dev(dv->v, t, d, dv->wenc, dv->benc, r, KVC_ACT_NONE, 0, dv->z, err);
+    case 1: return kvc_dense_rows_dev(dv->z, t, r, dv->wdec, dv->bdec, d, KVC_ACT_NONE, 0, dv->y, err);
+    case 2: return kvc_rope_rows_dev(dv->cs, dv->k, d, dv->kpos, t, d, dv->y, d, err);
+    case 3: return kvc_attend_dev(dv->q, dv->qpos, 1, g, d, dv->k, dv->v, d, NULL, NULL, dv->kpos, t, dv->out, dv->probs, err);
+    case 4: return kvc_attend_dev(dv->q, dv->qpos, b->chunk, g, d, dv->k, dv->v, d, NULL, NULL, dv->kpos, t, dv->out, NULL, err);
     case 5:
-        return kvc_attend_latent_dev(dv->q, dv->qpos, 1, g, d, dv->k, dv->z, r, dv->wdec, dv->bdec, dv->kpos, t, dv->out,
-                                 dv->probs, err);
-    case 6: return kvc_topk_unprotected_dev(dv->score, t, 4, 10, t / 2, dv->idx, err) < 0 ? -1 : 0;
+        return kvc_attend_dev(dv->q, dv->qpos, 1, g, d, dv->k, dv->z, r, dv->wdec, dv->bdec, dv->kpos, t, dv->out,
+                              dv->probs, err);
+    case 6: return kvc_topk_dev(dv->score, t, 4, 10, t / 2, dv->idx, err) < 0 ? -1 : 0;
     }
     return 0;
 }
@@ -160,14 +175,14 @@ int main(int argc, char **argv) {
     b.idx = malloc(t * sizeof *b.idx);
     for (size_t i = 0; i < t; i++) b.kpos[i] = (int32_t)(i + i / 3); /* gaps, as after eviction */
     if (kvc_rope_table_init(&b.rope, b.d, 100000.0f) || kvc_rope_table_reserve(&b.rope, (int64_t)b.kpos[t - 1] + 1)) {
-        fprintf(stderr, "bench_kvattn: out of memory\n");
+        fprintf(stderr, "bench_kernels: out of memory\n");
         return 1;
     }
     for (int j = 0; j < b.chunk; j++) b.qpos[j] = b.kpos[t - 1] + 1 + j;
 
     char why[256] = "";
     int gpu = kvc_backend_cuda_available(why, sizeof why);
-    printf("bench_kvattn: one KV head, T=%d D=%d R=%d G=%d chunk=%d, %d reps, CPU %d threads; CUDA: %s%s\n", b.t, b.d,
+    printf("bench_kernels: one KV head, T=%d D=%d R=%d G=%d chunk=%d, %d reps, CPU %d threads; CUDA: %s%s\n", b.t, b.d,
            b.r, b.g, b.chunk, b.reps, threads, gpu ? "" : "skipped, ", why);
     printf("%-30s %12s %12s %9s\n", "kernel", "cpu ms", "cuda ms", "cpu/cuda");
 #ifdef KVC_HAVE_CUDA
@@ -175,7 +190,7 @@ int main(int argc, char **argv) {
     cudaEvent_t e0 = NULL, e1 = NULL;
     kvc_err err = {{0}};
     if (gpu && (dev_upload(&b, &dv) || cudaEventCreate(&e0) != cudaSuccess || cudaEventCreate(&e1) != cudaSuccess)) {
-        fprintf(stderr, "bench_kvattn: device buffers could not be set up; CUDA skipped\n");
+        fprintf(stderr, "bench_kernels: device buffers could not be set up; CUDA skipped\n");
         gpu = 0;
     }
 #endif
@@ -194,7 +209,7 @@ int main(int argc, char **argv) {
             if (!rc && cudaEventSynchronize(e1) == cudaSuccess && cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess)
                 cuda_ms = ms / b.reps;
             else
-                fprintf(stderr, "bench_kvattn: %s failed on CUDA: %s\n", OPS[op], err.msg[0] ? err.msg : "CUDA error");
+                fprintf(stderr, "bench_kernels: %s failed on CUDA: %s\n", OPS[op], err.msg[0] ? err.msg : "CUDA error");
         }
 #endif
         if (cuda_ms > 0)

@@ -1,5 +1,5 @@
-/* test_kvattn_cuda.c - the CUDA twins of kernels/kvattn.c (kernels/cuda/kvattn_cuda.cu) against
- * the CPU reference, at the sizes inference uses (T = 4096, D = 64, R = 32, G = 3) and at odd
+/* test_kernels_cuda.c - the CUDA twins of kvc/kernels.h (kernels/cuda/attn_cuda.cu) against
+ * the CPU kernels, at the sizes inference uses (T = 4096, D = 64, R = 32, G = 3) and at odd
  * edges (one key, no key, widths that are not tile multiples). Tolerance abs + eps*|ref|.
  * Runs where a GPU is present; elsewhere each test says it skipped and why. */
 #include <criterion/criterion.h>
@@ -11,7 +11,6 @@
 
 #include "kvc/ae.h"
 #include "kvc/backend.h"
-#include "kvc/kvattn.h"
 #ifdef KVC_HAVE_CUDA
 #include "kvc/ops_cuda.h"
 
@@ -23,9 +22,7 @@
  * codec layers: other summation order and FMA contraction over I <= 128 products; */
 #define DENSE_ABS 1e-5
 #define DENSE_EPS 1e-5
-/* RoPE: identical angles, sincosf within 2 ulp of glibc's cosf/sinf, |x| below about 10; */
-#define ROPE_ABS 1e-5
-#define ROPE_EPS 1e-6
+/* RoPE: the same table and unfused arithmetic, so bit for bit; */
 /* attention: ABS is ATTN_EPS times the largest |value| (outputs may cancel towards 0);
  * weights: PROB_ABS absolute; */
 #define ATTN_EPS 1e-5
@@ -49,12 +46,12 @@ static double expect_close(const float *got, const float *ref, size_t n, double 
     return worst;
 }
 
-Test(kvattn_cuda, dense_rows) {
+Test(kernels_cuda, dense_rows) {
     need_gpu();
     /* encode 64 -> 32, decode 32 -> 64, a hidden layer per activation, and ragged widths */
     const struct { int n, in, out, act; } cs[] = {
-        {4096, 64, 32, AE_ACT_NONE}, {4096, 32, 64, AE_ACT_NONE}, {1000, 64, 128, AE_ACT_RELU},
-        {1000, 128, 64, AE_ACT_LEAKY_RELU}, {333, 40, 24, AE_ACT_GELU}, {17, 24, 40, AE_ACT_SILU}, {1, 5, 3, AE_ACT_NONE},
+        {4096, 64, 32, KVC_ACT_NONE}, {4096, 32, 64, KVC_ACT_NONE}, {1000, 64, 128, KVC_ACT_RELU},
+        {1000, 128, 64, KVC_ACT_LEAKY_RELU}, {333, 40, 24, KVC_ACT_GELU}, {17, 24, 40, KVC_ACT_SILU}, {1, 5, 3, KVC_ACT_NONE},
     };
     kvc_err err = {{0}};
     for (size_t c = 0; c < sizeof cs / sizeof cs[0]; c++) {
@@ -62,16 +59,16 @@ Test(kvattn_cuda, dense_rows) {
         float *x = randn((size_t)n * in, 1.0f), *w = randn((size_t)out * in, 1.0f / sqrtf((float)in));
         float *b = randn(out, 0.5f), *y1 = malloc((size_t)n * out * 4), *y2 = malloc((size_t)n * out * 4);
         for (int nob = 0; nob < 2; nob++) {
-            kvc_dense_rows_cpu(x, n, in, w, nob ? NULL : b, out, cs[c].act, 0.1f, y1);
+            kvc_dense_rows(x, n, in, w, nob ? NULL : b, out, cs[c].act, 0.1f, y1);
             cr_assert_eq(kvc_dense_rows_cuda(x, n, in, w, nob ? NULL : b, out, cs[c].act, 0.1f, y2, &err), 0, "%s", err.msg);
             double worst = expect_close(y2, y1, (size_t)n * out, DENSE_ABS, DENSE_EPS, "dense");
-            if (!nob) fprintf(stderr, "dense %d x %d -> %d %s: worst %.2e\n", n, in, out, kvc_ae_act_name((ae_act)cs[c].act), worst);
+            if (!nob) fprintf(stderr, "dense %d x %d -> %d %s: worst %.2e\n", n, in, out, kvc_ae_act_name((kvc_act)cs[c].act), worst);
         }
         free(x), free(w), free(b), free(y1), free(y2);
     }
 }
 
-Test(kvattn_cuda, rope_rows) {
+Test(kernels_cuda, rope_rows) {
     need_gpu();
     enum { N = 4096, D = 64, LD = 192 }; /* keys of one head inside rows of three heads */
     float *x = randn((size_t)N * LD, 2.0f), *a = malloc((size_t)N * D * 4), *b = malloc((size_t)N * D * 4);
@@ -82,13 +79,18 @@ Test(kvattn_cuda, rope_rows) {
     cr_assert_eq(kvc_rope_table_init(&tab, D, 100000.0f), 0);
     cr_assert_eq(kvc_rope_table_reserve(&tab, (int64_t)pos[N - 1] + 1), 0);
     kvc_rope_rows(&tab, x + 64, LD, pos, N, a, D);
+    cr_assert_eq(kvc_rope_rows_cuda(&tab, x + 64, LD, pos, N, b, D, &err), 0, "%s", err.msg);
     kvc_rope_table_free(&tab);
-    cr_assert_eq(kvc_rope_rows_cuda(x + 64, LD, pos, N, D, 100000.0f, b, &err), 0, "%s", err.msg);
-    fprintf(stderr, "rope_rows: worst %.2e\n", expect_close(b, a, (size_t)N * D, ROPE_ABS, ROPE_EPS, "rope"));
+    cr_assert(!memcmp(a, b, (size_t)N * D * 4), "the CUDA rotation must equal the CPU's bit for bit");
     free(x), free(a), free(b), free(pos);
 }
 
-/* One attention case, exact and latent values, with and without weights. */
+static void att_cpu(const float *q, const int32_t *qpos, int n_q, int g, int d, const kvc_attn_kv *kv, float *o,
+                    float *p) {
+    cr_assert_eq(kvc_attend(q, (int64_t)g * d, qpos, n_q, g, d, kv, o, (int64_t)g * d, p, NULL), 0);
+}
+
+/* One attention case, exact, latent and mixed values, with and without weights. */
 static void attend_case(int n_q, int g, int d, int r, int64_t t, float kscale) {
     const int rows = n_q * g;
     kvc_err err = {{0}};
@@ -112,16 +114,27 @@ static void attend_case(int n_q, int g, int d, int r, int64_t t, float kscale) {
         }
     char what[96];
     for (int with_p = 0; with_p < 2; with_p++) {
-        kvc_attend_head_cpu(q, qpos, n_q, g, d, k, v, kpos, t, o1, with_p ? p1 : NULL);
-        cr_assert_eq(kvc_attend_head_cuda(q, qpos, n_q, g, d, k, v, kpos, t, o2, with_p ? p2 : NULL, &err), 0, "%s", err.msg);
+        const kvc_attn_kv ex = {.t = t, .k = k, .ldk = d, .pos = kpos, .v = v, .ldv = d};
+        att_cpu(q, qpos, n_q, g, d, &ex, o1, with_p ? p1 : NULL);
+        cr_assert_eq(kvc_attend_cuda(q, (int64_t)g * d, qpos, n_q, g, d, &ex, o2, (int64_t)g * d, with_p ? p2 : NULL, &err),
+                     0, "%s", err.msg);
         snprintf(what, sizeof what, "attend Q=%d G=%d D=%d T=%lld", n_q, g, d, (long long)t);
         double wo = expect_close(o2, o1, (size_t)rows * d, ATTN_EPS * vmax, ATTN_EPS, what);
         double wp = with_p ? expect_close(p2, p1, (size_t)rows * t, PROB_ABS, ATTN_EPS, "weights") : 0;
-        kvc_attend_latent_cpu(q, qpos, n_q, g, d, k, z, r, w, b, kpos, t, o1, with_p ? p1 : NULL);
-        cr_assert_eq(kvc_attend_latent_cuda(q, qpos, n_q, g, d, k, z, r, w, b, kpos, t, o2, with_p ? p2 : NULL, &err), 0,
-                     "%s", err.msg);
+        const kvc_attn_kv la = {.t = t, .k = k, .ldk = d, .pos = kpos, .ne = t, .z = z, .r = r, .w = w, .b = b};
+        att_cpu(q, qpos, n_q, g, d, &la, o1, with_p ? p1 : NULL);
+        cr_assert_eq(kvc_attend_cuda(q, (int64_t)g * d, qpos, n_q, g, d, &la, o2, (int64_t)g * d, with_p ? p2 : NULL, &err),
+                     0, "%s", err.msg);
         snprintf(what, sizeof what, "latent Q=%d G=%d D=%d R=%d T=%lld", n_q, g, d, r, (long long)t);
         double wl = expect_close(o2, o1, (size_t)rows * d, ATTN_EPS * zmax, ATTN_EPS, what);
+        /* the compressed cache's mix: older rows latent, the newest exact */
+        const kvc_attn_kv mx = {.t = t, .k = k, .ldk = d, .pos = kpos, .ne = t / 2, .z = z, .r = r, .w = w, .b = b,
+                                .v = v + (size_t)(t / 2) * d, .ldv = d};
+        att_cpu(q, qpos, n_q, g, d, &mx, o1, NULL);
+        cr_assert_eq(kvc_attend_cuda(q, (int64_t)g * d, qpos, n_q, g, d, &mx, o2, (int64_t)g * d, NULL, &err), 0, "%s",
+                     err.msg);
+        snprintf(what, sizeof what, "mixed Q=%d G=%d D=%d R=%d T=%lld", n_q, g, d, r, (long long)t);
+        expect_close(o2, o1, (size_t)rows * d, ATTN_EPS * fmax(zmax, vmax), ATTN_EPS, what);
         if (with_p) {
             expect_close(p2, p1, (size_t)rows * t, PROB_ABS, ATTN_EPS, "latent weights");
             fprintf(stderr, "%s: worst out %.2e (value scale %.2g), latent %.2e, weights %.2e\n", what, wo, vmax, wl, wp);
@@ -130,13 +143,13 @@ static void attend_case(int n_q, int g, int d, int r, int64_t t, float kscale) {
     free(q), free(k), free(v), free(z), free(w), free(b), free(o1), free(o2), free(p1), free(p2), free(kpos), free(qpos);
 }
 
-Test(kvattn_cuda, attend_inference_sizes) {
+Test(kernels_cuda, attend_inference_sizes) {
     need_gpu();
     attend_case(1, 3, 64, 32, 4096, 1.0f);  /* decode step */
     attend_case(32, 3, 64, 32, 4096, 2.0f); /* a chunk of 32 queries */
 }
 
-Test(kvattn_cuda, attend_edges) {
+Test(kernels_cuda, attend_edges) {
     need_gpu();
     attend_case(3, 3, 64, 32, 1, 1.0f);   /* one key */
     attend_case(4, 1, 16, 8, 77, 4.0f);   /* ragged tiles, peaky weights */
@@ -157,8 +170,8 @@ static void topk_case(int64_t n, int levels) {
     const int64_t ks[4] = {1, 7, n / 10 + 1, n};
     for (int c = 0; c < 4; c++) {
         int64_t sinks = urand(8), window = urand(32);
-        int64_t na = kvc_topk_unprotected_cpu(s, n, sinks, window, ks[c], a);
-        int64_t nb = kvc_topk_unprotected_cuda(s, n, sinks, window, ks[c], b, &err);
+        int64_t na = kvc_topk(s, n, sinks, window, ks[c], a);
+        int64_t nb = kvc_topk_cuda(s, n, sinks, window, ks[c], b, &err);
         cr_assert_eq(nb, na, "n %lld k %lld: cuda gave %lld indices, cpu %lld (%s)", (long long)n, (long long)ks[c],
                      (long long)nb, (long long)na, err.msg);
         for (int64_t i = 0; i < na; i++)
@@ -168,7 +181,7 @@ static void topk_case(int64_t n, int levels) {
     free(s), free(a), free(b);
 }
 
-Test(kvattn_cuda, topk) {
+Test(kernels_cuda, topk) {
     need_gpu();
     topk_case(4096, 50);     /* one shared-memory chunk merge plus a global step */
     topk_case(100000, 0);    /* many global bitonic steps, distinct scores */
@@ -178,5 +191,5 @@ Test(kvattn_cuda, topk) {
 }
 
 #else
-Test(kvattn_cuda, not_built) { cr_skip_test("CUDA parity skipped: this build has no CUDA backend (nvcc not found)"); }
+Test(kernels_cuda, not_built) { cr_skip_test("CUDA parity skipped: this build has no CUDA backend (nvcc not found)"); }
 #endif

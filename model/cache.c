@@ -35,3 +35,11 @@ int kvc_cache_set_budget(kvc_cache *c, int64_t ref_tokens, kvc_err *err) {
 void kvc_cache_free(kvc_cache *c) {
     if (c) c->ops->free(c);
 }
+
+void kvc_cache_set_backend(kvc_cache *c, const kvc_backend *be) {
+    if (c) c->backend = be;
+}
+
+const kvc_backend *kvc_cache_backend(const kvc_cache *c) {
+    return c && c->backend ? c->backend : kvc_backend_cpu();
+}

@@ -1,7 +1,9 @@
-/* kvattn_cuda.cu - CUDA twins of kernels/kvattn.c: codec layers (shared-memory tiled GEMM plus
- * activation), RoPE at gapped positions, attention of one KV head split over key ranges with
- * an online softmax merged across splits (flash-decoding style; exact or latent values), and
- * the eviction top-k by a bitonic sort of (score, index) keys. Letters as in kvc/kvattn.h. */
+/* attn_cuda.cu - CUDA twins of the kernels in kvc/kernels.h: codec layers (shared-memory tiled
+ * GEMM plus activation; kernels/dense.c), RoPE from the same table (kernels/rope.c, bit for
+ * bit), attention of one KV head split over key ranges with an online softmax merged across
+ * splits (flash-decoding style; exact, latent or mixed values; kernels/attn.c), and the
+ * eviction top-k by a bitonic sort of (score, index) keys (kernels/topk.c). Letters as in
+ * kvc/kernels.h. */
 #include "kvc/ops_cuda.h"
 
 #include <cuda_runtime.h>
@@ -9,11 +11,10 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "cuda_check.h"
-#include "kvc/ae.h"
+#include "internal/cuda_check.h"
+#include "kvc/kernels.h"
 
 #define DENSE_TILE 16     /* output tile side of the codec-layer GEMM */
-#define ROPE_MAX_HALF 256 /* largest d/2: the frequency table travels as a kernel argument */
 #define ATTN_THREADS 128  /* threads of a split-attention block */
 #define ATTN_SMEM_MAX (48 * 1024)
 #define SORT_CHUNK 2048   /* keys one block sorts in shared memory (1024 threads, one pair each) */
@@ -21,17 +22,6 @@
 static unsigned blocks_of(int64_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
 
 /* ---- codec layers --------------------------------------------------------------------- */
-
-/* act(a) with the formulas of train/ae.c (tanh-form GELU, SiLU, ReLU keeping NaN). */
-__device__ static float act_dev(float a, int act, float slope) {
-    switch (act) {
-    case AE_ACT_RELU: return a > 0 ? a : 0.0f * a;
-    case AE_ACT_LEAKY_RELU: return a > 0 ? a : slope * a;
-    case AE_ACT_GELU: return 0.5f * a * (1.0f + tanhf(0.7978845608028654f * (a + 0.044715f * a * a * a)));
-    case AE_ACT_SILU: return a / (1.0f + expf(-a));
-    default: return a;
-    }
-}
 
 /* One DENSE_TILE x DENSE_TILE output tile per block: rows on x (any count), outputs on y.
  * W's tile is stored by output row with a pad column so the inner loop has no bank conflicts. */
@@ -49,7 +39,7 @@ __global__ void dense_rows_kernel(const float *x, int64_t n, int in, const float
         for (int kk = 0; kk < DENSE_TILE; kk++) acc += xs[ty][kk] * ws[tx][kk];
         __syncthreads();
     }
-    if (row < n && col < out) y[row * out + col] = act_dev(b ? acc + b[col] : acc, act, slope);
+    if (row < n && col < out) y[row * out + col] = kvc_act_apply(b ? acc + b[col] : acc, act, slope);
 }
 
 extern "C" int kvc_dense_rows_dev(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act,
@@ -88,58 +78,52 @@ fail:
 
 /* ---- RoPE ----------------------------------------------------------------------------- */
 
-typedef struct {
-    float v[ROPE_MAX_HALF];
-} rope_table; /* (d/2) inverse frequencies, passed by value */
-
-/* One thread per (row, pair). Angles use the host-built table and a rounded product exactly as
- * the CPU does; the rotation avoids FMA contraction, so only sincosf's last bit can differ. */
-__global__ void rope_rows_kernel(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, rope_table inv,
-                                 float *y) {
-    const int half = d / 2;
+/* One thread per (row, element), from the CPU's table (cs: per position D cosines then D
+ * signed sines): y = x cos + x' (+-sin), each product and the sum rounded on its own, which is
+ * what kernels/rope.c computes, so the two agree bit for bit. */
+__global__ void rope_rows_kernel(const float *cs, const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d,
+                                 float *y, int64_t ldy) {
     int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    if (idx >= n * half) return;
-    int64_t t = idx / half;
-    int i = (int)(idx % half);
-    float th = __fmul_rn((float)pos[t], inv.v[i]), s, c;
-    sincosf(th, &s, &c);
-    const float *xr = x + t * ldx + 2 * i;
-    float a = xr[0], bb = xr[1];
-    y[t * d + 2 * i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(bb, s));
-    y[t * d + 2 * i + 1] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(bb, c));
+    if (idx >= n * d) return;
+    const int64_t t = idx / d;
+    const int j = (int)(idx % d);
+    const float *cc = cs + (size_t)pos[t] * 2 * d, *ss = cc + d, *xr = x + t * ldx;
+    y[t * ldy + j] = __fadd_rn(__fmul_rn(xr[j], cc[j]), __fmul_rn(xr[j ^ 1], ss[j]));
 }
 
-extern "C" int kvc_rope_rows_dev(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y,
-                             kvc_err *err) {
-    rope_table inv;
-    if (d < 2 || d % 2 || d / 2 > ROPE_MAX_HALF) return kvc_fail(err, "rope_rows: head_dim %d must be even and <= %d", d, 2 * ROPE_MAX_HALF);
+extern "C" int kvc_rope_rows_dev(const float *cs, const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d,
+                                 float *y, int64_t ldy, kvc_err *err) {
+    if (d < 2 || d % 2) return kvc_fail(err, "rope_rows: head_dim %d must be even", d);
     if (n <= 0) return 0;
-    /* the formula of rope_inv_freq in kernels/kvattn.c, evaluated by the same host powf */
-    for (int i = 0; i < d / 2; i++) inv.v[i] = powf(base, -2.0f * (float)i / (float)d);
-    rope_rows_kernel<<<blocks_of(n * (d / 2), 256), 256>>>(x, ldx, pos, n, d, inv, y);
+    if (y == x) return kvc_fail(err, "rope_rows: the CUDA twin does not rotate in place");
+    rope_rows_kernel<<<blocks_of(n * d, 256), 256>>>(cs, x, ldx, pos, n, d, y, ldy);
     LAUNCH_CHECK();
     return 0;
 fail:
     return -1;
 }
 
-extern "C" int kvc_rope_rows_cuda(const float *x, int64_t ldx, const int32_t *pos, int64_t n, int d, float base, float *y,
-                              kvc_err *err) {
-    float *dx = NULL, *dy = NULL;
+extern "C" int kvc_rope_rows_cuda(const kvc_rope_table *t, const float *x, int64_t ldx, const int32_t *pos, int64_t n,
+                                  float *y, int64_t ldy, kvc_err *err) {
+    float *dx = NULL, *dy = NULL, *dcs = NULL;
     int32_t *dp = NULL;
+    const int d = t->d;
     if (n <= 0) return 0;
-    size_t xcount = (size_t)((n - 1) * ldx + d);
+    size_t xcount = (size_t)((n - 1) * ldx + d), ycount = (size_t)((n - 1) * ldy + d);
     CUDA_CHECK(cudaMalloc(&dx, xcount * sizeof(float)));
-    CUDA_CHECK(cudaMalloc(&dy, (size_t)n * d * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&dy, ycount * sizeof(float)));
     CUDA_CHECK(cudaMalloc(&dp, (size_t)n * sizeof(int32_t)));
+    CUDA_CHECK(cudaMalloc(&dcs, (size_t)t->n * 2 * d * sizeof(float)));
     CUDA_CHECK(cudaMemcpy(dx, x, xcount * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(dy, y, ycount * sizeof(float), cudaMemcpyHostToDevice)); /* keep the gaps between rows */
     CUDA_CHECK(cudaMemcpy(dp, pos, (size_t)n * sizeof(int32_t), cudaMemcpyHostToDevice));
-    if (kvc_rope_rows_dev(dx, ldx, dp, n, d, base, dy, err)) goto fail;
-    CUDA_CHECK(cudaMemcpy(y, dy, (size_t)n * d * sizeof(float), cudaMemcpyDeviceToHost));
-    cudaFree(dx); cudaFree(dy); cudaFree(dp);
+    CUDA_CHECK(cudaMemcpy(dcs, t->cs, (size_t)t->n * 2 * d * sizeof(float), cudaMemcpyHostToDevice));
+    if (kvc_rope_rows_dev(dcs, dx, ldx, dp, n, d, dy, ldy, err)) goto fail;
+    CUDA_CHECK(cudaMemcpy(y, dy, ycount * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaFree(dx); cudaFree(dy); cudaFree(dp); cudaFree(dcs);
     return 0;
 fail:
-    cudaFree(dx); cudaFree(dy); cudaFree(dp);
+    cudaFree(dx); cudaFree(dy); cudaFree(dp); cudaFree(dcs);
     return -1;
 }
 
@@ -266,8 +250,9 @@ static size_t attend_smem(int g, int d, int vw, int tk) {
                             3 * (size_t)g);
 }
 
-/* Both attention forms on device pointers: vals (T, VW), lifted through w (D, VW) when given. */
-static int attend_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *vals,
+/* Attention on device pointers, every array contiguous: q (Q, G, D), k (T, D), vals (T, VW)
+ * lifted through w (D, VW) and b when w is given; out (Q, G, D), probs (Q, G, T) or NULL. */
+extern "C" int kvc_attend_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *vals,
                       int vw, const float *w, const float *b, const int32_t *kpos, int64_t t, float *out, float *probs,
                       kvc_err *err) {
     float *part = NULL, *stats = NULL;
@@ -312,17 +297,6 @@ fail:
     return -1;
 }
 
-extern "C" int kvc_attend_head_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k,
-                               const float *v, const int32_t *kpos, int64_t t, float *out, float *probs, kvc_err *err) {
-    return attend_dev(q, qpos, n_q, g, d, k, v, d, NULL, NULL, kpos, t, out, probs, err);
-}
-
-extern "C" int kvc_attend_latent_dev(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k,
-                                 const float *z, int r, const float *w, const float *b, const int32_t *kpos, int64_t t,
-                                 float *out, float *probs, kvc_err *err) {
-    return attend_dev(q, qpos, n_q, g, d, k, z, r, w, b, kpos, t, out, probs, err);
-}
-
 /* Host-pointer form of attend_dev: copies in, runs, copies out. */
 static int attend_host(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *vals,
                        int vw, const float *w, const float *b, const int32_t *kpos, int64_t t, float *out,
@@ -353,7 +327,7 @@ static int attend_host(const float *q, const int32_t *qpos, int n_q, int g, int 
             CUDA_CHECK(cudaMemcpy(db, b, (size_t)d * sizeof(float), cudaMemcpyHostToDevice));
         }
     }
-    if (attend_dev(dq, dqp, n_q, g, d, dk, dv, vw, dw, db, dkp, t, dout, dprobs, err)) goto fail;
+    if (kvc_attend_dev(dq, dqp, n_q, g, d, dk, dv, vw, dw, db, dkp, t, dout, dprobs, err)) goto fail;
     CUDA_CHECK(cudaMemcpy(out, dout, rows * d * sizeof(float), cudaMemcpyDeviceToHost));
     if (dprobs) CUDA_CHECK(cudaMemcpy(probs, dprobs, rows * nt * sizeof(float), cudaMemcpyDeviceToHost));
     cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(dw); cudaFree(db); cudaFree(dout); cudaFree(dprobs);
@@ -365,16 +339,50 @@ fail:
     return -1;
 }
 
-extern "C" int kvc_attend_head_cuda(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k,
-                                const float *v, const int32_t *kpos, int64_t t, float *out, float *probs,
-                                kvc_err *err) {
-    return attend_host(q, qpos, n_q, g, d, k, v, d, NULL, NULL, kpos, t, out, probs, err);
-}
-
-extern "C" int kvc_attend_latent_cuda(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k,
-                                  const float *z, int r, const float *w, const float *b, const int32_t *kpos,
-                                  int64_t t, float *out, float *probs, kvc_err *err) {
-    return attend_host(q, qpos, n_q, g, d, k, z, r, w, b, kpos, t, out, probs, err);
+/* The twin of kvc_attend on host pointers. Values go to the device as one (T, VW) matrix
+ * lifted by W' (D, VW): exact rows alone as themselves (VW = D, no lift); latent rows alone as
+ * z with the decoder (VW = R); a mix as [z, 0, 1] and [0, v, 0] rows with W' = [W | I | b]
+ * (VW = R + D + 1), which is the same sum. */
+extern "C" int kvc_attend_cuda(const float *q, int64_t ldq, const int32_t *qpos, int n_q, int g, int d,
+                               const kvc_attn_kv *kv, float *out, int64_t ldo, float *probs, kvc_err *err) {
+    const int64_t t = kv->t, ne = kv->ne;
+    const int r = ne > 0 ? kv->r : 0;
+    const int mixed = ne > 0 && ne < t, vw = mixed ? r + d + 1 : ne > 0 ? r : d;
+    const size_t rows = (size_t)(n_q > 0 ? n_q : 0) * (size_t)(g > 0 ? g : 0);
+    if (!rows) return 0;
+    float *qc = (float *)malloc(rows * d * sizeof(float)), *oc = (float *)malloc(rows * d * sizeof(float));
+    float *kc = (float *)malloc((size_t)(t > 0 ? t : 1) * d * sizeof(float));
+    float *vals = (float *)calloc((size_t)(t > 0 ? t : 1) * vw, sizeof(float));
+    float *wl = mixed ? (float *)calloc((size_t)d * vw, sizeof(float)) : NULL;
+    int rc = -1;
+    if (!qc || !oc || !kc || !vals || (mixed && !wl)) {
+        kvc_fail(err, "out of memory staging attention for the device");
+        goto done;
+    }
+    for (int i = 0; i < n_q; i++) memcpy(qc + (size_t)i * g * d, q + (size_t)i * ldq, (size_t)g * d * sizeof(float));
+    for (int64_t j = 0; j < t; j++) {
+        memcpy(kc + (size_t)j * d, kv->k + (size_t)j * kv->ldk, (size_t)d * sizeof(float));
+        float *vr = vals + (size_t)j * vw;
+        if (j < ne) {
+            memcpy(vr, kv->z + (size_t)j * r, (size_t)r * sizeof(float));
+            if (mixed) vr[r + d] = 1.0f;
+        } else if (kv->v) {
+            memcpy(vr + (mixed ? r : 0), kv->v + (size_t)(j - ne) * kv->ldv, (size_t)d * sizeof(float));
+        }
+    }
+    if (mixed)
+        for (int e = 0; e < d; e++) {
+            memcpy(wl + (size_t)e * vw, kv->w + (size_t)e * r, (size_t)r * sizeof(float));
+            wl[(size_t)e * vw + r + e] = 1.0f;
+            wl[(size_t)e * vw + r + d] = kv->b ? kv->b[e] : 0.0f;
+        }
+    rc = attend_host(qc, qpos, n_q, g, d, kc, vals, vw, mixed ? wl : ne > 0 ? kv->w : NULL,
+                     mixed ? NULL : ne > 0 ? kv->b : NULL, kv->pos, t, oc, probs, err);
+    if (!rc)
+        for (int i = 0; i < n_q; i++) memcpy(out + (size_t)i * ldo, oc + (size_t)i * g * d, (size_t)g * d * sizeof(float));
+done:
+    free(qc), free(oc), free(kc), free(vals), free(wl);
+    return rc;
 }
 
 /* ---- eviction top-k ------------------------------------------------------------------- */
@@ -426,7 +434,7 @@ __global__ void topk_gather_kernel(const uint64_t *keys, int64_t cnt, int64_t *i
     if (i < cnt) idx[i] = (int64_t)(uint32_t)keys[i];
 }
 
-extern "C" int64_t kvc_topk_unprotected_dev(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk,
+extern "C" int64_t kvc_topk_dev(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk,
                                         int64_t *idx, kvc_err *err) {
     uint64_t *keys = NULL;
     const int64_t lo = sinks < 0 ? 0 : sinks, hi = n - (window < 0 ? 0 : window), m = hi - lo;
@@ -462,7 +470,7 @@ fail:
     return -1;
 }
 
-extern "C" int64_t kvc_topk_unprotected_cuda(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk,
+extern "C" int64_t kvc_topk_cuda(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk,
                                          int64_t *idx, kvc_err *err) {
     float *ds = NULL;
     int64_t *di = NULL, cnt = 0;
@@ -470,7 +478,7 @@ extern "C" int64_t kvc_topk_unprotected_cuda(const float *score, int64_t n, int6
     CUDA_CHECK(cudaMalloc(&ds, (size_t)n * sizeof(float)));
     CUDA_CHECK(cudaMalloc(&di, (size_t)(kk < n ? kk : n) * sizeof(int64_t)));
     CUDA_CHECK(cudaMemcpy(ds, score, (size_t)n * sizeof(float), cudaMemcpyHostToDevice));
-    cnt = kvc_topk_unprotected_dev(ds, n, sinks, window, kk, di, err);
+    cnt = kvc_topk_dev(ds, n, sinks, window, kk, di, err);
     if (cnt < 0) goto fail;
     if (cnt) CUDA_CHECK(cudaMemcpy(idx, di, (size_t)cnt * sizeof(int64_t), cudaMemcpyDeviceToHost));
     cudaFree(ds); cudaFree(di);

@@ -1,5 +1,5 @@
 /* common.c - error formatting, timing, checked allocation, file reading, UTF-8 validation
- * and half-precision conversions shared by every module. */
+ * and half-precision conversions shared by every module (the base layer). */
 #include "kvc/common.h"
 
 #include <errno.h>
@@ -85,23 +85,6 @@ int kvc_utf8_valid(const char *buf, size_t len, size_t *bad_offset) {
 bad:
     if (bad_offset) *bad_offset = i;
     return 0;
-}
-
-float kvc_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-    if (exp == 0) {
-        if (man == 0) bits = sign;
-        else { /* subnormal: normalise */
-            int e = -1;
-            do { man <<= 1; e++; } while (!(man & 0x400));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3FF) << 13);
-        }
-    } else if (exp == 31) bits = sign | 0x7F800000u | (man << 13);
-    else bits = sign | ((exp + 112) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
 }
 
 uint16_t kvc_f32_to_f16(float f) {

@@ -1,5 +1,6 @@
-/* h5util.h - small HDF5 helpers shared by the KV dataset and codec checkpoint code: typed
- * attributes, the IEEE half type, and one error-check macro that names the failing call. */
+/* h5util.h - HDF5 helpers shared by the KV dataset and codec checkpoint code (private to
+ * kvcodec): typed attributes, the IEEE half type, and one error-check macro that names the
+ * failing call. Readers are in base/h5read.c (core), writers in data/h5write.c (tools). */
 #ifndef KVC_H5UTIL_H
 #define KVC_H5UTIL_H
 

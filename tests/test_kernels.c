@@ -1,7 +1,8 @@
-/* test_kvattn.c - the CPU hot paths of the compressed cache (kernels/kvattn.c): attention of
- * one KV head against a naive double-precision softmax, the latent form against decoding then
+/* test_kernels.c - the shared compute kernels (kvc/kernels.h): attention of one KV head
+ * against a naive double-precision softmax, the latent and mixed forms against decoding then
  * attending, codec layers against kvc_ae_export_run and a double formula per activation, RoPE
- * rows against rope_cpu, and the eviction top-k against kvc_kvcache_select's marks. */
+ * against the unfused textbook rotation bit for bit, and the eviction top-k against
+ * kvc_kvcache_select's marks. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
@@ -9,7 +10,6 @@
 #include <string.h>
 
 #include "kvc/ae.h"
-#include "kvc/kvattn.h"
 #include "kvc/kernels.h"
 #include "kvc/kvcache.h"
 #include "kvc/ops.h"
@@ -27,6 +27,19 @@
 #define DENSE_DBL_TOL 1e-5
 
 /* ---- attention ------------------------------------------------------------------------ */
+
+/* kvc_attend over contiguous rows: q (Q, G, D), out (Q, G, D), probs (Q, G, T). */
+static void att_exact(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *v,
+                      const int32_t *kpos, int64_t t, float *out, float *probs) {
+    const kvc_attn_kv kv = {.t = t, .k = k, .ldk = d, .pos = kpos, .v = v, .ldv = d};
+    cr_assert_eq(kvc_attend(q, (int64_t)g * d, qpos, n_q, g, d, &kv, out, (int64_t)g * d, probs, NULL), 0);
+}
+static void att_latent(const float *q, const int32_t *qpos, int n_q, int g, int d, const float *k, const float *z,
+                       int r, const float *w, const float *b, const int32_t *kpos, int64_t t, float *out,
+                       float *probs) {
+    const kvc_attn_kv kv = {.t = t, .k = k, .ldk = d, .pos = kpos, .ne = t, .z = z, .r = r, .w = w, .b = b};
+    cr_assert_eq(kvc_attend(q, (int64_t)g * d, qpos, n_q, g, d, &kv, out, (int64_t)g * d, probs, NULL), 0);
+}
 
 /* Naive double attention of one query row over values vals (T, VW): out (VW), pr (T). */
 static void attend_ref(const float *qr, int32_t qp, int d, const float *k, const float *vals, int vw,
@@ -98,8 +111,8 @@ static void check_case(const attn_case *c, int r) {
     float *out = malloc((size_t)rows * d * sizeof(float)), *outl = malloc((size_t)rows * d * sizeof(float));
     float *pr = malloc((size_t)rows * t * sizeof(float)), *prl = malloc((size_t)rows * t * sizeof(float));
     double *ref = malloc((size_t)d * sizeof(double)), *refp = malloc((size_t)t * sizeof(double));
-    kvc_attend_head_cpu(q, qpos, n_q, g, d, k, v, kpos, t, out, pr);
-    kvc_attend_latent_cpu(q, qpos, n_q, g, d, k, z, r, w, bias, kpos, t, outl, prl);
+    att_exact(q, qpos, n_q, g, d, k, v, kpos, t, out, pr);
+    att_latent(q, qpos, n_q, g, d, k, z, r, w, bias, kpos, t, outl, prl);
     double vmax = 0, worst = 0, worst_l = 0;
     for (int64_t i = 0; i < t * d; i++) vmax = fmax(vmax, fabs(v[i]));
     for (int row = 0; row < rows; row++) {
@@ -131,23 +144,55 @@ static void check_case(const attn_case *c, int r) {
     free(ref), free(refp);
 }
 
-Test(kvattn, attend_matches_double_reference) {
+Test(kernels, attend_matches_double_reference) {
     for (size_t i = 0; i < sizeof CASES / sizeof CASES[0]; i++) check_case(&CASES[i], CASES[i].d / 2);
 }
 
-Test(kvattn, attend_without_weights_and_without_keys) {
+Test(kernels, attend_without_weights_and_without_keys) {
     /* probs NULL gives the same output; T = 0 gives zeros */
     enum { Q = 2, G = 3, D = 16, T = 100 };
     float *q = randn(Q * G * D, 1), *k = randn(T * D, 1), *v = randn(T * D, 1), a[Q * G * D], b[Q * G * D];
     float pr[Q * G * T];
     int32_t *kpos = gapped_positions(T, 3), qpos[Q] = {1000, 1001};
-    kvc_attend_head_cpu(q, qpos, Q, G, D, k, v, kpos, T, a, pr);
-    kvc_attend_head_cpu(q, qpos, Q, G, D, k, v, kpos, T, b, NULL);
+    att_exact(q, qpos, Q, G, D, k, v, kpos, T, a, pr);
+    att_exact(q, qpos, Q, G, D, k, v, kpos, T, b, NULL);
     cr_assert(!memcmp(a, b, sizeof a), "probs=NULL must not change the output");
     for (int i = 0; i < Q * G * D; i++) b[i] = 1;
-    kvc_attend_head_cpu(q, qpos, Q, G, D, k, v, kpos, 0, b, NULL);
+    att_exact(q, qpos, Q, G, D, k, v, kpos, 0, b, NULL);
     for (int i = 0; i < Q * G * D; i++) cr_assert_eq(b[i], 0.0f, "no keys: output must be 0");
     free(q), free(k), free(v), free(kpos);
+}
+
+/* The compressed cache's mix: rows [0, ne) as latents of W z + b, the newest rows exact. Must
+ * equal attending over the decoded values within ATTN_RTOL, and the exact form must not care
+ * whether keys and values sit in strided or contiguous rows (bit for bit: one function). */
+Test(kernels, attend_mixed_latent_and_exact_rows_and_strided_rows) {
+    enum { Q = 3, G = 3, D = 32, R = 12, T = 257, NE = 200, LD = 3 * D };
+    float *q = randn(Q * G * D, 1), *z = randn(T * R, 1), *w = randn(D * R, 0.3f), *bias = randn(D, 0.5f);
+    float *k = randn(T * D, 1.5f), *v = malloc(sizeof(float) * T * D), *ks = malloc(sizeof(float) * T * LD);
+    float *vs = malloc(sizeof(float) * T * LD);
+    for (int i = 0; i < T; i++)
+        for (int e = 0; e < D; e++) {
+            float a = 0;
+            for (int c = 0; c < R; c++) a += w[e * R + c] * z[i * R + c];
+            v[i * D + e] = a + bias[e];
+            ks[i * LD + D + e] = k[i * D + e], vs[i * LD + D + e] = v[i * D + e];
+        }
+    int32_t *kpos = gapped_positions(T, 0), qpos[Q] = {100, 300, 100000};
+    float a[Q * G * D], b[Q * G * D], c[Q * G * D], pa[Q * G * T], pb[Q * G * T];
+    att_exact(q, qpos, Q, G, D, k, v, kpos, T, a, pa);
+    const kvc_attn_kv mix = {.t = T, .k = k, .ldk = D, .pos = kpos, .ne = NE, .z = z, .r = R, .w = w, .b = bias,
+                             .v = v + NE * D, .ldv = D};
+    cr_assert_eq(kvc_attend(q, G * D, qpos, Q, G, D, &mix, b, G * D, pb, NULL), 0);
+    double vmax = 0;
+    for (int i = 0; i < T * D; i++) vmax = fmax(vmax, fabs(v[i]));
+    for (int i = 0; i < Q * G * D; i++)
+        cr_assert(fabs(a[i] - b[i]) <= ATTN_RTOL * (fabs(a[i]) + vmax), "mixed [%d]: %.9g vs decoded %.9g", i, b[i], a[i]);
+    cr_assert(!memcmp(pa, pb, sizeof pa), "the weights do not depend on how values are held");
+    const kvc_attn_kv strided = {.t = T, .k = ks + D, .ldk = LD, .pos = kpos, .v = vs + D, .ldv = LD};
+    cr_assert_eq(kvc_attend(q, G * D, qpos, Q, G, D, &strided, c, G * D, NULL, NULL), 0);
+    cr_assert(!memcmp(a, c, sizeof a), "strided rows must give the contiguous result bit for bit");
+    free(q), free(z), free(w), free(bias), free(k), free(v), free(ks), free(vs), free(kpos);
 }
 
 /* ---- RoPE ----------------------------------------------------------------------------- */
@@ -164,7 +209,7 @@ static void rope_textbook(const float *x, int d, int32_t p, float base, float *y
     }
 }
 
-Test(kvattn, rope_is_the_unfused_rotation_strided_in_place_and_by_heads) {
+Test(kernels, rope_is_the_unfused_rotation_strided_in_place_and_by_heads) {
     enum { N = 9, D = 64, LD = 80, H = 3 };
     float *x = randn(N * LD, 2.0f), a[N * D], b[N * D], want[N * D];
     const int32_t pos[N] = {0, 1, 3, 7, 100, 1001, 4095, 8191, 60000}; /* gaps, as after eviction */
@@ -207,23 +252,23 @@ Test(kvattn, rope_is_the_unfused_rotation_strided_in_place_and_by_heads) {
 /* act(a) in double, for the check of each activation formula. */
 static double act_ref(double a, int act, double slope) {
     switch (act) {
-    case AE_ACT_RELU: return a > 0 ? a : 0;
-    case AE_ACT_LEAKY_RELU: return a > 0 ? a : slope * a;
-    case AE_ACT_GELU: return 0.5 * a * (1 + tanh(sqrt(2 / 3.141592653589793) * (a + 0.044715 * a * a * a)));
-    case AE_ACT_SILU: return a / (1 + exp(-a));
+    case KVC_ACT_RELU: return a > 0 ? a : 0;
+    case KVC_ACT_LEAKY_RELU: return a > 0 ? a : slope * a;
+    case KVC_ACT_GELU: return 0.5 * a * (1 + tanh(sqrt(2 / 3.141592653589793) * (a + 0.044715 * a * a * a)));
+    case KVC_ACT_SILU: return a / (1 + exp(-a));
     default: return a;
     }
 }
 
-Test(kvattn, dense_rows_equals_ae_export_run) {
+Test(kernels, dense_rows_equals_ae_export_run) {
     enum { D = 64, H = 48, R = 16, N = 600 }; /* more rows than one GEMM block */
     kvc_err err = {{0}};
-    for (int act = 0; act < AE_ACT_COUNT; act++) {
+    for (int act = 0; act < KVC_ACT_COUNT; act++) {
         for (int hidden = 0; hidden <= H; hidden += H) {
             if (!hidden && act) continue;
             ae_config c;
             kvc_ae_config_defaults(&c);
-            c.in_dim = D, c.hidden = hidden, c.latent = R, c.act = (ae_act)act, c.norm = hidden ? AE_NORM_BATCH : AE_NORM_NONE;
+            c.in_dim = D, c.hidden = hidden, c.latent = R, c.act = (kvc_act)act, c.norm = hidden ? AE_NORM_BATCH : AE_NORM_NONE;
             c.leaky_slope = 0.2f;
             ae_model *m = kvc_ae_new(&c, 11 + act, &err);
             cr_assert(m, "%s", err.msg);
@@ -245,7 +290,7 @@ Test(kvattn, dense_rows_equals_ae_export_run) {
                 float *out = half ? y2 : z2;
                 for (int l = 0; l < nl; l++) {
                     float *o = l == nl - 1 ? out : h;
-                    kvc_dense_rows_cpu(l ? h : in, N, L[l].in, L[l].w, L[l].b, L[l].out, L[l].act, e.leaky_slope, o);
+                    kvc_dense_rows(l ? h : in, N, L[l].in, L[l].w, L[l].b, L[l].out, L[l].act, e.leaky_slope, o);
                     if (l == 0) /* the first layer (with its activation) against a double formula */
                         for (int i = 0; i < N; i += 37)
                             for (int j = 0; j < L[0].out; j++) {
@@ -253,7 +298,7 @@ Test(kvattn, dense_rows_equals_ae_export_run) {
                                 for (int kk = 0; kk < L[0].in; kk++) a += (double)in[i * L[0].in + kk] * L[0].w[j * L[0].in + kk];
                                 double want = act_ref(a, L[0].act, e.leaky_slope);
                                 cr_assert(fabs(o[i * L[0].out + j] - want) <= DENSE_DBL_TOL * (1 + fabs(want)),
-                                          "%s layer 0 [%d,%d]: %g vs %g", kvc_ae_act_name((ae_act)act), i, j,
+                                          "%s layer 0 [%d,%d]: %g vs %g", kvc_ae_act_name((kvc_act)act), i, j,
                                           o[i * L[0].out + j], want);
                             }
                 }
@@ -261,15 +306,15 @@ Test(kvattn, dense_rows_equals_ae_export_run) {
             double worst = 0;
             for (int i = 0; i < N * R; i++) {
                 cr_assert(fabsf(z2[i] - z[i]) <= DENSE_TOL * (1 + fabsf(z[i])), "%s enc [%d]: %g vs %g",
-                          kvc_ae_act_name((ae_act)act), i, z2[i], z[i]);
+                          kvc_ae_act_name((kvc_act)act), i, z2[i], z[i]);
                 worst = fmax(worst, fabsf(z2[i] - z[i]));
             }
             for (int i = 0; i < N * D; i++) {
                 cr_assert(fabsf(y2[i] - y[i]) <= DENSE_TOL * (1 + fabsf(y[i])), "%s dec [%d]: %g vs %g",
-                          kvc_ae_act_name((ae_act)act), i, y2[i], y[i]);
+                          kvc_ae_act_name((kvc_act)act), i, y2[i], y[i]);
                 worst = fmax(worst, fabsf(y2[i] - y[i]));
             }
-            fprintf(stderr, "dense_rows %s hidden %d: worst |diff| to kvc_ae_export_run %.2e\n", kvc_ae_act_name((ae_act)act),
+            fprintf(stderr, "dense_rows %s hidden %d: worst |diff| to kvc_ae_export_run %.2e\n", kvc_ae_act_name((kvc_act)act),
                     hidden, worst);
             free(x), free(z), free(z2), free(y), free(y2), free(h);
             kvc_ae_export_free(&e);
@@ -280,7 +325,7 @@ Test(kvattn, dense_rows_equals_ae_export_run) {
 
 /* ---- eviction top-k ------------------------------------------------------------------- */
 
-Test(kvattn, topk_agrees_with_kvcache_select) {
+Test(kernels, topk_agrees_with_kvcache_select) {
     int64_t idx[400];
     uint8_t mark[400];
     float score[400];
@@ -293,7 +338,7 @@ Test(kvattn, topk_agrees_with_kvcache_select) {
             if (score[i] == 0 && urand(2)) score[i] = -0.0f; /* -0 and +0 tie */
         }
         int64_t marked = kvc_kvcache_select(score, n, keep, (int)sinks, (int)window, mark);
-        int64_t kk = n - keep, got = kvc_topk_unprotected_cpu(score, n, sinks, window, kk, idx);
+        int64_t kk = n - keep, got = kvc_topk(score, n, sinks, window, kk, idx);
         cr_assert_eq(got, marked, "n %lld keep %lld sinks %lld window %lld: %lld indices, select marked %lld",
                      (long long)n, (long long)keep, (long long)sinks, (long long)window, (long long)got,
                      (long long)marked);
@@ -314,14 +359,14 @@ Test(kvattn, topk_agrees_with_kvcache_select) {
     cr_assert(big > 100, "too few cases with more than 8 evictions (%d)", big);
 }
 
-Test(kvattn, topk_by_hand) {
+Test(kernels, topk_by_hand) {
     const float s[10] = {9, 1, 5, 5, 7, -1, 5, 8, 2, 9};
     int64_t idx[10];
     /* candidates [2, 8): 5 5 7 -1 5 8 -> 7 (8), 4 (7), then the 5s oldest first: 2, 3, 6 */
-    cr_assert_eq(kvc_topk_unprotected_cpu(s, 10, 2, 2, 4, idx), 4);
+    cr_assert_eq(kvc_topk(s, 10, 2, 2, 4, idx), 4);
     const int64_t want[4] = {7, 4, 2, 3};
     for (int i = 0; i < 4; i++) cr_assert_eq(idx[i], want[i], "idx[%d] = %lld", i, (long long)idx[i]);
-    cr_assert_eq(kvc_topk_unprotected_cpu(s, 10, 2, 2, 100, idx), 6, "capped by the candidates");
-    cr_assert_eq(kvc_topk_unprotected_cpu(s, 10, 5, 5, 3, idx), 0, "protection leaves nothing");
-    cr_assert_eq(kvc_topk_unprotected_cpu(s, 10, 0, 0, 0, idx), 0);
+    cr_assert_eq(kvc_topk(s, 10, 2, 2, 100, idx), 6, "capped by the candidates");
+    cr_assert_eq(kvc_topk(s, 10, 5, 5, 3, idx), 0, "protection leaves nothing");
+    cr_assert_eq(kvc_topk(s, 10, 0, 0, 0, idx), 0);
 }

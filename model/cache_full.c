@@ -47,29 +47,17 @@ static int full_append(kvc_cache *c, int layer, const float *k, const float *v, 
  * query at position p when pos[j] <= p. */
 static int full_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpos, int n_q, float *out,
                        kvc_err *err) {
-    (void)err;
     full_impl *im = c->impl;
-    const int H = c->shape.n_head, K = c->shape.n_head_kv, D = c->shape.head_dim, G = H / K;
+    const int H = c->shape.n_head, K = c->shape.n_head_kv, D = c->shape.head_dim;
     const size_t rf = row_floats(c), tmax = (size_t)c->shape.max_tokens;
     const int64_t T = im->n[layer];
     const float *kl = im->k + (size_t)layer * tmax * rf, *vl = im->v + (size_t)layer * tmax * rf;
     const int32_t *pl = im->pos + (size_t)layer * tmax;
-    const float scale = 1.0f / sqrtf((float)D);
-#pragma omp parallel
-    {
-        float *sc = malloc((size_t)(T > 0 ? T : 1) * sizeof(float));
-#pragma omp for collapse(2) schedule(dynamic, 4)
-        for (int t = 0; t < n_q; t++) {
-            for (int h = 0; h < H; h++) {
-                const float *qh = q + ((size_t)t * H + h) * D;
-                float *o = out + ((size_t)t * H + h) * D;
-                const int g = h / G;
-                kvc_attn_row(qh, kl + (size_t)g * D, rf, vl + (size_t)g * D, rf, pl, T, qpos[t], D, scale, sc, o);
-            }
-        }
-        free(sc);
-    }
-    return 0;
+    kvc_attn_kv kv[K];
+    for (int g = 0; g < K; g++)
+        kv[g] = (kvc_attn_kv){.t = T, .k = kl + (size_t)g * D, .ldk = (int64_t)rf, .pos = pl, .v = vl + (size_t)g * D,
+                              .ldv = (int64_t)rf};
+    return kvc_cache_backend(c)->attend_layer(q, qpos, n_q, H, K, D, kv, out, NULL, err);
 }
 
 static size_t full_bytes(const kvc_cache *c) {
