@@ -58,6 +58,8 @@ static int read_meta(hid_t f, kvc_codec_meta *m, const char *path, kvc_err *err)
     bad |= kvc_h5_get_str(f, "activation", s, sizeof s);
     if (!bad && kvc_ae_act_parse(s, &m->ae.act)) bad = 1;
     bad |= kvc_h5_get_str(f, "norm", s, sizeof s);
+    if (!bad && strcmp(s, "batch") && strcmp(s, "none"))
+        return kvc_fail(err, "'%s': unknown norm '%s' (this kvcodec reads none or batch)", path, s);
     m->ae.norm = !strcmp(s, "batch") ? AE_NORM_BATCH : AE_NORM_NONE;
     bad |= kvc_h5_get_f32(f, "leaky_slope", &m->ae.leaky_slope) | kvc_h5_get_f32(f, "bn_eps", &m->ae.bn_eps);
     bad |= kvc_h5_get_f32(f, "bn_momentum", &m->ae.bn_momentum);

@@ -84,7 +84,7 @@ typedef struct {
     int64_t appended, evicted;
     int64_t ref;           /* < 0: hold every token; else fraction budgets are of ref tokens */
     int64_t budget;        /* resolved budget in tokens (when ref >= 1 and the policy evicts) */
-    char desc[640];
+    char desc[1400];
 } kv_impl;
 
 #define IDX3(im, l, h, k) ((((size_t)(l) * (im)->K) + (size_t)(h)) * 2 + (size_t)(k))

@@ -12,25 +12,25 @@
 extern const kvc_repr_ops KVC_REPR_F32, KVC_REPR_F16, KVC_REPR_INT8, KVC_REPR_INT4, KVC_REPR_AE;
 extern const kvc_keep_ops KVC_KEEP_FULL, KVC_KEEP_STREAMING, KVC_KEEP_H2O, KVC_KEEP_L2, KVC_KEEP_RANDOM, KVC_KEEP_LSH;
 
-const kvc_repr_ops *const KVC_KVC_REPRS[] = {&KVC_REPR_F32, &KVC_REPR_F16, &KVC_REPR_INT8, &KVC_REPR_INT4, &KVC_REPR_AE, NULL};
-const kvc_keep_ops *const KVC_KVC_KEEPS[] = {&KVC_KEEP_FULL, &KVC_KEEP_STREAMING, &KVC_KEEP_H2O, &KVC_KEEP_L2, &KVC_KEEP_RANDOM, &KVC_KEEP_LSH, NULL};
+const kvc_repr_ops *const KVC_REPRS[] = {&KVC_REPR_F32, &KVC_REPR_F16, &KVC_REPR_INT8, &KVC_REPR_INT4, &KVC_REPR_AE, NULL};
+const kvc_keep_ops *const KVC_KEEPS[] = {&KVC_KEEP_FULL, &KVC_KEEP_STREAMING, &KVC_KEEP_H2O, &KVC_KEEP_L2, &KVC_KEEP_RANDOM, &KVC_KEEP_LSH, NULL};
 
 const kvc_repr_ops *kvc_repr_find(const char *name) {
-    for (int i = 0; KVC_KVC_REPRS[i]; i++)
-        if (!strcmp(KVC_KVC_REPRS[i]->name, name)) return KVC_KVC_REPRS[i];
+    for (int i = 0; KVC_REPRS[i]; i++)
+        if (!strcmp(KVC_REPRS[i]->name, name)) return KVC_REPRS[i];
     return NULL;
 }
 
 const kvc_keep_ops *kvc_keep_find(const char *name) {
-    for (int i = 0; KVC_KVC_KEEPS[i]; i++)
-        if (!strcmp(KVC_KVC_KEEPS[i]->name, name)) return KVC_KVC_KEEPS[i];
+    for (int i = 0; KVC_KEEPS[i]; i++)
+        if (!strcmp(KVC_KEEPS[i]->name, name)) return KVC_KEEPS[i];
     return NULL;
 }
 
 static void list_names(char *buf, size_t size, int repr) {
     buf[0] = '\0';
-    for (int i = 0; repr ? KVC_KVC_REPRS[i] != NULL : KVC_KVC_KEEPS[i] != NULL; i++) {
-        const char *nm = repr ? KVC_KVC_REPRS[i]->name : KVC_KVC_KEEPS[i]->name;
+    for (int i = 0; repr ? KVC_REPRS[i] != NULL : KVC_KEEPS[i] != NULL; i++) {
+        const char *nm = repr ? KVC_REPRS[i]->name : KVC_KEEPS[i]->name;
         size_t at = strlen(buf);
         snprintf(buf + at, size - at, "%s%s", i ? ", " : "", nm);
     }
@@ -39,11 +39,11 @@ static void list_names(char *buf, size_t size, int repr) {
 void kvc_kvcache_list(void *fp_) {
     FILE *fp = fp_;
     fprintf(fp, "representations (--repr NAME[:OPTIONS]):\n");
-    for (int i = 0; KVC_KVC_REPRS[i]; i++) fprintf(fp, "  %-10s %s\n", KVC_KVC_REPRS[i]->name, KVC_KVC_REPRS[i]->usage);
+    for (int i = 0; KVC_REPRS[i]; i++) fprintf(fp, "  %-10s %s\n", KVC_REPRS[i]->name, KVC_REPRS[i]->usage);
     fprintf(fp, "retention policies (--keep NAME[:OPTIONS]); every evicting policy takes\n"
                 "  budget=N (tokens) or budget=F (fraction 0<F<=1, or P%%), sinks=S (default 4),\n"
                 "  window=W (default 10):\n");
-    for (int i = 0; KVC_KVC_KEEPS[i]; i++) fprintf(fp, "  %-10s %s\n", KVC_KVC_KEEPS[i]->name, KVC_KVC_KEEPS[i]->usage);
+    for (int i = 0; KVC_KEEPS[i]; i++) fprintf(fp, "  %-10s %s\n", KVC_KEEPS[i]->name, KVC_KEEPS[i]->usage);
 }
 
 /* Splits "name:rest" into name (copied into nm) and the option text (NULL when absent). */

@@ -191,6 +191,11 @@ static int repr_ae_init(kvc_repr *r, const char *opts, const kvc_repr_env *env, 
     for (int k = 0; k < 2; k++)
         if (a->form[k] != FORM_AE && n > 0 && (size_t)n < sizeof r->spec)
             n += snprintf(r->spec + n, sizeof r->spec - (size_t)n, ",%s=%s", k ? "values" : "keys", FORM_NAMES[a->form[k]]);
+    if (n < 0 || (size_t)n >= sizeof r->spec) { /* a cut spec would name another file in results */
+        rc = kvc_fail(err, "ae: the codec path '%s' is too long for a spec (%zu bytes at most)", path,
+                      sizeof r->spec - 40);
+        goto done;
+    }
 done:
     free(path);
     if (rc) {

@@ -112,7 +112,7 @@ static int rebuild_json(const char *dir, kvc_err *err) {
 /* What one point needs at run time. */
 typedef struct {
     sweep_point pt;
-    char desc[1100];     /* kvc_kvcache_describe: "repr=... keep=..." */
+    char desc[1500];     /* kvc_kvcache_describe: "repr=... keep=..." */
 } planned;
 
 #define SWEEP_MAX_PK_CELLS 4096

@@ -199,12 +199,12 @@ static const char *const WALK_SPECS[] = {
 
 Test(keep, every_policy_holds_its_budget_sinks_and_window_on_a_stream) {
     enum { TOTAL = 300 };
-    for (int p = 0; KVC_KVC_KEEPS[p]; p++) {
+    for (int p = 0; KVC_KEEPS[p]; p++) {
         int found = 0;
         for (int i = 0; WALK_SPECS[i]; i++)
-            found |= !strncmp(WALK_SPECS[i], KVC_KVC_KEEPS[p]->name, strlen(KVC_KVC_KEEPS[p]->name)) &&
-                     (WALK_SPECS[i][strlen(KVC_KVC_KEEPS[p]->name)] == ':' || !WALK_SPECS[i][strlen(KVC_KVC_KEEPS[p]->name)]);
-        cr_expect(found, "policy '%s' has no spec in WALK_SPECS", KVC_KVC_KEEPS[p]->name);
+            found |= !strncmp(WALK_SPECS[i], KVC_KEEPS[p]->name, strlen(KVC_KEEPS[p]->name)) &&
+                     (WALK_SPECS[i][strlen(KVC_KEEPS[p]->name)] == ':' || !WALK_SPECS[i][strlen(KVC_KEEPS[p]->name)]);
+        cr_expect(found, "policy '%s' has no spec in WALK_SPECS", KVC_KEEPS[p]->name);
     }
     static float keys[2][TOTAL * D], qs[2][TOTAL * G * D];
     for (int h = 0; h < 2; h++)

@@ -178,8 +178,8 @@ Test(kvcache, evicted_tokens_leave_gaps_and_keep_true_positions) {
 Test(kvcache, every_policy_holds_its_budget) {
     kvc_cache_shape s = small_shape(1024);
     const int K = s.n_head_kv, H = s.n_head, D = s.head_dim, L = s.n_layer;
-    for (int p = 0; KVC_KVC_KEEPS[p]; p++) {
-        const char *nm = KVC_KVC_KEEPS[p]->name;
+    for (int p = 0; KVC_KEEPS[p]; p++) {
+        const char *nm = KVC_KEEPS[p]->name;
         char spec[128];
         int evicts = strcmp(nm, "full") != 0;
         snprintf(spec, sizeof spec, evicts ? "%s:budget=0.25,sinks=3,window=5" : "%s", nm);

@@ -154,13 +154,13 @@ static void check_ae(const spec_case *sc, const kvc_codec *c, int layer, int hea
 
 /* Every registered representation is covered by CASES, so a new one cannot go untested. */
 Test(repr, every_registered_representation_is_walked) {
-    for (int i = 0; KVC_KVC_REPRS[i]; i++) {
+    for (int i = 0; KVC_REPRS[i]; i++) {
         int seen = 0;
         for (int j = 0; j < N_CASES; j++) {
-            size_t n = strlen(KVC_KVC_REPRS[i]->name);
-            seen |= !strncmp(CASES[j].spec, KVC_KVC_REPRS[i]->name, n) && (CASES[j].spec[n] == '\0' || CASES[j].spec[n] == ':');
+            size_t n = strlen(KVC_REPRS[i]->name);
+            seen |= !strncmp(CASES[j].spec, KVC_REPRS[i]->name, n) && (CASES[j].spec[n] == '\0' || CASES[j].spec[n] == ':');
         }
-        cr_assert(seen, "representation '%s' has no case in test_repr.c", KVC_KVC_REPRS[i]->name);
+        cr_assert(seen, "representation '%s' has no case in test_repr.c", KVC_REPRS[i]->name);
     }
 }
 

@@ -51,6 +51,10 @@ typedef struct {
     float *a_attn;           /* (M, n*Hk) */
     float *y;                /* reconstruction scratch (n*Hk, D) */
     int64_t scratch_tokens;
+    float *rel;              /* (networks) validation relative error of each */
+    int nnet;                /* L * 2 * slots */
+    FILE *csv;               /* loss curve, or NULL */
+    double t0;               /* start of the run (the curve's seconds column) */
 #ifdef KVC_HAVE_CUDA
     ae_cuda **gpu;
 #endif
@@ -324,98 +328,182 @@ static void print_table(const run_state *s) {
     }
 }
 
-int kvc_train_codec(const kvc_train_opts *o, kvc_err *err) {
-    run_state S = {0}, *s = &S;
-    s->o = o;
-    int rc = -1;
-    FILE *csv = NULL;
+/* The checkpoint's description of this run. */
+static void build_meta(const run_state *s, const ae_config *cfg, kvc_codec_meta *meta) {
+    const kvc_train_opts *o = s->o;
+    const kvc_kv_info *kv = s->info;
+    memset(meta, 0, sizeof *meta);
+    snprintf(meta->model_name, sizeof meta->model_name, "%s", kv->model_name);
+    snprintf(meta->model_fingerprint, sizeof meta->model_fingerprint, "%s", kv->model_fingerprint);
+    meta->n_layer = kv->n_layer;
+    meta->n_head_kv = kv->n_head_kv;
+    meta->head_dim = kv->head_dim;
+    meta->ae = *cfg;
+    meta->per_head = o->per_head;
+    snprintf(meta->loss, sizeof meta->loss, "%s", o->loss_attn ? "attn" : "mse");
+    meta->mse_mix = o->mse_mix;
+    snprintf(meta->latent_quant, sizeof meta->latent_quant, "none");
+    for (int i = 0; i < o->n_data; i++) {
+        const char *bn = strrchr(o->data[i], '/');
+        size_t used = strlen(meta->data);
+        snprintf(meta->data + used, sizeof meta->data - used, "%s%s", i ? "," : "", bn ? bn + 1 : o->data[i]);
+    }
+    snprintf(meta->corpus_sha256, sizeof meta->corpus_sha256, "%s", kv->corpus_sha256);
+    meta->n_train_tokens = s->train_end;
+    meta->n_val_tokens = kv->n_tokens - s->val_begin;
+    meta->epochs = o->epochs;
+    meta->seed = o->seed;
+    meta->batch_tokens = o->batch_tokens;
+    meta->lr = o->adam.lr;
+    meta->weight_decay = o->adam.weight_decay;
+    meta->clip = o->adam.clip;
+    snprintf(meta->device, sizeof meta->device, "%s", o->device);
+}
+
+/* Opens the data, checks the sizes, and builds the empty codec, one model per stored
+ * (layer, kind, slot), and the scratch of the run. */
+static int setup_run(run_state *s, kvc_err *err) {
+    const kvc_train_opts *o = s->o;
     if (strcmp(o->device, "cpu") && strcmp(o->device, "cuda")) return kvc_fail(err, "--device must be cpu or cuda");
-    s->ds = kvc_dataset_open(o->data, o->n_data, err);
-    if (!s->ds) return -1;
+    if (!(s->ds = kvc_dataset_open(o->data, o->n_data, err))) return -1;
     s->info = kvc_dataset_info(s->ds);
     const kvc_kv_info *kv = s->info;
     ae_config cfg = o->ae;
     cfg.in_dim = kv->head_dim;
-    if (kvc_ae_config_check(&cfg, err)) goto done;
-    if (o->epochs < 1 || o->batch_tokens < 2) { kvc_fail(err, "need --epochs >= 1 and --batch >= 2"); goto done; }
+    if (kvc_ae_config_check(&cfg, err)) return -1;
+    if (o->epochs < 1 || o->batch_tokens < 2) return kvc_fail(err, "need --epochs >= 1 and --batch >= 2");
     kvc_dataset_split(s->ds, o->val_frac, &s->train_end, &s->val_begin);
-    if (s->train_end < o->batch_tokens || kv->n_tokens - s->val_begin < 1) {
-        kvc_fail(err, "the dataset has %lld tokens: too few for a batch of %d and a validation split",
-                 (long long)kv->n_tokens, o->batch_tokens);
-        goto done;
-    }
-    kvc_codec_meta meta = {0};
-    snprintf(meta.model_name, sizeof meta.model_name, "%s", kv->model_name);
-    snprintf(meta.model_fingerprint, sizeof meta.model_fingerprint, "%s", kv->model_fingerprint);
-    meta.n_layer = kv->n_layer;
-    meta.n_head_kv = kv->n_head_kv;
-    meta.head_dim = kv->head_dim;
-    meta.ae = cfg;
-    meta.per_head = o->per_head;
-    snprintf(meta.loss, sizeof meta.loss, "%s", o->loss_attn ? "attn" : "mse");
-    meta.mse_mix = o->mse_mix;
-    snprintf(meta.latent_quant, sizeof meta.latent_quant, "none");
-    for (int i = 0; i < o->n_data; i++) {
-        const char *bn = strrchr(o->data[i], '/');
-        size_t used = strlen(meta.data);
-        snprintf(meta.data + used, sizeof meta.data - used, "%s%s", i ? "," : "", bn ? bn + 1 : o->data[i]);
-    }
-    snprintf(meta.corpus_sha256, sizeof meta.corpus_sha256, "%s", kv->corpus_sha256);
-    meta.n_train_tokens = s->train_end;
-    meta.n_val_tokens = kv->n_tokens - s->val_begin;
-    meta.epochs = o->epochs;
-    meta.seed = o->seed;
-    meta.batch_tokens = o->batch_tokens;
-    meta.lr = o->adam.lr;
-    meta.weight_decay = o->adam.weight_decay;
-    meta.clip = o->adam.clip;
-    snprintf(meta.device, sizeof meta.device, "%s", o->device);
-    if (!(s->codec = kvc_codec_new(&meta, err))) goto done;
+    if (s->train_end < o->batch_tokens || kv->n_tokens - s->val_begin < 1)
+        return kvc_fail(err, "the dataset has %lld tokens: too few for a batch of %d and a validation split",
+                        (long long)kv->n_tokens, o->batch_tokens);
+    kvc_codec_meta meta;
+    build_meta(s, &cfg, &meta);
+    if (!(s->codec = kvc_codec_new(&meta, err))) return -1;
     s->slots = s->codec->slots;
-    const int nnet = kv->n_layer * 2 * s->slots;
-    s->models = calloc((size_t)nnet, sizeof *s->models);
+    s->nnet = kv->n_layer * 2 * s->slots;
+    s->models = calloc((size_t)s->nnet, sizeof *s->models);
     s->w_attn = malloc((size_t)kv->head_dim * kv->head_dim * sizeof(float));
-    float *rel = calloc((size_t)nnet, sizeof(float));
-    if (!s->models || !s->w_attn || !rel) { kvc_fail(err, "out of memory"); free(rel); goto done; }
+    s->rel = calloc((size_t)s->nnet, sizeof(float));
+    if (!s->models || !s->w_attn || !s->rel) return kvc_fail(err, "out of memory");
     for (int j = 0; j < kv->n_layers_stored; j++)
         for (int kind = 0; kind < 2; kind++)
             for (int slot = 0; slot < s->slots; slot++) {
                 int idx = codec_index(s->codec, kv->layers[j], kind, slot);
                 s->models[idx] = kvc_ae_new(&cfg, o->seed * 1000003u + (uint64_t)idx, err);
-                if (!s->models[idx]) { free(rel); goto done; }
+                if (!s->models[idx]) return -1;
             }
-    kvc_train_state st = {0, 0, 0, INFINITY, 0};
-    if (o->resume) {
-        if (access(o->out, R_OK) != 0) { kvc_fail(err, "--resume: no checkpoint at '%s' to resume from", o->out); free(rel); goto done; }
-        kvc_codec *prev = kvc_codec_load(o->out, err);
-        if (!prev || check_resume(prev, s, err) || kvc_codec_load_train_state(o->out, prev, s->models, &st, err)) {
-            kvc_codec_free(prev);
-            free(rel);
-            goto done;
-        }
-        /* keep the best networks found so far */
-        kvc_codec *fresh = s->codec;
-        prev->meta = fresh->meta;
-        s->codec = prev;
-        kvc_codec_free(fresh);
-        fprintf(stderr, "kvcodec train: resuming after epoch %d (step %lld, best validation %.4f at epoch %d)\n",
-                st.epoch, (long long)st.step, st.best_val, st.best_epoch);
+    return 0;
+}
+
+/* --resume: the trainer state and the best networks so far from the checkpoint at o->out. */
+static int resume_run(run_state *s, kvc_train_state *st, kvc_err *err) {
+    const kvc_train_opts *o = s->o;
+    if (access(o->out, R_OK) != 0) return kvc_fail(err, "--resume: no checkpoint at '%s' to resume from", o->out);
+    kvc_codec *prev = kvc_codec_load(o->out, err);
+    if (!prev || check_resume(prev, s, err) || kvc_codec_load_train_state(o->out, prev, s->models, st, err)) {
+        kvc_codec_free(prev);
+        return -1;
     }
+    kvc_codec *fresh = s->codec; /* keep the best networks found so far */
+    prev->meta = fresh->meta;
+    s->codec = prev;
+    kvc_codec_free(fresh);
+    fprintf(stderr, "kvcodec train: resuming after epoch %d (step %lld, best validation %.4f at epoch %d)\n",
+            st->epoch, (long long)st->step, st->best_val, st->best_epoch);
+    return 0;
+}
+
+/* The models' device twins for --device cuda. */
+static int setup_device(run_state *s, kvc_err *err) {
+    if (strcmp(s->o->device, "cuda")) return 0;
 #ifdef KVC_HAVE_CUDA
-    if (!strcmp(o->device, "cuda")) {
-        char why[256];
-        if (!kvc_ae_cuda_available(why, sizeof why)) { kvc_fail(err, "--device cuda: %s", why); free(rel); goto done; }
-        s->gpu = calloc((size_t)nnet, sizeof *s->gpu);
-        for (int i = 0; i < nnet; i++)
-            if (s->models[i] && !(s->gpu[i] = kvc_ae_cuda_new(s->models[i], err))) { free(rel); goto done; }
-    }
+    char why[256];
+    if (!kvc_ae_cuda_available(why, sizeof why)) return kvc_fail(err, "--device cuda: %s", why);
+    if (!(s->gpu = calloc((size_t)s->nnet, sizeof *s->gpu))) return kvc_fail(err, "out of memory");
+    for (int i = 0; i < s->nnet; i++)
+        if (s->models[i] && !(s->gpu[i] = kvc_ae_cuda_new(s->models[i], err))) return -1;
+    return 0;
 #else
-    if (!strcmp(o->device, "cuda")) { kvc_fail(err, "--device cuda: this build has no CUDA backend"); free(rel); goto done; }
+    return kvc_fail(err, "--device cuda: this build has no CUDA backend");
 #endif
+}
+
+/* One epoch: the shuffled training batches, then validation; returns the mean training loss
+ * in *loss. */
+static int run_epoch(run_state *s, int epoch, kvc_train_state *st, int64_t steps_per_epoch, int64_t total_steps,
+                     const unsigned char *want, double *loss, kvc_err *err) {
+    const kvc_train_opts *o = s->o;
+    /* each epoch's order depends only on (seed, epoch): a resumed run replays it */
+    kvc_batch_opts bo = {0, s->train_end, o->batch_tokens, 0, 0, o->seed * 7919u + (uint64_t)epoch, 1, want};
+    kvc_batcher *bt = kvc_batcher_new(s->ds, &bo, err);
+    if (!bt) return -1;
+    uint64_t rng = o->seed ^ (0x9E3779B97F4A7C15ull * (uint64_t)(epoch + 1));
+    double sum_loss = 0;
+    int64_t n_steps = 0, rows = 0;
+    double te = kvc_now();
+    kvc_batch b;
+    int r;
+    while ((r = kvc_batcher_next(bt, &b, err)) == 1) {
+        float lr = kvc_ae_lr_schedule(st->step, total_steps, o->warmup_steps, o->adam.lr, o->min_lr);
+        double lv = train_batch(s, &b, lr, &rng, st->step, err);
+        if (!isfinite(lv)) { r = -1; break; }
+        sum_loss += lv;
+        n_steps++;
+        st->step++;
+        rows += (int64_t)b.n * s->info->n_head_kv;
+        if (o->progress) {
+            char label[96];
+            snprintf(label, sizeof label, "epoch %d/%d loss %.4g lr %.2e", epoch + 1, o->epochs, sum_loss / n_steps, lr);
+            kvc_progress_draw(label, (double)(st->step - (int64_t)epoch * steps_per_epoch), (double)steps_per_epoch,
+                              "step", te);
+        }
+    }
+    kvc_batcher_free(bt);
+    if (o->progress) kvc_progress_end();
+    if (r < 0) return -1;
+#ifdef KVC_HAVE_CUDA
+    for (int i = 0; s->gpu && i < s->nnet; i++)
+        if (s->gpu[i] && kvc_ae_cuda_download(s->gpu[i], s->models[i], err)) return -1;
+#endif
+    double ek, ev, ea;
+    if (validate(s, s->rel, &ek, &ev, &ea, err)) return -1;
+    double el = kvc_now() - te;
+    *loss = sum_loss / (n_steps ? n_steps : 1);
+    fprintf(stderr, "epoch %d/%d: train loss %.5f, validation rel. error K %.4f V %.4f (%.1f s, %.0f rows/s per model)\n",
+            epoch + 1, o->epochs, *loss, ek, ev, el, rows / el);
+    if (s->csv) {
+        fprintf(s->csv, "%d,%lld,%.6g,%.6g,%.6g,%.6g,%.6g,%.2f\n", epoch + 1, (long long)st->step,
+                kvc_ae_lr_schedule(st->step, total_steps, o->warmup_steps, o->adam.lr, o->min_lr), *loss, ea, ek, ev,
+                kvc_now() - s->t0);
+        fflush(s->csv);
+    }
+    st->epoch = epoch + 1;
+    if (ea < st->best_val) {
+        st->best_val = ea;
+        st->best_epoch = epoch + 1;
+        st->bad_epochs = 0;
+        if (export_all(s, s->rel, err)) return -1;
+    } else {
+        st->bad_epochs++;
+    }
+    s->codec->meta.epochs_run = st->epoch;
+    s->codec->meta.best_epoch = st->best_epoch;
+    s->codec->meta.best_val = st->best_val;
+    s->codec->meta.train_seconds += el;
+    return kvc_codec_save(o->out, s->codec, s->models, st, err);
+}
+
+int kvc_train_codec(const kvc_train_opts *o, kvc_err *err) {
+    run_state S = {0}, *s = &S;
+    s->o = o;
+    int rc = -1;
+    kvc_train_state st = {0, 0, 0, INFINITY, 0};
+    if (setup_run(s, err) || (o->resume && resume_run(s, &st, err)) || setup_device(s, err)) goto done;
+    const kvc_kv_info *kv = s->info;
     if (o->curve_csv) {
-        csv = fopen(o->curve_csv, o->resume ? "a" : "w");
-        if (!csv) { kvc_fail(err, "cannot write the loss curve to '%s'", o->curve_csv); free(rel); goto done; }
-        if (!o->resume) fprintf(csv, "epoch,step,lr,train_loss,val_rel_err,val_rel_err_k,val_rel_err_v,seconds\n");
+        s->csv = fopen(o->curve_csv, o->resume ? "a" : "w");
+        if (!s->csv) { kvc_fail(err, "cannot write the loss curve to '%s'", o->curve_csv); goto done; }
+        if (!o->resume) fprintf(s->csv, "epoch,step,lr,train_loss,val_rel_err,val_rel_err_k,val_rel_err_v,seconds\n");
     }
     const int64_t steps_per_epoch = (s->train_end + o->batch_tokens - 1) / o->batch_tokens;
     const int64_t total_steps = steps_per_epoch * o->epochs;
@@ -424,65 +512,12 @@ int kvc_train_codec(const kvc_train_opts *o, kvc_err *err) {
         want[j * 3 + KV_K] = want[j * 3 + KV_V] = 1;
         want[j * 3 + KV_Q] = (unsigned char)o->loss_attn;
     }
-    double t0 = kvc_now();
+    s->t0 = kvc_now();
     for (int epoch = st.epoch; epoch < o->epochs; epoch++) {
-        /* each epoch's order depends only on (seed, epoch): a resumed run replays it */
-        kvc_batch_opts bo = {0, s->train_end, o->batch_tokens, 0, 0, o->seed * 7919u + (uint64_t)epoch, 1, want};
-        kvc_batcher *bt = kvc_batcher_new(s->ds, &bo, err);
-        if (!bt) { free(rel); goto done; }
-        uint64_t rng = o->seed ^ (0x9E3779B97F4A7C15ull * (uint64_t)(epoch + 1));
-        double sum_loss = 0;
-        int64_t n_steps = 0, rows = 0;
-        double te = kvc_now();
-        kvc_batch b;
-        int r;
-        while ((r = kvc_batcher_next(bt, &b, err)) == 1) {
-            float lr = kvc_ae_lr_schedule(st.step, total_steps, o->warmup_steps, o->adam.lr, o->min_lr);
-            double lv = train_batch(s, &b, lr, &rng, st.step, err);
-            if (!isfinite(lv)) { r = -1; break; }
-            sum_loss += lv;
-            n_steps++;
-            st.step++;
-            rows += (int64_t)b.n * kv->n_head_kv;
-            if (o->progress) {
-                char label[96];
-                snprintf(label, sizeof label, "epoch %d/%d loss %.4g lr %.2e", epoch + 1, o->epochs, sum_loss / n_steps, lr);
-                kvc_progress_draw(label, (double)(st.step - (int64_t)epoch * steps_per_epoch) , (double)steps_per_epoch, "step", te);
-            }
-        }
-        kvc_batcher_free(bt);
-        if (o->progress) kvc_progress_end();
-        if (r < 0) { free(rel); goto done; }
-#ifdef KVC_HAVE_CUDA
-        for (int i = 0; s->gpu && i < nnet; i++)
-            if (s->gpu[i] && kvc_ae_cuda_download(s->gpu[i], s->models[i], err)) { free(rel); goto done; }
-#endif
-        double ek, ev, ea;
-        if (validate(s, rel, &ek, &ev, &ea, err)) { free(rel); goto done; }
-        double el = kvc_now() - te;
-        fprintf(stderr, "epoch %d/%d: train loss %.5f, validation rel. error K %.4f V %.4f (%.1f s, %.0f rows/s per model)\n",
-                epoch + 1, o->epochs, sum_loss / (n_steps ? n_steps : 1), ek, ev, el, rows / el);
-        if (csv) {
-            fprintf(csv, "%d,%lld,%.6g,%.6g,%.6g,%.6g,%.6g,%.2f\n", epoch + 1, (long long)st.step,
-                    kvc_ae_lr_schedule(st.step, total_steps, o->warmup_steps, o->adam.lr, o->min_lr),
-                    sum_loss / (n_steps ? n_steps : 1), ea, ek, ev, kvc_now() - t0);
-            fflush(csv);
-        }
-        st.epoch = epoch + 1;
-        if (ea < st.best_val) {
-            st.best_val = ea;
-            st.best_epoch = epoch + 1;
-            st.bad_epochs = 0;
-            if (export_all(s, rel, err)) { free(rel); goto done; }
-        } else st.bad_epochs++;
-        s->codec->meta.epochs_run = st.epoch;
-        s->codec->meta.best_epoch = st.best_epoch;
-        s->codec->meta.best_val = st.best_val;
-        s->codec->meta.train_seconds += kvc_now() - te;
-        if (kvc_codec_save(o->out, s->codec, s->models, &st, err)) { free(rel); goto done; }
+        double loss;
+        if (run_epoch(s, epoch, &st, steps_per_epoch, total_steps, want, &loss, err)) goto done;
         if (o->stop_after_epoch && st.epoch == o->stop_after_epoch && st.epoch < o->epochs) {
             fprintf(stderr, "kvcodec train: stopping after epoch %d as asked; continue with --resume\n", st.epoch);
-            free(rel);
             rc = 1;
             goto done;
         }
@@ -492,7 +527,6 @@ int kvc_train_codec(const kvc_train_opts *o, kvc_err *err) {
             break;
         }
     }
-    free(rel);
     if (o->reuse) {
         if (analyse_reuse(s, err)) goto done;
         if (!o->quiet) kvc_reuse_plan_print(s->codec->reuse, stdout);
@@ -501,18 +535,18 @@ int kvc_train_codec(const kvc_train_opts *o, kvc_err *err) {
     if (!o->quiet) print_table(s);
     rc = 0;
 done:
-    if (csv) fclose(csv);
+    if (s->csv) fclose(s->csv);
 #ifdef KVC_HAVE_CUDA
     if (s->gpu) {
-        for (int i = 0; s->codec && i < kv->n_layer * 2 * s->slots; i++) kvc_ae_cuda_free(s->gpu[i]);
+        for (int i = 0; i < s->nnet; i++) kvc_ae_cuda_free(s->gpu[i]);
         free(s->gpu);
     }
 #endif
-    if (s->models && s->codec)
-        for (int i = 0; i < kv->n_layer * 2 * s->slots; i++) kvc_ae_free(s->models[i]);
+    if (s->models)
+        for (int i = 0; i < s->nnet; i++) kvc_ae_free(s->models[i]);
     free(s->models);
     kvc_codec_free(s->codec);
-    free(s->gather); free(s->a_attn); free(s->y); free(s->w_attn);
+    free(s->gather), free(s->a_attn), free(s->y), free(s->w_attn), free(s->rel);
     kvc_dataset_close(s->ds);
     return rc;
 }

@@ -191,7 +191,7 @@ typedef struct {
 /* Everything one run measured. */
 typedef struct {
     const char *model, *fingerprint, *text, *repr, *keep;
-    char cache[1100];               /* kvc_kvcache_describe of the measured cache */
+    char cache[1500];               /* kvc_kvcache_describe of the measured cache */
     int ctx, chunk, context_len, continuation, threads, set;
     int64_t tokens;
     kvc_quality stream, context;

@@ -94,7 +94,7 @@ typedef struct {
 struct kvc_repr {
     const kvc_repr_ops *ops;
     kvc_cache_shape shape;
-    char spec[256]; /* canonical spec, filled by init */
+    char spec[1024]; /* canonical spec, filled by init (init fails rather than cut it) */
     void *impl;
 };
 
@@ -167,8 +167,8 @@ int64_t kvc_kvcache_select(const float *score, int64_t n, int64_t keep, int sink
 
 /* ===================================================================== registry ==== */
 
-extern const kvc_repr_ops *const KVC_KVC_REPRS[]; /* NULL-terminated */
-extern const kvc_keep_ops *const KVC_KVC_KEEPS[]; /* NULL-terminated */
+extern const kvc_repr_ops *const KVC_REPRS[]; /* NULL-terminated */
+extern const kvc_keep_ops *const KVC_KEEPS[]; /* NULL-terminated */
 const kvc_repr_ops *kvc_repr_find(const char *name);
 const kvc_keep_ops *kvc_keep_find(const char *name);
 
