@@ -40,6 +40,9 @@ void kvc_kvcache_list(void *fp_) {
     FILE *fp = fp_;
     fprintf(fp, "representations (--repr NAME[:OPTIONS]):\n");
     for (int i = 0; KVC_REPRS[i]; i++) fprintf(fp, "  %-10s %s\n", KVC_REPRS[i]->name, KVC_REPRS[i]->usage);
+    fprintf(fp, "  %-10s %s\n", "tc", "a transform codec (kvcodec train --codec transform): tc:FILE[,sinks=S] "
+                                     "(default: the codec's sinks, kept exact in f16); every layer holds the same "
+                                     "tokens, so an evicting policy decides once for the model (scores summed)");
     fprintf(fp, "retention policies (--keep NAME[:OPTIONS]); every evicting policy takes\n"
                 "  budget=N (tokens) or budget=F (fraction 0<F<=1, or P%%), sinks=S (default 4),\n"
                 "  window=W (default 10):\n");
