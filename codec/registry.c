@@ -9,10 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-extern const kvc_repr_ops KVC_REPR_F32, KVC_REPR_F16, KVC_REPR_INT8, KVC_REPR_INT4, KVC_REPR_AE;
+extern const kvc_repr_ops KVC_REPR_F32, KVC_REPR_F16, KVC_REPR_INT8, KVC_REPR_INT4, KVC_REPR_INT2, KVC_REPR_AE;
 extern const kvc_keep_ops KVC_KEEP_FULL, KVC_KEEP_STREAMING, KVC_KEEP_H2O, KVC_KEEP_L2, KVC_KEEP_RANDOM, KVC_KEEP_LSH;
 
-const kvc_repr_ops *const KVC_REPRS[] = {&KVC_REPR_F32, &KVC_REPR_F16, &KVC_REPR_INT8, &KVC_REPR_INT4, &KVC_REPR_AE, NULL};
+const kvc_repr_ops *const KVC_REPRS[] = {&KVC_REPR_F32, &KVC_REPR_F16, &KVC_REPR_INT8, &KVC_REPR_INT4, &KVC_REPR_INT2, &KVC_REPR_AE, NULL};
 const kvc_keep_ops *const KVC_KEEPS[] = {&KVC_KEEP_FULL, &KVC_KEEP_STREAMING, &KVC_KEEP_H2O, &KVC_KEEP_L2, &KVC_KEEP_RANDOM, &KVC_KEEP_LSH, NULL};
 
 const kvc_repr_ops *kvc_repr_find(const char *name) {
