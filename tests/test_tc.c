@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "fixture.h"
+#include "kvc/codec.h"
 #include "kvc/dataset.h"
 #include "kvc/kvcache.h"
 #include "kvc/tc.h"
@@ -345,6 +346,58 @@ Test(tc, cache_holds_what_the_codec_decodes_and_counts_bytes, .timeout = 120) {
     kvc_cache_free(e), kvc_cache_free(f2);
     kvc_tc_free(tc);
     unlink(cap), unlink(c4);
+}
+
+/* ========================================================== the codec library ==== */
+
+/* kvc/codec.h opens a transform codec by its format, says what each layer predicts from, and
+ * codes a chain of layers in closed loop exactly as kvc_tc_encode does. */
+Test(tc, codec_library_codes_a_chain_of_layers, .timeout = 120) {
+    const char *cap = tmp("cap4"), *c2 = tmp("lib2");
+    make_capture(cap, SN, SL);
+    kvc_tc *tc = fit(cap, 2.0, 1, c2);
+    char err[KVCL_ERR_SIZE];
+    kvcl_codec *c = kvcl_open(c2, NULL, 0, err);
+    cr_assert_not_null(c, "%s", err);
+    kvcl_info in;
+    kvcl_get_info(c, &in);
+    cr_expect_str_eq(in.kind, "transform");
+    cr_expect_eq(in.sinks, 4);
+    cr_expect_float_eq(in.mean_bits, 2.0, 1e-9);
+    cr_expect_eq(kvcl_token_bytes(c, 1, KVCL_KEY), (size_t)kvc_tc_row_bytes(tc, 1, KV_K));
+    cr_expect_eq(kvcl_needs(c, 0, KVCL_KEY), 0);
+    cr_expect_eq(kvcl_needs(c, 0, KVCL_VALUE), KVCL_NEED_THIS_K);
+    cr_expect_eq(kvcl_needs(c, 2, KVCL_VALUE), KVCL_NEED_THIS_K | KVCL_NEED_BELOW_V);
+    enum { N = 16 };
+    float *k[SL], *v[SL], *q[SL], *dk[SL], *dv[SL], *yk = malloc(sizeof(float) * N * SE);
+    float *ref = malloc(sizeof(float) * N * SE), *scr = malloc(sizeof(float) * kvc_tc_scratch_floats(tc, N));
+    uint8_t *codes = malloc((size_t)N * SE * 2), *rc = malloc((size_t)N * SE * 2);
+    for (int l = 0; l < SL; l++)
+        k[l] = malloc(sizeof(float) * N * SE), v[l] = malloc(sizeof(float) * N * SE), q[l] = malloc(sizeof(float) * N * SH * SD),
+        dk[l] = malloc(sizeof(float) * N * SE), dv[l] = malloc(sizeof(float) * N * SE);
+    synth_rows(N, k, v, q);
+    for (int l = 0; l < SL; l++) {
+        kvcl_context ctx = {l ? dk[l - 1] : NULL, l ? dv[l - 1] : NULL, NULL};
+        cr_assert_eq(kvcl_encode_ctx(c, l, KVCL_KEY, k[l], N, &ctx, codes, dk[l], err), 0, "%s", err);
+        kvc_tc_encode(tc, l, KV_K, k[l], ctx.below_k, ctx.below_v, NULL, N, rc, ref, scr);
+        cr_expect(!memcmp(codes, rc, (size_t)N * kvcl_token_bytes(c, l, KVCL_KEY)), "layer %d key codes", l);
+        cr_assert_eq(kvcl_decode_ctx(c, l, KVCL_KEY, codes, N, &ctx, yk, err), 0, "%s", err);
+        cr_expect(!memcmp(yk, dk[l], sizeof(float) * N * SE), "layer %d: decode rebuilds the encoder's keys", l);
+        ctx.this_k = dk[l];
+        cr_assert_eq(kvcl_encode_ctx(c, l, KVCL_VALUE, v[l], N, &ctx, codes, dv[l], err), 0, "%s", err);
+        /* a value without this layer's keys cannot be decoded */
+        kvcl_context bad = ctx;
+        bad.this_k = NULL;
+        cr_expect_eq(kvcl_decode_ctx(c, l, KVCL_VALUE, codes, N, &bad, yk, err), -1);
+        cr_expect_not_null(strstr(err, "this_k"), "%s", err);
+    }
+    cr_expect_eq(kvcl_encode(c, 1, KVCL_KEY, k[1], N, codes, err), -1, "the context-free call must refuse");
+    cr_expect_not_null(strstr(err, "kvcl_encode_ctx"), "%s", err);
+    for (int l = 0; l < SL; l++) free(k[l]), free(v[l]), free(q[l]), free(dk[l]), free(dv[l]);
+    free(yk), free(ref), free(scr), free(codes), free(rc);
+    kvcl_close(c);
+    kvc_tc_free(tc);
+    unlink(cap), unlink(c2);
 }
 
 /* ============================================================== bad input ==== */
