@@ -396,6 +396,25 @@ Test(tc, codec_library_codes_a_chain_of_layers, .timeout = 120) {
     for (int l = 0; l < SL; l++) free(k[l]), free(v[l]), free(q[l]), free(dk[l]), free(dv[l]);
     free(yk), free(ref), free(scr), free(codes), free(rc);
     kvcl_close(c);
+    /* `kvcodec inspect` summarises the checkpoint: the rate, bytes per token, a row per layer */
+    char cmd[1024], line[512];
+    snprintf(cmd, sizeof cmd, "'%s' inspect '%s'", KVC_BINARY, c2);
+    FILE *pp = popen(cmd, "r");
+    cr_assert_not_null(pp);
+    int code_bytes = 0;
+    for (int l = 0; l < SL; l++) code_bytes += kvc_tc_row_bytes(tc, l, KV_K) + kvc_tc_row_bytes(tc, l, KV_V);
+    char want[64];
+    snprintf(want, sizeof want, "%d code bytes per token", code_bytes);
+    int saw_rate = 0, rows = 0;
+    while (fgets(line, sizeof line, pp)) {
+        if (strstr(line, "2.000 bits per coefficient") && strstr(line, want)) saw_rate = 1;
+        int l;
+        double kb;
+        if (sscanf(line, " %d | %lf", &l, &kb) == 2 && l == rows && fabs(kb - 2.0) < 1e-9) rows++;
+    }
+    cr_expect_eq(pclose(pp), 0);
+    cr_expect(saw_rate, "inspect names the rate and %s", want);
+    cr_expect_eq(rows, SL, "one row per layer at 2 bits");
     kvc_tc_free(tc);
     unlink(cap), unlink(c2);
 }
