@@ -8,6 +8,7 @@
 #include "kvc/tc.h"
 
 #include <hdf5.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -222,6 +223,11 @@ static int inspect_tc(const char *path) {
     printf("  %.3f bits per coefficient (target %g): %lld code bytes per token vs %.0f in f16 = %.2fx"
            " (before sinks and the step's raw rows)\n",
            kvc_tc_mean_bits(tc), tc->bits_target, (long long)code, f16, code ? f16 / code : 0.0);
+    double ent = 0;
+    for (int i = 0; i < L * 2 * G; i++) ent += tc->parts[i].code_entropy;
+    if (isfinite(ent) && code > 0)
+        printf("  entropy of the codes %.3f bits per coefficient: an ideal entropy coder would save %.1f%% of the"
+               " code bytes\n", ent / (2.0 * L * tc->n_head_kv * tc->head_dim), 100.0 * (1.0 - ent / (8.0 * code)));
     printf("  tables %.2f MiB per model; trained on %lld tokens (+%lld held back) in %.0f s\n",
            kvc_tc_table_bytes(tc) / 1048576.0, (long long)tc->n_train_tokens, (long long)tc->n_val_tokens,
            tc->train_seconds);

@@ -121,6 +121,7 @@ static int read_part(hid_t f, const char *path, kvc_tc_part *p, int dg, const ch
     p->val_rel_err = kvc_h5_get_f64(g, "val_rel_err", &v) ? NAN : v;
     v = NAN;
     p->kl_sens = kvc_h5_get_f64(g, "kl_sens", &v) ? NAN : v;
+    p->code_entropy = kvc_h5_get_f64(g, "code_entropy", &v) ? NAN : v;
     rc = 0;
 done:
     H5Gclose(g);

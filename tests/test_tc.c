@@ -177,6 +177,14 @@ Test(tc, fit_uses_prediction_and_error_falls_with_bits, .timeout = 120) {
     const double p1 = b->parts[kvc_tc_index(b, 1, KV_K, 0)].val_rel_err, q1 = n->parts[kvc_tc_index(n, 1, KV_K, 0)].val_rel_err;
     cr_expect(p1 <= q1 * 1.05, "layer 1 keys: predicted %g vs alone %g", p1, q1);
     (void)en;
+    /* the codes' entropy is saved per part: positive, never above the fixed-width bits */
+    for (int i = 0; i < b->n_layer * 2 * b->groups; i++) {
+        const kvc_tc_part *pp = &b->parts[i];
+        int sum = 0;
+        for (int c = 0; c < pp->dim; c++) sum += pp->bits[c];
+        cr_expect(pp->code_entropy > 0.5 * sum && pp->code_entropy <= sum + 1e-9, "part %d: entropy %g of %d bits", i,
+                  pp->code_entropy, sum);
+    }
     /* the decoder rebuilds exactly what the encoder said it would */
     enum { N = 64 };
     float *k[SL], *v[SL], *q[SL];

@@ -247,6 +247,8 @@ static int fit_part(kvc_tc_part *p, const float *x, const float *f, int64_t n, i
         p->kept += b > 0;
     }
     p->n_levels = nl;
+    p->code_entropy = 0;
+    for (int i = 0; i < dg; i++) p->code_entropy += wd[i].ent[bits[i]];
     for (int i = 0; i < dg; i++)
         for (int j = 0; j < dg; j++) p->basis_t[(size_t)j * dg + i] = p->basis[(size_t)i * dg + j];
     p->cb = (kvc_codebook){p->kept, p->bits, p->levels, p->off, kvc_codebook_row_bytes(p->bits, p->kept)};

@@ -21,6 +21,7 @@ void tc_sorted_free(tc_sorted *s);
  * levels of width b at levels + off[b]. */
 typedef struct {
     double mse[9];
+    double ent[9];     /* entropy of the codes at width b, bits (what an ideal entropy coder needs) */
     int off[9];
     float levels[510]; /* 2 + 4 + ... + 256 */
 } tc_widths;

@@ -105,9 +105,24 @@ static void uniform(const tc_sorted *s, int L, float *c) {
     }
 }
 
+/* Entropy in bits of the nearest-level codes of the sorted values (cells as levels_mse). */
+static double levels_entropy(const tc_sorted *s, const float *c, int L) {
+    double h = 0;
+    int64_t b0 = 0;
+    for (int k = 0; k < L && s->m > 0; k++) {
+        int64_t b1 = k + 1 < L ? upper_bound(s->v, s->m, 0.5f * (c[k] + c[k + 1])) : s->m;
+        if (b1 < b0) b1 = b0;
+        const double p = (double)(b1 - b0) / (double)s->m;
+        if (p > 0) h -= p * log2(p);
+        b0 = b1;
+    }
+    return h;
+}
+
 void tc_fit_widths(const tc_sorted *s, int lloyd_max, tc_widths *w) {
     /* 0 bits: decoded as 0 */
     w->mse[0] = s->m ? s->p2[s->m] / (double)s->m : 0;
+    w->ent[0] = 0;
     int at = 0;
     for (int b = 1; b <= 8; b++) {
         const int L = 1 << b;
@@ -115,6 +130,7 @@ void tc_fit_widths(const tc_sorted *s, int lloyd_max, tc_widths *w) {
         if (lloyd_max) lloyd(s, L, w->levels + at);
         else uniform(s, L, w->levels + at);
         w->mse[b] = levels_mse(s, w->levels + at, L);
+        w->ent[b] = levels_entropy(s, w->levels + at, L);
         /* a wider codebook never does worse than a narrower one would (guards greedy order) */
         if (w->mse[b] > w->mse[b - 1]) w->mse[b] = w->mse[b - 1];
         at += L;

@@ -39,6 +39,7 @@ static int write_part(hid_t f, const char *path, const kvc_tc_part *p) {
     int bad = kvc_h5_attr_i32(g, "inputs", p->inputs) < 0;
     bad |= kvc_h5_attr_f64(g, "val_rel_err", p->val_rel_err) < 0;
     if (!isnan(p->kl_sens)) bad |= kvc_h5_attr_f64(g, "kl_sens", p->kl_sens) < 0;
+    if (!isnan(p->code_entropy)) bad |= kvc_h5_attr_f64(g, "code_entropy", p->code_entropy) < 0;
     bad |= kvc_h5_write_f32(g, "pred_b", p->pred_b, (hsize_t)p->dim, 0) < 0;
     if (p->n_feat) bad |= kvc_h5_write_f32(g, "pred_w", p->pred_w, (hsize_t)p->dim, (hsize_t)p->n_feat) < 0;
     bad |= kvc_h5_write_f32(g, "basis", p->basis, (hsize_t)p->dim, (hsize_t)p->dim) < 0;

@@ -39,6 +39,9 @@ typedef struct {
     int kept;         /* components with bits > 0 */
     kvc_codebook cb;
     double val_rel_err;   /* ||x - x^|| / ||x|| on the held-back rows (training report) */
+    double code_entropy;  /* entropy of the codes, bits per token summed over components, on the
+                             trainer's coefficient samples: what an ideal entropy coder would
+                             need instead of sum(bits) (NaN when not recorded) */
     double kl_sens;       /* KL of this part coded alone on the probe text, when calibrated (else NaN) */
     double *rd;           /* (8 Dg + 1) weighted distortion per token after each bit of the fit's
                              greedy allocation, kept when the trainer asks (never saved) */
