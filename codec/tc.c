@@ -17,14 +17,15 @@ static const char *KIND_NAME[2] = {"k", "v"};
 
 /* ---- reading ------------------------------------------------------------------------------ */
 
-static void part_free(kvc_tc_part *p) {
+void kvc_tc_part_free(kvc_tc_part *p) {
     free(p->pred_w), free(p->pred_b), free(p->basis), free(p->basis_t), free(p->bits), free(p->off);
     free(p->levels), free(p->rd);
+    memset(p, 0, sizeof *p);
 }
 
 void kvc_tc_free(kvc_tc *tc) {
     if (!tc) return;
-    for (int i = 0; tc->parts && i < tc->n_layer * 2 * tc->groups; i++) part_free(&tc->parts[i]);
+    for (int i = 0; tc->parts && i < tc->n_layer * 2 * tc->groups; i++) kvc_tc_part_free(&tc->parts[i]);
     free(tc->parts);
     free(tc);
 }

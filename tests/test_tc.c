@@ -63,6 +63,8 @@ enum { SL = 3, SK = 2, SD = 8, SH = 4, SN = 3072, SCTX = 512 };
 /* Layer 0's keys are a random mix of 4 latent factors; layer l's keys are a fixed rotation of
  * layer l-1's plus a little noise; values are a fixed map of the keys plus noise: so the
  * predictors have something to find. */
+static int synth_fresh_layer = -1; /* a layer whose keys owe nothing to the layer below (-1: none) */
+
 static void synth_rows(int64_t n, float *k[SL], float *v[SL], float *q[SL]) {
     float mix[SE][4], rot[SE][SE], vm[SE][SE];
     uint64_t save = rs;
@@ -81,6 +83,13 @@ static void synth_rows(int64_t n, float *k[SL], float *v[SL], float *q[SL]) {
         }
         for (int l = 0; l < SL; l++) {
             float cur[SE];
+            if (l == synth_fresh_layer) { /* fresh factors: nothing to predict from below */
+                for (int f = 0; f < 4; f++) fac[f] = gauss();
+                for (int i = 0; i < SE; i++) {
+                    prev[i] = 0.05f * gauss();
+                    for (int f = 0; f < 4; f++) prev[i] += mix[i][f] * fac[f];
+                }
+            }
             for (int i = 0; i < SE; i++) {
                 float a = 0.05f * gauss();
                 for (int j = 0; j < SE; j++) a += (l ? rot[i][j] : (float)(i == j)) * prev[j];
@@ -425,6 +434,26 @@ Test(tc, codec_library_codes_a_chain_of_layers, .timeout = 120) {
     cr_expect_eq(rows, SL, "one row per layer at 2 bits");
     kvc_tc_free(tc);
     unlink(cap), unlink(c2);
+}
+
+/* A layer whose keys have nothing to do with the layer below: its key predictor cannot lower
+ * the held-back error, so the trainer drops it and codes the keys alone; its values still
+ * predict from its keys, and the other layers keep their predictors. */
+Test(tc, a_predictor_that_does_not_pay_is_dropped, .timeout = 120) {
+    const char *cap = tmp("fresh"), *c3 = tmp("fresh3");
+    synth_fresh_layer = 2;
+    make_capture(cap, SN, SL);
+    synth_fresh_layer = -1;
+    kvc_tc *tc = fit(cap, 3.0, 1, c3);
+    cr_expect_eq(tc->parts[kvc_tc_index(tc, 1, KV_K, 0)].inputs, KVC_TC_IN_KPREV, "layer 1 keys follow layer 0's");
+    cr_expect_eq(tc->parts[kvc_tc_index(tc, 2, KV_K, 0)].inputs, 0, "layer 2 keys: the predictor must be dropped");
+    cr_expect_eq(tc->parts[kvc_tc_index(tc, 2, KV_V, 0)].inputs & KVC_TC_IN_KCUR, KVC_TC_IN_KCUR,
+                 "layer 2 values still predict from their keys");
+    cr_expect_eq(tc->parts[kvc_tc_index(tc, 2, KV_K, 0)].n_feat, 0);
+    cr_expect_null(tc->parts[kvc_tc_index(tc, 2, KV_K, 0)].pred_w);
+    cr_expect_float_eq(kvc_tc_mean_bits(tc), 3.0, 1e-9, "the refit spends the same bits");
+    kvc_tc_free(tc);
+    unlink(cap), unlink(c3);
 }
 
 /* ============================================================== bad input ==== */

@@ -261,6 +261,42 @@ done:
 
 /* ---- the closed-loop trainer ------------------------------------------------------------------ */
 
+/* Does part p's predictor pay on held-back rows? Compares the (weighted) energy of x - (W f + b)
+ * with that of x - mean, where mean is the training rows' (xt, nt rows) and f the group's
+ * features built from the decoded rows below (as the part's inputs ask). 1: keep it. */
+static int predictor_pays(const kvc_tc_part *p, const float *xt, int64_t nt, const float *xv, const float *src[3],
+                          int64_t nv, int e, int g, int dg, const double *wmat) {
+    double mu[dg], ep = 0, em = 0;
+    column_means(xt, nt, dg, mu);
+    float f[3 * dg], r[dg];
+    double rm[dg];
+    for (int64_t row = 0; row < nv; row++) {
+        int at = 0;
+        for (int s = 0; s < 3; s++)
+            if (p->inputs & (1 << s)) {
+                memcpy(f + at, src[s] + row * e + (size_t)g * dg, (size_t)dg * sizeof(float));
+                at += dg;
+            }
+        const float *x = xv + row * e + (size_t)g * dg;
+        for (int j = 0; j < dg; j++) {
+            double acc = p->pred_b[j];
+            for (int i = 0; i < p->n_feat; i++) acc += (double)p->pred_w[(size_t)j * p->n_feat + i] * f[i];
+            r[j] = (float)(x[j] - acc);
+            rm[j] = x[j] - mu[j];
+        }
+        for (int a = 0; a < dg; a++) {
+            if (!wmat) {
+                ep += (double)r[a] * r[a], em += rm[a] * rm[a];
+                continue;
+            }
+            double tp = 0, tm = 0;
+            for (int b = 0; b < dg; b++) tp += wmat[(size_t)a * dg + b] * r[b], tm += wmat[(size_t)a * dg + b] * rm[b];
+            ep += r[a] * tp, em += rm[a] * tm;
+        }
+    }
+    return ep < em;
+}
+
 /* Rows of one split, sinks left out (they stay exact at inference): the dataset rows it
  * reads, in order. */
 typedef struct {
@@ -450,6 +486,7 @@ kvc_tc *kvc_tc_fit(const kvc_tc_train_opts *o, kvc_err *err) {
             if (read_rows(d, l, kind, &tr, E, x, err)) goto done;
             const int weighted = kind == KV_K && !strcmp(o->weights, "attn");
             if (weighted && key_weights(d, l, &tr, kv, hpg, wm, err)) goto done;
+            if (nf && read_rows(d, l, kind, &va, E, vx, err)) goto done;
             const int64_t lb = o->layer_bits ? (int64_t)llround(o->layer_bits[l * 2 + kind] * dg) : budget;
             for (int g = 0; g < groups; g++) {
                 for (int64_t r = 0; r < tr.n; r++) {
@@ -468,17 +505,29 @@ kvc_tc *kvc_tc_fit(const kvc_tc_train_opts *o, kvc_err *err) {
                     kvc_fail(err, "out of memory");
                     goto done;
                 }
-                if (fit_part(p, buf[XG], nf ? buf[FEAT] : NULL, tr.n, dg, inputs, nf, o, weighted ? wm + (size_t)g * dg * dg : NULL,
-                             lb, trace, err)) {
+                const double *wg = weighted ? wm + (size_t)g * dg * dg : NULL;
+                if (fit_part(p, buf[XG], nf ? buf[FEAT] : NULL, tr.n, dg, inputs, nf, o, wg, lb, trace, err)) {
                     free(trace);
                     goto done;
+                }
+                /* a predictor that does not lower the held-back error is dropped: the part is
+                 * then coded alone, so prediction never costs more than no prediction */
+                const float *vsrc[3] = {vpk, vdk, vpv};
+                if (nf && !predictor_pays(p, buf[XG], tr.n, vx, vsrc, va.n, E, g, dg, wg)) {
+                    kvc_tc_part_free(p);
+                    if (fit_part(p, buf[XG], NULL, tr.n, dg, 0, 0, o, wg, lb, trace, err)) {
+                        free(trace);
+                        goto done;
+                    }
+                    if (o->report) fprintf(o->report, "layer %2d %s group %d: prediction does not pay on held-back rows; coded alone\n",
+                                           l, kind ? "V" : "K", g);
                 }
                 p->rd = trace;
             }
             /* the decoder's rows, train and held back: the next fits predict from them */
             float *dec = buf[kind == KV_K ? DK : DV];
             if (code_rows(tc, l, kind, x, buf[PK], buf[PV], buf[DK], tr.n, dec, err)) goto done;
-            if (read_rows(d, l, kind, &va, E, vx, err) ||
+            if ((!nf && read_rows(d, l, kind, &va, E, vx, err)) ||
                 code_rows(tc, l, kind, vx, vpk, vpv, vdk, va.n, kind == KV_K ? vdk : vdv, err))
                 goto done;
             for (int g = 0; g < groups; g++)

@@ -74,6 +74,8 @@ static inline int kvc_tc_index(const kvc_tc *tc, int layer, int kind, int group)
  * tables whose shapes do not agree. */
 kvc_tc *kvc_tc_load(const char *path, kvc_err *err);
 void kvc_tc_free(kvc_tc *tc);
+/* Frees one part's tables and zeroes it (the trainer refits a part this way). */
+void kvc_tc_part_free(kvc_tc_part *p);
 /* -1 with err (naming both) when tc was trained for another model or shape. */
 int kvc_tc_check_model(const kvc_tc *tc, const char *fingerprint, int n_layer, int n_head_kv, int head_dim,
                        kvc_err *err);
