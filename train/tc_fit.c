@@ -263,37 +263,48 @@ done:
 
 /* Does part p's predictor pay on held-back rows? Compares the (weighted) energy of x - (W f + b)
  * with that of x - mean, where mean is the training rows' (xt, nt rows) and f the group's
- * features built from the decoded rows below (as the part's inputs ask). 1: keep it. */
+ * features built from the decoded rows below (as the part's inputs ask). 1: keep it; -1 with
+ * err when out of memory. */
 static int predictor_pays(const kvc_tc_part *p, const float *xt, int64_t nt, const float *xv, const float *src[3],
-                          int64_t nv, int e, int g, int dg, const double *wmat) {
-    double mu[dg], ep = 0, em = 0;
+                          int64_t nv, int e, int g, int dg, const double *wmat, kvc_err *err) {
+    const int nf = p->n_feat;
+    double mu[dg];
     column_means(xt, nt, dg, mu);
-    float f[3 * dg], r[dg];
-    double rm[dg];
+    float *f = malloc((size_t)nv * nf * sizeof(float)), *r = malloc((size_t)nv * dg * sizeof(float));
+    float *rm = malloc((size_t)nv * dg * sizeof(float));
+    double *c = malloc((size_t)dg * dg * sizeof(double));
+    if (!f || !r || !rm || !c) {
+        free(f), free(r), free(rm), free(c);
+        return kvc_fail(err, "out of memory");
+    }
     for (int64_t row = 0; row < nv; row++) {
         int at = 0;
         for (int s = 0; s < 3; s++)
             if (p->inputs & (1 << s)) {
-                memcpy(f + at, src[s] + row * e + (size_t)g * dg, (size_t)dg * sizeof(float));
+                memcpy(f + row * nf + at, src[s] + row * e + (size_t)g * dg, (size_t)dg * sizeof(float));
                 at += dg;
             }
-        const float *x = xv + row * e + (size_t)g * dg;
-        for (int j = 0; j < dg; j++) {
-            double acc = p->pred_b[j];
-            for (int i = 0; i < p->n_feat; i++) acc += (double)p->pred_w[(size_t)j * p->n_feat + i] * f[i];
-            r[j] = (float)(x[j] - acc);
-            rm[j] = x[j] - mu[j];
-        }
-        for (int a = 0; a < dg; a++) {
-            if (!wmat) {
-                ep += (double)r[a] * r[a], em += rm[a] * rm[a];
-                continue;
-            }
-            double tp = 0, tm = 0;
-            for (int b = 0; b < dg; b++) tp += wmat[(size_t)a * dg + b] * r[b], tm += wmat[(size_t)a * dg + b] * rm[b];
-            ep += r[a] * tp, em += rm[a] * tm;
-        }
     }
+    kvc_dense_rows(f, nv, nf, p->pred_w, p->pred_b, dg, KVC_ACT_NONE, 0.0f, r);
+    for (int64_t row = 0; row < nv; row++)
+        for (int j = 0; j < dg; j++) {
+            const float x = xv[row * e + (size_t)g * dg + j];
+            r[row * dg + j] = x - r[row * dg + j];
+            rm[row * dg + j] = (float)(x - mu[j]);
+        }
+    /* energy = sum over rows of r^T W r = <W, R^T R> (W = I for plain squared error) */
+    double ep = 0, em = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        cross_moment(pass ? rm : r, dg, pass ? rm : r, dg, nv, c);
+        double s = 0;
+        for (int a = 0; a < dg; a++)
+            for (int b = 0; b < dg; b++)
+                if (wmat) s += wmat[(size_t)a * dg + b] * c[(size_t)a * dg + b];
+                else if (a == b) s += c[(size_t)a * dg + b];
+        if (pass) em = s;
+        else ep = s;
+    }
+    free(f), free(r), free(rm), free(c);
     return ep < em;
 }
 
@@ -513,7 +524,12 @@ kvc_tc *kvc_tc_fit(const kvc_tc_train_opts *o, kvc_err *err) {
                 /* a predictor that does not lower the held-back error is dropped: the part is
                  * then coded alone, so prediction never costs more than no prediction */
                 const float *vsrc[3] = {vpk, vdk, vpv};
-                if (nf && !predictor_pays(p, buf[XG], tr.n, vx, vsrc, va.n, E, g, dg, wg)) {
+                const int pays = nf ? predictor_pays(p, buf[XG], tr.n, vx, vsrc, va.n, E, g, dg, wg, err) : 1;
+                if (pays < 0) {
+                    free(trace);
+                    goto done;
+                }
+                if (!pays) {
                     kvc_tc_part_free(p);
                     if (fit_part(p, buf[XG], NULL, tr.n, dg, 0, 0, o, wg, lb, trace, err)) {
                         free(trace);
