@@ -30,6 +30,7 @@ CAP=out/kv_train40k.h5
 train() { # name flags...
   local name=$1; shift
   [ -f "out/$name.h5" ] && return 0
+  [ -n "$ONLY" ] && ! [[ "$name" =~ $ONLY ]] && return 0
   echo "== train $name: $*" >&2
   /usr/bin/time -f "$name: %e s wall, %U s user" $K train --codec transform --data "$CAP" --out "out/$name.h5" \
     --threads "$THREADS" --quiet "$@" 2>>"$OUT/train-times.txt"

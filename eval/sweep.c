@@ -330,6 +330,17 @@ static int latent_from_file(const char *spec) {
 static void repr_label(const char *spec, int latent, char *out, size_t size) {
     char nm[32];
     spec_name(spec, nm, sizeof nm);
+    if (!strcmp(nm, "tc") && strchr(spec, ':')) { /* the file stem (tc- before it unless it starts so), plus any options */
+        const char *path = strchr(spec, ':') + 1, *end = path + strcspn(path, ",");
+        const char *base = path;
+        for (const char *q = path; q < end; q++)
+            if (*q == '/') base = q + 1;
+        size_t n = (size_t)(end - base);
+        if (n > 3 && !strncmp(end - 3, ".h5", 3)) n -= 3;
+        snprintf(out, size, "%s%.*s%s%s", strncmp(base, "tc", 2) ? "tc-" : "", (int)n, base, *end ? "," : "",
+                 *end ? end + 1 : "");
+        return;
+    }
     if (strcmp(nm, "ae")) {
         snprintf(out, size, "%s", nm);
         return;
@@ -394,7 +405,9 @@ static int expand_pair(const sweep_grid *g, const char *repr, int latent, const 
     char rname[32], kname[32];
     spec_name(repr, rname, sizeof rname);
     spec_name(keep, kname, sizeof kname);
-    if (!kvc_repr_find(rname)) return kvc_fail(err, "%s: unknown representation '%s' in '%s'", rsrc, rname, repr);
+    /* "tc" (a transform codec) is a cache of its own rather than a plug-in of the registry */
+    if (!kvc_repr_find(rname) && strcmp(rname, "tc"))
+        return kvc_fail(err, "%s: unknown representation '%s' in '%s'", rsrc, rname, repr);
     if (!kvc_keep_find(kname)) return kvc_fail(err, "%s: unknown retention policy '%s' in '%s'", ksrc, kname, keep);
     const char *kopts = strchr(keep, ':');
     const int has_budget = kopts && (strstr(kopts, ":budget=") || strstr(kopts, ",budget="));

@@ -142,6 +142,29 @@ Test(sweep, same_label_for_different_configs_is_spelled_out) {
     kvc_sweep_grid_free(&g);
 }
 
+/* A transform codec (a cache of its own, not a registry plug-in) is a valid repr; its label is
+ * the file's stem, with its options. */
+Test(sweep, transform_codec_points_are_labelled_by_file) {
+    const char *text = "repr tc:out/tc_b2.h5\nrepr tc:some/dir/codec.h5,sinks=0\nrepr tcx:a.h5\nkeep full\n";
+    sweep_grid g;
+    sweep_point *p = NULL;
+    int n = 0;
+    kvc_err err = {{0}};
+    char path[64];
+    cr_assert_eq(load_expand(text, &g, &p, &n, &err, path), -1, "tcx is no representation");
+    cr_expect_not_null(strstr(err.msg, "unknown representation 'tcx'"), "%s", err.msg);
+    free(p), p = NULL;
+    kvc_sweep_grid_free(&g);
+    const char *ok = "repr tc:out/tc_b2.h5\nrepr tc:some/dir/codec.h5,sinks=0\nkeep full\npoint tc:out/tc_b2.h5 | h2o:budget=0.5\n";
+    cr_assert_eq(load_expand(ok, &g, &p, &n, &err, path), 0, "%s", err.msg);
+    cr_assert_eq(n, 3);
+    cr_expect_str_eq(p[0].method, "tc_b2+full");
+    cr_expect_str_eq(p[1].method, "tc-codec,sinks=0+full");
+    cr_expect_str_eq(p[2].method, "tc_b2+h2o");
+    free(p);
+    kvc_sweep_grid_free(&g);
+}
+
 Test(sweep, bad_grid_lines_fail_naming_the_line) {
     const struct {
         const char *text, *needle;
