@@ -6,7 +6,9 @@
  * over every probe (sum, ema), or over the last W probes (obs=W); norm=mean divides a sum by the
  * probes that could see the token; est=softmax turns distances into estimated attention weights
  * (cos(pi d / b) times the key's and the probe's norms, softmax over the visible tokens) and
- * accumulates those, H2O-style, without attention weights. gqa=mean|each|min: one probe from
+ * accumulates those, H2O-style, without attention weights; est=hits counts the probes that
+ * land within hit * b bits of the token's code (a peak detector: attention is large only where
+ * the angle is small), normally with norm=mean. gqa=mean|each|min: one probe from
  * the group's mean query, or one per query head, their distances averaged or the least taken.
  * Per-token state: the code in ceil(b/8) bytes, a float accumulator (sum, ema, softmax), and
  * the key's norm as f16 for est=softmax. */
@@ -20,6 +22,7 @@
 #include <string.h>
 
 enum { LSH_CURRENT, LSH_SUM, LSH_EMA };
+enum { EST_HAMMING, EST_SOFTMAX, EST_HITS };
 
 typedef struct {
     int bits, nb;        /* code bits, bytes a code takes (ceil(bits / 8)) */
@@ -32,7 +35,9 @@ typedef struct {
     int gqa_each;        /* 1: each query head of a group is its own probe; 0: their mean is */
     int gqa_min;         /* with gqa_each: a token's distance is its least over the heads */
     int norm_mean;       /* norm=mean: accumulate causally, / probes that could see the token */
-    int est_softmax;     /* est=softmax: accumulate estimated attention weights */
+    int est;             /* EST_*: accumulate distances, estimated weights, or hits */
+    float hit;           /* est=hits: a probe hits a token within hit * bits of its code */
+    int hit_given;
     int obs;             /* > 0: score by the last obs probes only (ring of codes) */
     int pool, pool_max;  /* pooling of the importance over neighbours */
     size_t acc_at, norm_at; /* state offsets of the accumulator and the key norm */
@@ -56,7 +61,7 @@ static keep_lsh *lsh_impl(kvc_keep *k) {
         keep_lsh *s = calloc(1, sizeof *s);
         if (!s) return NULL;
         s->bits = 16, s->probe_key = 0, s->mode = LSH_SUM, s->ema = 0.5f, s->proj_seed = 1, s->center = 0;
-        s->pool = 1, s->pool_max = 1;
+        s->pool = 1, s->pool_max = 1, s->hit = 0.35f;
         k->impl = s;
     }
     return k->impl;
@@ -95,9 +100,14 @@ static int lsh_parse(keep_lsh *s, const char *key, const char *val, kvc_err *err
         else if (!strcmp(val, "mean")) s->norm_mean = 1;
         else return kvc_fail(err, "lsh: option norm=%s: expected sum or mean", val);
     } else if (!strcmp(key, "est")) {
-        if (!strcmp(val, "hamming")) s->est_softmax = 0;
-        else if (!strcmp(val, "softmax")) s->est_softmax = 1;
-        else return kvc_fail(err, "lsh: option est=%s: expected hamming or softmax", val);
+        if (!strcmp(val, "hamming")) s->est = EST_HAMMING;
+        else if (!strcmp(val, "softmax")) s->est = EST_SOFTMAX;
+        else if (!strcmp(val, "hits")) s->est = EST_HITS;
+        else return kvc_fail(err, "lsh: option est=%s: expected hamming, softmax or hits", val);
+    } else if (!strcmp(key, "hit")) {
+        double a = strtod(val, &end);
+        if (!*val || *end || !(a > 0.0 && a < 1.0)) return kvc_fail(err, "lsh: option hit=%s: expected a fraction in (0, 1)", val);
+        s->hit = (float)a, s->hit_given = 1;
     } else if (!strcmp(key, "obs")) {
         long x = strtol(val, &end, 10);
         if (!*val || *end || x < 0 || x > 4096) return kvc_fail(err, "lsh: option obs=%s: expected an integer in [0, 4096]", val);
@@ -181,12 +191,14 @@ static int lsh_init(kvc_keep *k, kvc_err *err) {
         return kvc_fail(err, "out of memory");
     }
     const char *bad = NULL;
-    if (s->probe_key && (s->norm_mean || s->est_softmax || s->obs || s->gqa_each))
-        bad = "probe=key takes none of norm=mean, est=softmax, obs= or gqa=each|min";
-    else if (s->obs && (s->mode != LSH_SUM || s->norm_mean || s->est_softmax))
-        bad = "obs= scores by the window alone: it takes neither score=current|ema, norm=mean nor est=softmax";
-    else if ((s->norm_mean || s->est_softmax) && s->mode != LSH_SUM)
-        bad = "norm=mean and est=softmax accumulate: they need score=sum";
+    if (s->probe_key && (s->norm_mean || s->est || s->obs || s->gqa_each))
+        bad = "probe=key takes none of norm=mean, est=softmax|hits, obs= or gqa=each|min";
+    else if (s->obs && (s->mode != LSH_SUM || s->norm_mean || s->est))
+        bad = "obs= scores by the window alone: it takes neither score=current|ema, norm=mean nor est=softmax|hits";
+    else if (s->hit_given && s->est != EST_HITS)
+        bad = "hit= needs est=hits";
+    else if ((s->norm_mean || s->est) && s->mode != LSH_SUM)
+        bad = "norm=mean and est=softmax|hits accumulate: they need score=sum";
     if (bad) {
         lsh_free(k);
         return kvc_fail(err, "lsh: %s", bad);
@@ -211,7 +223,7 @@ static int lsh_init(kvc_keep *k, kvc_err *err) {
     s->nb = (s->bits + 7) / 8;
     s->acc_at = (size_t)s->nb;
     s->norm_at = s->acc_at + (s->mode == LSH_CURRENT || s->obs ? 0 : sizeof(float));
-    k->state_bytes = s->norm_at + (s->est_softmax ? sizeof(uint16_t) : 0);
+    k->state_bytes = s->norm_at + (s->est == EST_SOFTMAX ? sizeof(uint16_t) : 0);
     k->needs_probs = 0;
     return 0;
 }
@@ -233,7 +245,9 @@ static void lsh_describe(const kvc_keep *k, char *buf, size_t size) {
     if (at < 0 || (size_t)at >= size) return;
     if (s->norm_mean) at += snprintf(buf + at, size - at, ",norm=mean");
     if (at < 0 || (size_t)at >= size) return;
-    if (s->est_softmax) at += snprintf(buf + at, size - at, ",est=softmax");
+    if (s->est) at += snprintf(buf + at, size - at, ",est=%s", s->est == EST_SOFTMAX ? "softmax" : "hits");
+    if (at < 0 || (size_t)at >= size) return;
+    if (s->est == EST_HITS && s->hit != 0.35f) at += snprintf(buf + at, size - at, ",hit=%g", s->hit);
     if (at < 0 || (size_t)at >= size) return;
     if (s->obs) at += snprintf(buf + at, size - at, ",obs=%d", s->obs);
     if (at < 0 || (size_t)at >= size) return;
@@ -271,7 +285,7 @@ static float norm_get(const keep_lsh *s, const uint8_t *st) {
  * distance (a token not yet probed holds -1), so a token's value does not depend on when
  * it arrived. */
 static void accumulate(const keep_lsh *s, kvc_keep_view *v, int64_t n, uint64_t p) {
-    const size_t sb = s->norm_at + (s->est_softmax ? sizeof(uint16_t) : 0);
+    const size_t sb = s->norm_at + (s->est == EST_SOFTMAX ? sizeof(uint16_t) : 0);
     for (int64_t t = 0; t < n; t++) {
         uint8_t *st = v->state + t * sb;
         float d = (float)__builtin_popcountll(code_get(s, st) ^ p), a = acc_get(s, st);
@@ -283,7 +297,7 @@ static void accumulate(const keep_lsh *s, kvc_keep_view *v, int64_t n, uint64_t 
 
 /* One step of the accumulators against m probes at once: the mean distance to them. */
 static void accumulate_mean(const keep_lsh *s, kvc_keep_view *v, int64_t n, const uint64_t *p, int m) {
-    const size_t sb = s->norm_at + (s->est_softmax ? sizeof(uint16_t) : 0);
+    const size_t sb = s->norm_at + (s->est == EST_SOFTMAX ? sizeof(uint16_t) : 0);
     for (int64_t t = 0; t < n; t++) {
         uint8_t *st = v->state + t * sb;
         const uint64_t c = code_get(s, st);
@@ -304,9 +318,10 @@ static void accumulate_mean(const keep_lsh *s, kvc_keep_view *v, int64_t n, cons
  * scratch for the weights. */
 static void accumulate_causal(const keep_lsh *s, kvc_keep_view *v, const uint64_t *p, const float *qn, int m,
                               int32_t qpos, int d, float *w) {
-    const size_t sb = s->norm_at + (s->est_softmax ? sizeof(uint16_t) : 0);
+    const size_t sb = s->norm_at + (s->est == EST_SOFTMAX ? sizeof(uint16_t) : 0);
     const int64_t n = v->n;
-    if (!s->est_softmax) {
+    if (s->est != EST_SOFTMAX) {
+        const float within = s->hit * (float)s->bits;
         for (int64_t t = 0; t < n; t++) {
             if (v->pos[t] > qpos) continue;
             uint8_t *st = v->state + t * sb;
@@ -316,7 +331,8 @@ static void accumulate_causal(const keep_lsh *s, kvc_keep_view *v, const uint64_
                 int dj = __builtin_popcountll(c ^ p[j]);
                 sum += dj, least = dj < least ? dj : least;
             }
-            acc_put(s, st, acc_get(s, st) + (s->gqa_min ? (float)least : (float)sum / (float)m));
+            const float dist = s->gqa_min ? (float)least : (float)sum / (float)m;
+            acc_put(s, st, acc_get(s, st) + (s->est == EST_HITS ? (float)(dist <= within) : dist));
         }
         return;
     }
@@ -371,7 +387,7 @@ static void lsh_on_append(kvc_keep *k, kvc_keep_view *v, int64_t first, const fl
         }
         kvc_simhash_codes_cpu(&s->sh, kt, d, 1, &c);
         code_put(s, v->state + t * sb, c);
-        if (s->est_softmax) {
+        if (s->est == EST_SOFTMAX) {
             float nn = 0.0f;
             for (int i = 0; i < d; i++) nn += kt[i] * kt[i];
             uint16_t hn = kvc_f32_to_f16(sqrtf(nn));
@@ -402,7 +418,7 @@ static void lsh_on_attend(kvc_keep *k, kvc_keep_view *v, const float *qrot, cons
     size_t h = (size_t)v->layer * k->shape.n_head_kv + v->head;
     const size_t heads = (size_t)k->shape.n_layer * k->shape.n_head_kv;
     const int per_q = s->gqa_each ? g : 1; /* probe codes each query gives */
-    const int causal = s->gqa_min || s->norm_mean || s->est_softmax;
+    const int causal = s->gqa_min || s->norm_mean || s->est;
     if (s->mode == LSH_CURRENT && n_q * per_q > s->qcap) {
         const int want = n_q * per_q;
         uint64_t *p = realloc(s->step, heads * (size_t)want * sizeof *p);
@@ -418,8 +434,9 @@ static void lsh_on_attend(kvc_keep *k, kvc_keep_view *v, const float *qrot, cons
     }
     float mean[d], qn[per_q];
     uint64_t codes[per_q];
-    float *w = causal && s->est_softmax ? malloc((size_t)per_q * (size_t)(v->n > 0 ? v->n : 1) * sizeof *w) : NULL;
-    if (causal && s->est_softmax && !w) return; /* out of memory: this step is not counted */
+    const int soft = s->est == EST_SOFTMAX;
+    float *w = soft ? malloc((size_t)per_q * (size_t)(v->n > 0 ? v->n : 1) * sizeof *w) : NULL;
+    if (soft && !w) return; /* out of memory: this step is not counted */
     if (s->norm_mean && qpos) kvc_qruns_add(&s->runs[h], qpos, n_q);
     if (s->mode == LSH_CURRENT) s->n_step[h] = 0;
     for (int q = 0; q < n_q; q++) {
@@ -435,7 +452,7 @@ static void lsh_on_attend(kvc_keep *k, kvc_keep_view *v, const float *qrot, cons
             kvc_simhash_codes_cpu(&s->sh, mean, d, 1, codes);
             vec = mean;
         }
-        if (s->est_softmax)
+        if (soft)
             for (int j = 0; j < per_q; j++) {
                 float nn = 0.0f;
                 for (int i = 0; i < d; i++) nn += vec[(size_t)j * d + i] * vec[(size_t)j * d + i];
@@ -504,9 +521,9 @@ static void lsh_score(kvc_keep *k, kvc_keep_view *v, float *score) {
             a = a < 0.0f ? 0.0f : a;
             if (s->norm_mean) {
                 const int64_t c = kvc_qruns_count(&s->runs[h], v->pos[t]);
-                a = c > 0 ? a / (float)c : (s->est_softmax ? 0.0f : (float)s->bits);
+                a = c > 0 ? a / (float)c : (s->est ? 0.0f : (float)s->bits);
             }
-            score[t] = s->est_softmax ? -a : a;
+            score[t] = s->est ? -a : a; /* weights and hits are importance: the least goes first */
         }
     }
     if (s->pool > 1 && v->n > 0) { /* pool the importance M - score (>= 0), M the largest score */
@@ -547,7 +564,7 @@ const kvc_keep_ops KVC_KEEP_LSH = {
     .name = "lsh",
     .usage = "LSH-E: evict keys whose SimHash code is farthest from the probe; bits=4..64 (16), "
              "probe=query|key, score=sum|current|ema (sum), ema=A (0.5), gqa=mean|each|min (mean), "
-             "norm=sum|mean (sum), est=hamming|softmax (hamming), obs=W (0), pool=P (1), pooling=max|avg (max), "
+             "norm=sum|mean (sum), est=hamming|softmax|hits (hamming), hit=F (0.35), obs=W (0), pool=P (1), pooling=max|avg (max), "
              "center=on|off (off), proj_seed=N (1)",
     .option = lsh_option,
     .init = lsh_init,

@@ -337,3 +337,48 @@ Test(eval, facts_prompt_holds_every_fact_once, .timeout = 120) {
     cr_expect(strstr(err.msg, "9 facts per prompt (1..8)"), "%s", err.msg);
     kvc_model_free(m);
 }
+
+/* The shared run's CSV: one row per point with its figures, intervals, side-store bytes and
+ * per-length accuracy; per-sample sums in the second file; written whole or not at all. */
+Test(eval, multi_csv_rows_and_samples) {
+    kvc_multi_point p[2];
+    memset(p, 0, sizeof p);
+    double nll[2] = {3.0, 3.5}, nf[2] = {2.9, 3.4}, kl[2] = {0.4, 0.6};
+    int sc[2] = {63, 63}, ag[2] = {60, 58};
+    for (int i = 0; i < 2; i++) {
+        p[i].n_samples = 2, p[i].s_nll = nll, p[i].s_nll_full = nf, p[i].s_kl = kl, p[i].s_scored = sc, p[i].s_agree = ag;
+        p[i].context = (kvc_quality){.n_units = 2, .n_scored = 126, .ppl = 25.0, .ppl_full = 24.0, .rise_pct = 4.1667,
+                                     .kl_mean = 0.0079, .kl_p99 = 0.1, .top1 = 0.94, .kept_frac = 0.25,
+                                     .bytes_per_token = 5850, .compression = 3.94};
+        p[i].rise_ci[0] = 1, p[i].rise_ci[1] = 7, p[i].kl_ci[0] = 0.006, p[i].kl_ci[1] = 0.01;
+        p[i].side_ram_bpt = i ? 5969 : 0, p[i].retrieved_per_query = i ? 16 : 0;
+    }
+    kvc_passkey_cell cells[2] = {{.length = 1024, .trials = 5, .correct = 4, .correct_full = 5},
+                                 {.length = 2048, .trials = 5, .correct = 1, .correct_full = 3}};
+    p[1].passkey = (kvc_passkey_result){.cells = cells, .n_cells = 2, .trials = 10, .correct = 5, .correct_full = 8};
+    const char *repr[2] = {"f16", "f16"}, *keep[2] = {"streaming:budget=0.25", "streaming:budget=0.25,retrieve=16"};
+    char desc[2][64] = {"a", "b"}, path[64], spath[64];
+    snprintf(path, sizeof path, "/tmp/kvc_multi.%d.csv", getpid());
+    snprintf(spath, sizeof spath, "/tmp/kvc_multi_s.%d.csv", getpid());
+    kvc_multi_opts o = {.chunk = 32, .context_len = 512, .continuation = 64, .samples = 2};
+    kvc_err err = {{0}};
+    cr_assert_eq(kvc_multi_write_csv(path, spath, "m", "t", &o, KVC_MULTI_CONTEXT | KVC_MULTI_PASSKEY, repr, keep,
+                                     &desc[0][0], 64, p, 2, &err), 0, "%s", err.msg);
+    char *text;
+    size_t len;
+    cr_assert_eq(kvc_read_file(path, &text, &len, &err), 0);
+    int lines = 0;
+    for (size_t i = 0; i < len; i++) lines += text[i] == '\n';
+    cr_expect_eq(lines, 3, "%s", text);
+    cr_expect(strstr(text, "\"streaming:budget=0.25,retrieve=16\",\"b\",32,512,64,2,126,25,24,4.1667,1,7,0.0079,0.006,0.01"),
+              "%s", text);
+    cr_expect(strstr(text, ",5969,0,16,5,10,8,1024:4/5;2048:1/5,1024:5/5;2048:3/5,"), "%s", text);
+    free(text);
+    cr_assert_eq(kvc_read_file(spath, &text, &len, &err), 0);
+    cr_expect(strstr(text, "2,\"f16\",\"streaming:budget=0.25,retrieve=16\",1,63,3.5,3.4,0.6,58"), "%s", text);
+    free(text);
+    unlink(path), unlink(spath);
+    cr_expect_eq(kvc_multi_write_csv("/nonexistent/dir/x.csv", NULL, "m", "t", &o, KVC_MULTI_CONTEXT, repr, keep,
+                                     &desc[0][0], 64, p, 2, &err), -1);
+    cr_expect(strstr(err.msg, "cannot write '/nonexistent/dir/x.csv.tmp"), "%s", err.msg);
+}

@@ -514,7 +514,9 @@ Test(keep, bad_specs_are_refused_with_a_message) {
         {"lsh:budget=20,probe=key,norm=mean", "probe=key", "norm=mean"},
         {"lsh:budget=20,score=current,norm=mean", "norm=mean", "score=sum"},
         {"lsh:budget=20,obs=8,score=ema", "obs=", "window alone"},
-        {"lsh:budget=20,est=exact", "est=exact", "hamming or softmax"},
+        {"lsh:budget=20,est=exact", "est=exact", "hamming, softmax or hits"},
+        {"lsh:budget=20,hit=0.3", "hit= needs est=hits", "lsh"},
+        {"lsh:budget=20,est=hits,hit=0.5x", "hit=0.5x", "(0, 1)"},
         {"lsh:budget=20,gqa=max", "gqa=max", "mean, each or min"},
         {"h2o:budget=20,share=row", "share=row", "head, layer or global"},
         {"h2o:budget=20,share=layer,floor=1.5", "floor=1.5", "[0, 1]"},
@@ -840,6 +842,7 @@ Test(keep, lsh_norm_mean_and_gqa_min_accumulate_causally) {
     for (int j = 0; j < 2; j++)
         for (int i = 0; i < G * D; i++) q[j][i] = gauss();
     for (int i = 0; i < N * D; i++) keys[i] = gauss();
+    group_mean(q[0], keys + D); /* token 1 lies on the first probe: a sure hit */
     uint64_t p[2], kc[N];
     lsh_case(q[0], keys, N, 16, &p[0], kc);
     lsh_case(q[1], keys, N, 16, &p[1], kc);
@@ -866,7 +869,24 @@ Test(keep, lsh_norm_mean_and_gqa_min_accumulate_causally) {
         cr_expect(fabs(sca[t] - sum / cnt) < 1e-6, "norm=mean token %d: %g, want %g", t, sca[t], sum / cnt);
         cr_expect_eq(scb[t], (float)least_sum, "gqa=min token %d: %g, want %g", t, scb[t], least_sum);
     }
-    kvc_keep_free(a), kvc_keep_free(b);
+    /* est=hits: the fraction of the probes that could see the token landing within 0.4 * 16
+     * bits of its code (minus it: the fewest hits go first) */
+    kvc_keep *c = keep_ok("lsh:budget=4,sinks=0,window=0,norm=mean,est=hits,hit=0.4");
+    uint8_t st[N * 6] = {0};
+    kvc_keep_view vc = {0, 1, N, pos, st, NULL};
+    c->ops->on_append(c, &vc, 0, keys);
+    for (int j = 0; j < 2; j++) c->ops->on_attend(c, &vc, q[j], &qp[j], 1, NULL);
+    c->ops->score(c, &vc, sca);
+    int any = 0;
+    for (int t = 0; t < N; t++) {
+        int hits = 0, cnt = 0;
+        for (int j = 0; j < 2; j++)
+            if (pos[t] <= qp[j]) hits += __builtin_popcountll(kc[t] ^ p[j]) <= 6, cnt++;
+        any |= hits > 0;
+        cr_expect(fabs(sca[t] + (double)hits / cnt) < 1e-6, "hits token %d: %g, want %g", t, sca[t], -(double)hits / cnt);
+    }
+    cr_expect(any, "no token was hit: the case tests nothing");
+    kvc_keep_free(a), kvc_keep_free(b), kvc_keep_free(c);
 }
 
 /* est=softmax: the estimated logit |k| |q| cos(pi d / b) / sqrt(D) (|k| kept as f16), softmax

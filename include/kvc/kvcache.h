@@ -18,9 +18,10 @@ extern "C" {
 
 /* Builds a cache from two specs (both "name" or "name:opt,opt=val,..."):
  *   repr: f32 | f16 | int8[:group=G,kgroup=T] | int4[:...] | ae:FILE[,f16|int8|int4][,reuse=on|off]
- *   keep: full | streaming | h2o | l2 | random | lsh, with budget=N|F (tokens, or a fraction
- *         0<F<=1 of the reference length set by kvc_cache_set_budget), sinks=S, window=W and the
- *         policy's own options.
+ *   keep: full | streaming | h2o | l2 | random | lsh | observed | snapkv | tova, with budget=N|F
+ *         (tokens, or a fraction 0<F<=1 of the reference length set by kvc_cache_set_budget),
+ *         sinks=S, window=W, share=head|layer|global, floor=F, the retrieval options
+ *         (kvc_keep_retrieval) and the policy's own options.
  * fingerprint: the model's (kvc_model.fingerprint), checked against a codec checkpoint; may be
  * NULL when the representation needs none. NULL with err on an unknown name, a bad option or
  * a codec for another model. */
