@@ -324,6 +324,12 @@ int cmd_eval(int argc, char **argv) {
     if (set & KVC_M_STREAM)
         printf("stream: %lld scored in %d windows; mean kept over scored positions %.1f%%; %.1f s in all\n",
                (long long)rep.stream.n_scored, rep.stream.n_units, 100 * rep.stream.kept_scored, rep.stream.seconds);
+    const kvc_quality *qs[2] = {set & KVC_M_STREAM ? &rep.stream : NULL, set & KVC_M_CONTEXT ? &rep.context : NULL};
+    for (int i = 0; i < 2; i++)
+        if (qs[i] && isfinite(qs[i]->rise_lo))
+            printf("%s: 95%% bootstrap intervals over the %s: rise [%+.2f%%, %+.2f%%], KL [%.2e, %.2e]\n",
+                   i ? "context" : "stream", i ? "samples" : "windows", qs[i]->rise_lo, qs[i]->rise_hi, qs[i]->kl_lo,
+                   qs[i]->kl_hi);
     if (set & KVC_M_CONTEXT)
         printf("context: %lld scored in %d samples; NLL %.4f (full %.4f); %.1f s in all\n",
                (long long)rep.context.n_scored, rep.context.n_units, rep.context.nll, rep.context.nll_full,

@@ -5,8 +5,10 @@
 
 #include "kvc/gguf.h"
 #include "kvc/quant.h"
+#include "kvc/tc.h"
 
 #include <hdf5.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -193,12 +195,97 @@ static herr_t print_object(hid_t root, const char *name, const H5O_info_t *oi, v
     return 0;
 }
 
-static int inspect_h5(const char *path) {
+/* Names a predictor's inputs ("-" for none). */
+static const char *tc_inputs_name(int in) {
+    static char buf[32];
+    buf[0] = 0;
+    if (in & KVC_TC_IN_KPREV) strcat(buf, "k-1");
+    if (in & KVC_TC_IN_KCUR) strcat(buf, buf[0] ? "+k" : "k");
+    if (in & KVC_TC_IN_VPREV) strcat(buf, buf[0] ? "+v-1" : "v-1");
+    return buf[0] ? buf : "-";
+}
+
+/* A transform codec's summary: rate, size, and per layer and kind the bits, kept components,
+ * predictor inputs and held-back error (groups summed or averaged). 0, or 1 when it does not
+ * load (the caller then reports the error). */
+static int inspect_tc(const char *path) {
+    kvc_err err = {0};
+    kvc_tc *tc = kvc_tc_load(path, &err);
+    if (!tc) return cli_error("inspect", "%s", err.msg);
+    int L = tc->n_layer, G = tc->groups, Dg = tc->heads_per_group * tc->head_dim;
+    int64_t code = 0;
+    for (int l = 0; l < L; l++) code += kvc_tc_row_bytes(tc, l, 0) + kvc_tc_row_bytes(tc, l, 1);
+    double f16 = 2.0 * 2 * L * tc->n_head_kv * tc->head_dim;
+    printf("\ntransform codec: %d layers x %d KV heads x %d, %s groups (%d wide), %d sinks in f16\n", L,
+           tc->n_head_kv, tc->head_dim, G == 1 ? "joint" : "per-head", Dg, tc->sinks);
+    printf("  %s codebooks, %s prediction, %s allocation weights, calibrated: %s\n", tc->quant, tc->predict,
+           tc->weights, tc->calibrated);
+    printf("  %.3f bits per coefficient (target %g): %lld code bytes per token vs %.0f in f16 = %.2fx"
+           " (before sinks and the step's raw rows)\n",
+           kvc_tc_mean_bits(tc), tc->bits_target, (long long)code, f16, code ? f16 / code : 0.0);
+    double ent = 0;
+    for (int i = 0; i < L * 2 * G; i++) ent += tc->parts[i].code_entropy;
+    if (isfinite(ent) && code > 0)
+        printf("  entropy of the codes %.3f bits per coefficient: an ideal entropy coder would save %.1f%% of the"
+               " code bytes\n", ent / (2.0 * L * tc->n_head_kv * tc->head_dim), 100.0 * (1.0 - ent / (8.0 * code)));
+    printf("  tables %.2f MiB per model; trained on %lld tokens (+%lld held back) in %.0f s\n",
+           kvc_tc_table_bytes(tc) / 1048576.0, (long long)tc->n_train_tokens, (long long)tc->n_val_tokens,
+           tc->train_seconds);
+    printf("\n  layer | K bits  kept  pred      err   | V bits  kept  pred        err\n");
+    for (int l = 0; l < L; l++) {
+        printf("  %5d", l);
+        for (int kind = 0; kind < 2; kind++) {
+            int kept = 0, bits = 0;
+            double e = 0;
+            for (int g = 0; g < G; g++) {
+                const kvc_tc_part *p = &tc->parts[kvc_tc_index(tc, l, kind, g)];
+                kept += p->kept;
+                for (int i = 0; i < p->dim; i++) bits += p->bits[i];
+                e += p->val_rel_err / G;
+            }
+            const kvc_tc_part *p0 = &tc->parts[kvc_tc_index(tc, l, kind, 0)];
+            printf(" | %6.2f %5d  %-8s %6.3f", (double)bits / (G * Dg), kept, tc_inputs_name(p0->inputs), e);
+        }
+        putchar('\n');
+    }
+    printf("  (bits: mean per coefficient; kept: components with bits > 0, all groups; pred: predictor\n"
+           "   inputs, k-1/v-1 = the layer below's decoded keys/values, k = this layer's; err: relative\n"
+           "   error on held-back rows. --all lists every table.)\n");
+    kvc_tc_free(tc);
+    return 0;
+}
+
+/* 1 if the file's root attribute "format" is s. */
+static int h5_format_is(hid_t f, const char *s) {
+    if (H5Aexists(f, "format") <= 0) return 0;
+    hid_t a = H5Aopen(f, "format", H5P_DEFAULT), t = H5Aget_type(a);
+    char buf[64] = {0};
+    int ok = 0;
+    if (H5Tget_class(t) == H5T_STRING && !H5Tis_variable_str(t) && H5Tget_size(t) < sizeof buf) {
+        hid_t mt = H5Tcopy(t);
+        ok = H5Aread(a, mt, buf) >= 0;
+        H5Tclose(mt);
+    } else if (H5Tget_class(t) == H5T_STRING && H5Tis_variable_str(t)) {
+        char *v = NULL;
+        hid_t mt = H5Tcopy(t);
+        if (H5Aread(a, mt, &v) >= 0 && v) { snprintf(buf, sizeof buf, "%s", v); ok = 1; H5free_memory(v); }
+        H5Tclose(mt);
+    }
+    H5Tclose(t);
+    H5Aclose(a);
+    return ok && !strcmp(buf, s);
+}
+
+static int inspect_h5(const char *path, int all) {
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
     if (f < 0) return cli_error("inspect", "cannot open '%s' as HDF5 (corrupt or truncated?)", path);
     printf("file: %s (HDF5)\n\nattributes:\n", path);
     H5Aiterate2(f, H5_INDEX_NAME, H5_ITER_INC, NULL, print_attr, "");
+    if (h5_format_is(f, KVC_TC_FORMAT)) {
+        int rc = inspect_tc(path);
+        if (rc || !all) { H5Fclose(f); return rc; }
+    }
     printf("\nobjects:\n");
 #if H5_VERSION_GE(1, 12, 0)
     H5Ovisit3(f, H5_INDEX_NAME, H5_ITER_INC, print_object, NULL, H5O_INFO_BASIC);
@@ -221,7 +308,7 @@ static int is_hdf5(const char *path) {
 int cmd_inspect(int argc, char **argv) {
     int all = 0;
     const arg_spec specs[] = {
-        {"all", ARG_FLAG, &all, NULL, "print every array element and whole strings", 0},
+        {"all", ARG_FLAG, &all, NULL, "print every array element and whole strings; a transform codec's every table", 0},
         {0},
     };
     const char *pos[1];
@@ -232,7 +319,7 @@ int cmd_inspect(int argc, char **argv) {
                         specs, argc, argv, pos, 1, &np);
     if (rc) return rc == 1 ? 0 : 2;
     if (np != 1) return cli_error("inspect", "expected one file (see kvcodec inspect --help)"), 2;
-    return is_hdf5(pos[0]) ? inspect_h5(pos[0]) : inspect_gguf(pos[0], all);
+    return is_hdf5(pos[0]) ? inspect_h5(pos[0], all) : inspect_gguf(pos[0], all);
 }
 
 int cmd_tokenize(int argc, char **argv) {

@@ -6,17 +6,87 @@
 #include "kvc/reuse.h"
 #include "kvc/trainer.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+/* `kvcodec train --codec transform ...`: a transform codec (train/tc_fit.c). */
+static int train_transform(int argc, char **argv) {
+    kvc_tc_train_opts o;
+    kvc_tc_train_opts_defaults(&o);
+    const char *data = NULL, *codec = "transform", *cal = "none";
+    float bits = 2.0f, val_frac = 0.1f, ridge = 1e-3f;
+    int threads = cli_default_threads(), per_head = 0, no_predict = 0, quiet = 0;
+    uint64_t max_rows = 0;
+    o.model = cli_default_model();
+    o.cal_text = "data/corpora/train-python-docs.txt";
+    o.cal_samples = 4;
+    o.cal_len = 256;
+    const arg_spec specs[] = {
+        {"codec", ARG_STR, &codec, "ae|transform", "transform: a transform codec (this page); ae: autoencoders", 0},
+        {"data", ARG_STR, &data, "FILE[,FILE...]", "KV capture(s) holding every layer, read as one", 1},
+        {"out", ARG_STR, &o.out, "FILE.h5", "transform codec checkpoint to write (atomically)", 1},
+        {"bits", ARG_FLOAT, &bits, "B", "mean bits per coefficient, 0.25-8 (default 2: about 8x smaller than f16)", 0},
+        {"per-head", ARG_FLAG, &per_head, NULL, "code each KV head alone (default: a layer's heads jointly)", 0},
+        {"no-predict", ARG_FLAG, &no_predict, NULL, "no cross-layer prediction (default: closed-loop prediction)", 0},
+        {"sinks", ARG_INT, &o.sinks, "S", "first tokens kept exact in f16 at inference (default 4)", 0},
+        {"quant", ARG_STR, &o.quant, "lloyd|uniform", "per-component levels: Lloyd-Max or a clipped grid (default lloyd)", 0},
+        {"weights", ARG_STR, &o.weights, "attn|mse", "allocation weights: keys by their queries' second moment, or plain "
+                                                    "squared error (default attn)", 0},
+        {"val-frac", ARG_FLOAT, &val_frac, "F", "held-back tail of the capture for validation (default 0.1)", 0},
+        {"max-rows", ARG_U64, &max_rows, "N", "use at most N training rows (default: all)", 0},
+        {"ridge", ARG_FLOAT, &ridge, "R", "relative ridge of the predictors (default 1e-3)", 0},
+        {"calibrate", ARG_STR, &cal, "none|kl", "kl: move bits between layers and K/V by their measured KL (needs --model)", 0},
+        {"model", ARG_STR, &o.model, "FILE", "GGUF model of the capture, for --calibrate kl", 0},
+        {"cal-text", ARG_STR, &o.cal_text, "FILE", "probe text for --calibrate kl (default: the train corpus)", 0},
+        {"cal-samples", ARG_INT, &o.cal_samples, "N", "probe sequences for --calibrate kl (default 4)", 0},
+        {"cal-len", ARG_INT, &o.cal_len, "T", "tokens per probe sequence (default 256)", 0},
+        {"quiet", ARG_FLAG, &quiet, NULL, "no per-layer lines", 0},
+        ARG_THREADS(&threads, "all cores"),
+        {0},
+    };
+    int rc = args_parse("train", "--codec transform --data kv.h5 --bits B --out tc.h5 [--calibrate kl]",
+                        "Fits a transform codec on a KV capture (every layer): per layer, keys then values, a\n"
+                        "closed-loop predictor from the rows already decoded, the principal axes of its residual,\n"
+                        "and a scalar codebook per component on 0-8 bits allocated where the attention-weighted\n"
+                        "distortion falls most (docs/transform.md).",
+                        specs, argc, argv, NULL, 0, NULL);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (strcmp(codec, "transform")) return cli_error("train", "--codec %s: ae or transform", codec), 2;
+    if (threads < 1) return cli_error("train", "--threads must be >= 1"), 2;
+    if (o.cal_samples < 1 || o.cal_len < 16) return cli_error("train", "--cal-samples >= 1 and --cal-len >= 16"), 2;
+    if (!(ridge >= 0) || !isfinite(ridge)) return cli_error("train", "--ridge must be finite and >= 0"), 2;
+    o.bits = bits, o.val_frac = val_frac, o.ridge = ridge, o.max_rows = (int64_t)max_rows;
+    o.per_head = per_head, o.predict = !no_predict, o.calibrate = cal;
+    o.report = quiet ? NULL : stdout;
+    o.progress = isatty(2) && quiet;
+    char *list = strdup(data);
+    const char *paths[64];
+    int np = 0;
+    for (char *tok = strtok(list, ","); tok && np < 64; tok = strtok(NULL, ",")) paths[np++] = tok;
+    o.data = paths, o.n_data = np;
+    kvc_ops_set_threads(threads);
+    kvc_err err = {{0}};
+    double t0 = kvc_now();
+    rc = kvc_train_tc(&o, &err);
+    free(list);
+    if (rc) return cli_error("train", "%s", err.msg);
+    fprintf(stderr, "wrote %s in %.1f s\n", o.out, kvc_now() - t0);
+    return 0;
+}
+
 int cmd_train(int argc, char **argv) {
+    for (int i = 0; i + 1 < argc; i++)
+        if (!strcmp(argv[i], "--codec") && strcmp(argv[i + 1], "ae")) return train_transform(argc, argv);
     kvc_train_opts o;
     kvc_train_opts_defaults(&o);
     const char *data = NULL, *act = "leaky_relu", *norm = "none", *share = "layer", *loss = "mse", *curve = NULL;
     int latent = 0, threads = cli_default_threads(), quiet = 0;
+    const char *codec = "ae";
     const arg_spec specs[] = {
+        {"codec", ARG_STR, &codec, "ae|transform", "ae: autoencoders (this page); transform: see --codec transform --help", 0},
         {"data", ARG_STR, &data, "FILE[,FILE...]", "KV dataset(s) from kvcodec capture, read as one", 1},
         {"out", ARG_STR, &o.out, "FILE.h5", "codec checkpoint to write (after every epoch, atomically)", 1},
         {"latent", ARG_INT, &latent, "R", "latent size per head vector, smaller than head_dim", 1},

@@ -793,6 +793,15 @@ static int new_extensions(kv_impl *im, const kvc_cache_shape *shape, kvc_err *er
 kvc_cache *kvc_kvcache_new(const kvc_cache_shape *shape, const char *repr, const char *keep, const char *fingerprint,
                        kvc_err *err) {
     const kvc_cache_shape *s = shape;
+    if (repr && !strncmp(repr, "tc:", 3)) { /* a transform codec has its own cache: codec/tc_cache.c */
+        if (s->n_layer < 1 || s->n_head < 1 || s->n_head_kv < 1 || s->head_dim < 2 || s->head_dim % 2 ||
+            s->n_head % s->n_head_kv || s->max_tokens < 1) {
+            kvc_fail(err, "cache: invalid shape (layers %d, heads %d/%d, head_dim %d, capacity %d)", s->n_layer,
+                     s->n_head, s->n_head_kv, s->head_dim, s->max_tokens);
+            return NULL;
+        }
+        return kvc_tccache_new(s, repr + 3, keep, fingerprint, err);
+    }
     if (s->n_layer < 1 || s->n_head < 1 || s->n_head_kv < 1 || s->head_dim < 2 || s->head_dim % 2 ||
         s->n_head % s->n_head_kv || s->max_tokens < 1) {
         kvc_fail(err, "cache: invalid shape (layers %d, heads %d/%d, head_dim %d, capacity %d)", s->n_layer, s->n_head,
@@ -894,13 +903,17 @@ fail:
 }
 
 const char *kvc_kvcache_describe(const kvc_cache *c) {
-    if (c->ops != &KV_OPS) return c->ops->name;
+    if (c->ops != &KV_OPS) return c->ops->describe ? c->ops->describe(c) : c->ops->name;
     return ((const kv_impl *)c->impl)->desc;
 }
 
 void kvc_kvcache_get_stats(const kvc_cache *c, kvcache_stats *st) {
     memset(st, 0, sizeof *st);
     st->bytes = kvc_cache_bytes(c);
+    if (c->ops != &KV_OPS && c->ops->stats) {
+        c->ops->stats(c, &st->appended, &st->held, &st->evicted);
+        return;
+    }
     if (c->ops != &KV_OPS) {
         st->appended = kvc_cache_n_tokens(c, 0);
         st->held = st->appended * c->shape.n_layer * c->shape.n_head_kv;

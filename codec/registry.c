@@ -10,11 +10,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-extern const kvc_repr_ops KVC_REPR_F32, KVC_REPR_F16, KVC_REPR_INT8, KVC_REPR_INT4, KVC_REPR_AE;
+extern const kvc_repr_ops KVC_REPR_F32, KVC_REPR_F16, KVC_REPR_INT8, KVC_REPR_INT4, KVC_REPR_INT2, KVC_REPR_AE;
 extern const kvc_keep_ops KVC_KEEP_FULL, KVC_KEEP_STREAMING, KVC_KEEP_H2O, KVC_KEEP_L2, KVC_KEEP_RANDOM, KVC_KEEP_LSH,
     KVC_KEEP_OBSERVED, KVC_KEEP_SNAPKV, KVC_KEEP_TOVA;
 
-const kvc_repr_ops *const KVC_REPRS[] = {&KVC_REPR_F32, &KVC_REPR_F16, &KVC_REPR_INT8, &KVC_REPR_INT4, &KVC_REPR_AE, NULL};
+const kvc_repr_ops *const KVC_REPRS[] = {&KVC_REPR_F32,  &KVC_REPR_F16,  &KVC_REPR_INT8,
+                                         &KVC_REPR_INT4, &KVC_REPR_INT2, &KVC_REPR_AE, NULL};
 const kvc_keep_ops *const KVC_KEEPS[] = {&KVC_KEEP_FULL,     &KVC_KEEP_STREAMING, &KVC_KEEP_H2O,
                                          &KVC_KEEP_L2,       &KVC_KEEP_RANDOM,    &KVC_KEEP_LSH,
                                          &KVC_KEEP_OBSERVED, &KVC_KEEP_SNAPKV,    &KVC_KEEP_TOVA,
@@ -45,6 +46,9 @@ void kvc_kvcache_list(void *fp_) {
     FILE *fp = fp_;
     fprintf(fp, "representations (--repr NAME[:OPTIONS]):\n");
     for (int i = 0; KVC_REPRS[i]; i++) fprintf(fp, "  %-10s %s\n", KVC_REPRS[i]->name, KVC_REPRS[i]->usage);
+    fprintf(fp, "  %-10s %s\n", "tc", "a transform codec (kvcodec train --codec transform): tc:FILE[,sinks=S] "
+                                     "(default: the codec's sinks, kept exact in f16); every layer holds the same "
+                                     "tokens, so an evicting policy decides once for the model (scores summed)");
     fprintf(fp, "retention policies (--keep NAME[:OPTIONS]); every evicting policy takes\n"
                 "  budget=N (tokens) or budget=F (fraction 0<F<=1, or P%%), sinks=S (default 4),\n"
                 "  window=W (default 10), share=head|layer|global (one budget per head, per layer or\n"

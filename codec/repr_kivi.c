@@ -38,12 +38,19 @@ static void unpack4(const uint8_t *codes, int c, float *out) {
     }
 }
 
+/* c 2-bit codes (four a byte, low bits first) to floats. */
+static void unpack2(const uint8_t *codes, int c, float *out) {
+    for (int b = 0; b < c / 4; b++)
+        for (int j = 0; j < 4; j++) out[4 * b + j] = (float)((codes[b] >> (2 * j)) & 3);
+}
+
 /* x = min + code * scale exactly as kvc_kvq_dequant_tokens_cpu computes it, inlined here since
  * decode runs over every held row at every attention step. */
 void kvc_repr_qrow_decode(const uint8_t *row, int c, int g, int bits, float *y) {
     const size_t cb = kvc_kvq_code_bytes(bits, c), ng = (size_t)(c / g);
     float cf[REPR_MAX_DIM];
     if (bits == 4) unpack4(row, c, cf);
+    else if (bits == 2) unpack2(row, c, cf);
     for (size_t k = 0; k < ng; k++) {
         uint16_t hs, hm;
         memcpy(&hs, row + cb + k * 2, 2);
@@ -84,7 +91,7 @@ int kvc_repr_gcd(int a, int b) {
 #define CH_SCRATCH 8192 /* floats gathered at once when key rows are strided (>= 2 * KGROUP_MAX) */
 
 typedef struct {
-    int bits;         /* 8 or 4 */
+    int bits;         /* 8, 4 or 2 */
     int d;            /* D */
     int group;        /* channels per per-token group (values; keys with keys=token) */
     int kgroup;       /* tokens per key block with keys=channel */
@@ -94,10 +101,10 @@ typedef struct {
 /* Parses group=, kgroup=, keys= and checks them against D and the width. */
 static int kivi_init(kvc_repr *r, const char *opts, const kvc_repr_env *env, kvc_err *err) {
     const char *nm = r->ops->name;
-    const int bits = !strcmp(nm, "int4") ? 4 : 8, d = env->shape.head_dim;
+    const int bits = !strcmp(nm, "int2") ? 2 : !strcmp(nm, "int4") ? 4 : 8, d = env->shape.head_dim, per = 8 / bits;
     if (d < 1 || d > REPR_MAX_DIM) return kvc_fail(err, "%s: head_dim %d is out of range [1, %d]", nm, d, REPR_MAX_DIM);
-    if (bits == 4 && d % 2) return kvc_fail(err, "%s: head_dim %d is odd; 4-bit codes pack in pairs", nm, d);
-    int group = kvc_repr_gcd(bits == 4 ? 32 : 64, d), kgroup = 32, keys_channel = 1, have_kgroup = 0;
+    if (bits < 8 && d % per) return kvc_fail(err, "%s: head_dim %d is not a multiple of %d; %d-bit codes pack %d a byte", nm, d, per, bits, per);
+    int group = kvc_repr_gcd(bits < 8 ? 32 : 64, d), kgroup = 32, keys_channel = 1, have_kgroup = 0;
     char buf[256];
     if (opts && strlen(opts) >= sizeof buf) return kvc_fail(err, "%s: option text too long", nm);
     if (opts) {
@@ -111,7 +118,8 @@ static int kivi_init(kvc_repr *r, const char *opts, const kvc_repr_env *env, kvc
             if (!strcmp(key, "group")) {
                 if (kvc_repr_parse_int(nm, key, val, 1, d, &x, err)) return -1;
                 if (d % x) return kvc_fail(err, "%s: group=%ld does not divide head_dim %d", nm, x, d);
-                if (bits == 4 && x % 2) return kvc_fail(err, "%s: group=%ld is odd; 4-bit groups must be even", nm, x);
+                if (bits < 8 && x % per)
+                    return kvc_fail(err, "%s: group=%ld is not a multiple of %d (%d-bit codes pack %d a byte)", nm, x, per, bits, per);
                 group = (int)x;
             } else if (!strcmp(key, "kgroup")) {
                 if (kvc_repr_parse_int(nm, key, val, 1, KGROUP_MAX, &x, err)) return -1;
@@ -174,7 +182,7 @@ static void encode_key_block(const kivi *q, const float *x, int64_t ldx, int n, 
         uint8_t cbuf[CH_SCRATCH];
         const size_t rb = kvc_kvq_code_bytes(bits, d);
         int cc = CH_SCRATCH / n;
-        cc -= cc % 2; /* even, so 4-bit chunks start on a byte */
+        cc -= cc % 4; /* a multiple of 4, so 2- and 4-bit chunks start on a byte */
         if (cc > d) cc = d;
         for (int c0 = 0; c0 < d; c0 += cc) {
             const int w = d - c0 < cc ? d - c0 : cc;
@@ -230,7 +238,8 @@ static void kivi_decode(const kvc_repr *r, int layer, int head, int kind, const 
             for (int j = 0; j < d; j++) yi[j] = mn[j] + (float)c[j] * sc[j];
         } else {
             float cf[REPR_MAX_DIM];
-            unpack4(c, d, cf);
+            if (q->bits == 4) unpack4(c, d, cf);
+            else unpack2(c, d, cf);
             for (int j = 0; j < d; j++) yi[j] = mn[j] + cf[j] * sc[j];
         }
     }
@@ -252,6 +261,18 @@ const kvc_repr_ops KVC_REPR_INT8 = {
 const kvc_repr_ops KVC_REPR_INT4 = {
     .name = "int4",
     .usage = "4-bit KIVI: as int8 with group default 32 (even groups; two codes a byte)",
+    .init = kivi_init,
+    .free = kivi_free,
+    .row_bytes = kivi_row_bytes,
+    .block_rows = kivi_block_rows,
+    .block_bytes = kivi_block_bytes,
+    .encode = kivi_encode,
+    .decode = kivi_decode,
+};
+
+const kvc_repr_ops KVC_REPR_INT2 = {
+    .name = "int2",
+    .usage = "2-bit KIVI: as int4 with group default 32 (groups a multiple of 4; four codes a byte)",
     .init = kivi_init,
     .free = kivi_free,
     .row_bytes = kivi_row_bytes,

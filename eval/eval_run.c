@@ -48,12 +48,13 @@ static void json_quality(FILE *f, const char *name, const kvc_quality *q, int la
             "\"ppl\": %s, \"ppl_full\": %s, \"rise_pct\": %s, \"kl_mean\": %s, \"kl_p99\": %s, \"top1\": %s, "
             "\"bytes_per_token\": %s, \"f16_bytes_per_token\": %s, \"compression_vs_f16\": %s, \"kept_frac\": %s, "
             "\"removed_frac\": %s, \"kept_frac_scored\": %s, \"seconds\": %.3f, \"seconds_cache\": %.3f, "
-            "\"tokens_per_s\": %.2f}%s\n",
+            "\"tokens_per_s\": %.2f, \"rise_pct_ci95\": [%s, %s], \"kl_mean_ci95\": [%s, %s]}%s\n",
             name, (long long)q->n_tokens, (long long)q->n_scored, q->n_units, jv(q->nll), jv(q->nll_full), jv(q->ppl),
             jv(q->ppl_full), jv(q->rise_pct), jv(q->kl_mean), jv(q->kl_p99), jv(q->top1), jv(q->bytes_per_token),
             jv(q->f16_bytes_per_token), jv(q->compression), jv(q->kept_frac), jv(q->removed_frac),
             jv(q->kept_scored), q->seconds, q->seconds_cache,
-            q->seconds_cache > 0 ? q->n_tokens / q->seconds_cache : 0.0, last ? "" : ",");
+            q->seconds_cache > 0 ? q->n_tokens / q->seconds_cache : 0.0, jv(q->rise_lo), jv(q->rise_hi), jv(q->kl_lo),
+            jv(q->kl_hi), last ? "" : ",");
 }
 
 int kvc_eval_run(const kvc_model *m, const int32_t *ids, int64_t n, const kvc_eval_run_opts *o, kvc_eval_report *rep,

@@ -106,6 +106,11 @@ typedef struct {
     double mem_bpt, mem_kept, mem_removed; /* sums over memory readings */
     int mem_n;
     double t_cache;       /* seconds in the measured cache's forward calls */
+    double *u_sum;        /* (units_cap, 3): NLL, reference NLL, KL summed per unit */
+    int64_t *u_n;         /* (units_cap) predictions per unit */
+    int units, units_cap;
+    double mark[3];       /* the sums when the current unit began */
+    int64_t mark_n;
     int64_t fed;          /* tokens fed through the measured cache */
     kvc_ref_store *store; /* NULL, or the reference recording (see ref_store_begin) */
 } lockstep;
@@ -121,6 +126,57 @@ static void lockstep_free(lockstep *ls) {
     free(ls->r_kl);
     free(ls->r_agree);
     free(ls->kl);
+    free(ls->u_sum);
+    free(ls->u_n);
+}
+
+/* Closes one unit (a window or a sample): records what it scored, for the intervals. */
+static int lockstep_unit(lockstep *ls, kvc_err *err) {
+    if (ls->units == ls->units_cap) {
+        int cap = ls->units_cap ? 2 * ls->units_cap : 64;
+        double *s = realloc(ls->u_sum, (size_t)cap * 3 * sizeof(double));
+        if (s) ls->u_sum = s;
+        int64_t *n = realloc(ls->u_n, (size_t)cap * sizeof(int64_t));
+        if (n) ls->u_n = n;
+        if (!s || !n) return kvc_fail(err, "out of memory");
+        ls->units_cap = cap;
+    }
+    double kl = 0;
+    for (int64_t i = ls->mark_n; i < ls->scored; i++) kl += ls->kl[i];
+    double *u = ls->u_sum + (size_t)ls->units * 3;
+    u[0] = ls->nll - ls->mark[0], u[1] = ls->nllf - ls->mark[1], u[2] = kl;
+    ls->u_n[ls->units++] = ls->scored - ls->mark_n;
+    ls->mark[0] = ls->nll, ls->mark[1] = ls->nllf, ls->mark_n = ls->scored;
+    return 0;
+}
+
+static double percentile(double *x, int64_t n, double p);
+
+/* 95% percentile bootstrap over units of the perplexity rise and the mean KL: 2,000
+ * resamples with replacement from a fixed seed (the same intervals on every run). */
+static void bootstrap(const lockstep *ls, kvc_quality *q) {
+    enum { B = 2000 };
+    q->rise_lo = q->rise_hi = q->kl_lo = q->kl_hi = NAN;
+    const int U = ls->units;
+    if (U < 2) return;
+    double *rise = malloc(B * sizeof(double)), *kl = malloc(B * sizeof(double));
+    if (!rise || !kl) {
+        free(rise), free(kl);
+        return;
+    }
+    uint64_t rng = 0x5eedb007ull;
+    for (int b = 0; b < B; b++) {
+        double s0 = 0, s1 = 0, s2 = 0, n = 0;
+        for (int i = 0; i < U; i++) {
+            const int u = (int)kvc_rng_below(&rng, (uint64_t)U);
+            s0 += ls->u_sum[u * 3], s1 += ls->u_sum[u * 3 + 1], s2 += ls->u_sum[u * 3 + 2], n += (double)ls->u_n[u];
+        }
+        rise[b] = n > 0 ? 100.0 * (exp((s0 - s1) / n) - 1.0) : NAN;
+        kl[b] = n > 0 ? s2 / n : NAN;
+    }
+    q->rise_lo = percentile(rise, B, 2.5), q->rise_hi = percentile(rise, B, 97.5);
+    q->kl_lo = percentile(kl, B, 2.5), q->kl_hi = percentile(kl, B, 97.5);
+    free(rise), free(kl);
 }
 
 /* Allocates a run of max_batch tokens and buffers for cap rows of logits (feeds without
@@ -271,6 +327,7 @@ static void lockstep_finish(lockstep *ls, const kvc_cache *c, int units, double 
     q->kl_mean = ns > 0 ? kl / ns : NAN;
     q->kl_p99 = percentile(ls->kl, ls->scored, 99.0);
     q->top1 = ns > 0 ? (double)ls->agree / ns : NAN;
+    bootstrap(ls, q);
     q->f16_bytes_per_token = kvc_eval_f16_bytes_per_token(&c->shape);
     q->bytes_per_token = ls->mem_n ? ls->mem_bpt / ls->mem_n : NAN;
     q->compression = q->f16_bytes_per_token / q->bytes_per_token;
@@ -340,7 +397,7 @@ int kvc_eval_stream(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int3
             if (ns > 0 && kvc_eval_memory(c, &bpt, &kept, &removed)) kept_w += kept * ns;
             if (o->progress) kvc_progress_draw("stream", (double)(w0 + b0 + nb), (double)n, "tok", t0);
         }
-        if (rc) break;
+        if (rc || (rc = lockstep_unit(&ls, err))) break;
         lockstep_memory(&ls, c);
         windows++;
     }
@@ -393,7 +450,7 @@ int kvc_eval_context(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const int
         ls.t_cache += kvc_now() - tc;
         lockstep_memory(&ls, c);
         if (kvc_cache_set_budget(c, -1, err) || lockstep_feed(&ls, c, ref, seg + N, N, M, 1, err) ||
-            lockstep_score(&ls, seg + N + 1, M - 1, err)) {
+            lockstep_score(&ls, seg + N + 1, M - 1, err) || lockstep_unit(&ls, err)) {
             rc = -1;
             break;
         }

@@ -56,7 +56,7 @@ static void tee_reset(kvc_cache *t) {
 static void tee_free(kvc_cache *t) { (void)t; } /* lives on the stack of kvc_eval_multi */
 
 static const kvc_cache_ops TEE_OPS = {"tee", tee_append, tee_attend, tee_end_step, tee_bytes, tee_n_tokens,
-                                      tee_reset, tee_free, NULL};
+                                      tee_reset, tee_free, NULL, NULL, NULL};
 
 /* ================================================================== scoring ==== */
 

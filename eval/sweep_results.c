@@ -15,7 +15,7 @@ const char *const KVC_SWEEP_COLUMNS[SWEEP_N_COLS] = {
     "tool", "method", "repr", "keep", "budget", "latent", "protocol", "model", "corpus", "ctx",
     "context_len", "continuation", "samples", "n_scored", "nll", "ppl", "ppl_full", "ppl_rise_pct",
     "kl_mean", "kl_p99", "top1", "kept_frac", "removed_frac", "bytes_per_token", "ratio_vs_f16",
-    "passkey_acc", "tokens_per_s", "seconds"};
+    "passkey_acc", "tokens_per_s", "seconds", "rise_lo", "rise_hi", "kl_lo", "kl_hi"};
 
 static const char *const CELL_COLUMNS[7] = {"key", "length", "depth", "skipped", "trials", "correct", "correct_full"};
 
@@ -166,9 +166,10 @@ static int csv_record(const char **p, const char *end, char **cells, int max) {
     return -1;
 }
 
-/* Reads a CSV file whose header must be cols (ncol names); calls row(ctx, cells) for each
- * complete record (cells are freed after the call). Missing file: 0, nothing read. */
-static int csv_each(const char *path, const char *const *cols, int ncol,
+/* Reads a CSV file whose header must be cols (ncol names), or its first nmin names (an older
+ * file: the missing cells come back empty); calls row(ctx, cells) for each complete record
+ * (cells are freed after the call). Missing file: 0, nothing read. */
+static int csv_each(const char *path, const char *const *cols, int ncol, int nmin,
                     int (*row)(void *ctx, char **cells, kvc_err *err), void *ctx, kvc_err *err) {
     if (access(path, F_OK) != 0) return 0;
     char *buf = NULL;
@@ -177,21 +178,27 @@ static int csv_each(const char *path, const char *const *cols, int ncol,
     const char *p = buf, *end = buf + len;
     int rc = 0, line = 1;
     char *cells[SWEEP_N_COLS + 1];
+    int have = ncol;
     if (len) {
         int n = csv_record(&p, end, cells, ncol + 1);
-        int ok = n == ncol;
+        int ok = n == ncol || (n == nmin && nmin > 0);
         for (int i = 0; i < n && i <= ncol; i++) {
             if (i < ncol && ok) ok = !strcmp(cells[i], cols[i]);
             free(cells[i]);
         }
+        have = n;
         if (!ok) rc = kvc_fail(err, "%s: not a kvcodec sweep file (its header is not %s,%s,...)", path, cols[0], cols[1]);
     }
     while (!rc && p < end) {
         line++;
         int n = csv_record(&p, end, cells, ncol + 1);
         if (n < 0) break; /* a last line cut short by a kill: that point is simply redone */
-        if (n != ncol) rc = kvc_fail(err, "%s:%d: %d cells, expected %d", path, line, n, ncol);
-        else rc = row(ctx, cells, err);
+        if (n != have) rc = kvc_fail(err, "%s:%d: %d cells, expected %d", path, line, n, have);
+        else {
+            for (int i = n; i < ncol; i++) cells[i] = strdup("");
+            rc = row(ctx, cells, err);
+            n = ncol;
+        }
         for (int i = 0; i < n && i <= ncol; i++) free(cells[i]);
     }
     free(buf);
@@ -207,7 +214,7 @@ static int add_row_cb(void *ctx, char **cells, kvc_err *err) {
 
 int kvc_sweep_csv_read(const char *path, sweep_table *t, kvc_err *err) {
     memset(t, 0, sizeof *t);
-    int rc = csv_each(path, KVC_SWEEP_COLUMNS, SWEEP_N_COLS, add_row_cb, t, err);
+    int rc = csv_each(path, KVC_SWEEP_COLUMNS, SWEEP_N_COLS, SWEEP_N_COLS_V1, add_row_cb, t, err);
     if (rc) kvc_sweep_table_free(t);
     return rc;
 }
@@ -234,7 +241,18 @@ static int csv_append_line(const char *path, const char *const *cols, int ncol, 
         free(all);
     }
     char *header = NULL;
-    if (!rc && size == 0 && !(header = csv_line(cols, ncol))) rc = kvc_fail(err, "out of memory");
+    if (!rc && !(header = csv_line(cols, ncol))) rc = kvc_fail(err, "out of memory");
+    if (!rc && size > 0) { /* only ever append rows under this kvcodec's own header */
+        const size_t hl = strlen(header);
+        char *first = malloc(hl + 1);
+        if (!first) rc = kvc_fail(err, "out of memory");
+        else if (pread(fd, first, hl, 0) != (ssize_t)hl || memcmp(first, header, hl))
+            rc = kvc_fail(err, "%s was written with other columns (an older kvcodec?): start the folder over with "
+                               "--force, or pick another --out", path);
+        free(first);
+        free(header);
+        header = NULL;
+    }
     for (int part = 0; part < 2 && !rc; part++) {
         const char *s = part ? line : header;
         size_t n = s ? strlen(s) : 0, off = 0;
@@ -324,7 +342,7 @@ static int add_cell_cb(void *ctx, char **cells, kvc_err *err) {
 
 int kvc_sweep_cells_read(const char *path, sweep_cell **cells, int *n, kvc_err *err) {
     cell_list l = {0};
-    int rc = csv_each(path, CELL_COLUMNS, 7, add_cell_cb, &l, err);
+    int rc = csv_each(path, CELL_COLUMNS, 7, 0, add_cell_cb, &l, err);
     if (rc) {
         free(l.c);
         l.c = NULL, l.n = 0;

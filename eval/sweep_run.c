@@ -168,6 +168,10 @@ static void row_quality(sweep_row *r, const kvc_quality *q) {
     kvc_sweep_row_num(r, COL_RATIO, "%.6g", q->compression);
     kvc_sweep_row_num(r, COL_TOK_S, "%.6g", q->seconds_cache > 0 ? q->n_tokens / q->seconds_cache : NAN);
     kvc_sweep_row_num(r, COL_SECONDS, "%.3f", q->seconds);
+    kvc_sweep_row_num(r, COL_RISE_LO, "%.6g", q->rise_lo);
+    kvc_sweep_row_num(r, COL_RISE_HI, "%.6g", q->rise_hi);
+    kvc_sweep_row_num(r, COL_KL_LO, "%.6g", q->kl_lo);
+    kvc_sweep_row_num(r, COL_KL_HI, "%.6g", q->kl_hi);
 }
 
 /* Measures one point with one protocol into row r (and passkey cells into *cells, *n_cells

@@ -1,17 +1,18 @@
 /* kvquant.c - CPU reference of KIVI-style K/V quantisation (kvc/kvquant.h): min/max per
- * group, f16 scale and minimum, round-to-nearest codes, 4-bit codes packed two per byte. */
+ * group, f16 scale and minimum, round-to-nearest codes; 4-bit codes packed two per byte and
+ * 2-bit codes four per byte, low bits first. */
 #include "kvc/kvquant.h"
 
 #include <math.h>
 
 int kvc_kvq_params_ok(int bits, int group, int channels) {
-    if (bits != 4 && bits != 8) return 0;
+    if (bits != 2 && bits != 4 && bits != 8) return 0;
     if (group < 1 || channels < 1) return 0;
-    if (bits == 4 && channels % 2) return 0;
+    if (channels % (8 / bits)) return 0;
     return 1;
 }
 
-size_t kvc_kvq_code_bytes(int bits, int64_t n) { return bits == 8 ? (size_t)n : (size_t)(n + 1) / 2; }
+size_t kvc_kvq_code_bytes(int bits, int64_t n) { return (size_t)((n * bits + 7) / 8); }
 
 /* Scale and minimum of a group with range [lo, hi] as stored in f16: the minimum rounded down
  * and the scale up, so every value lies in [min, min + (2^b - 1) scale] and its error is at
@@ -40,15 +41,21 @@ static unsigned code_of(float v, float s, float m, int bits) {
     return (unsigned)q;
 }
 
+/* Code i of a row of `bits`-wide codes packed low bits first (8 / bits codes a byte). */
 static void put_code(uint8_t *row, int i, unsigned q, int bits) {
-    if (bits == 8) row[i] = (uint8_t)q;
-    else if (i % 2 == 0) row[i / 2] = (uint8_t)((row[i / 2] & 0xF0) | q);
-    else row[i / 2] = (uint8_t)((row[i / 2] & 0x0F) | (q << 4));
+    if (bits == 8) {
+        row[i] = (uint8_t)q;
+        return;
+    }
+    const int per = 8 / bits, sh = (i % per) * bits;
+    const unsigned mask = ((1u << bits) - 1u) << sh;
+    row[i / per] = (uint8_t)((row[i / per] & ~mask) | (q << sh));
 }
 
 static unsigned get_code(const uint8_t *row, int i, int bits) {
     if (bits == 8) return row[i];
-    return i % 2 == 0 ? row[i / 2] & 0x0F : row[i / 2] >> 4;
+    const int per = 8 / bits;
+    return (row[i / per] >> ((i % per) * bits)) & ((1u << bits) - 1u);
 }
 
 void kvc_kvq_quant_tokens_cpu(const float *x, int64_t n, int c, int g, int bits, uint8_t *codes, uint16_t *scale,

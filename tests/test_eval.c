@@ -120,6 +120,16 @@ Test(eval, context_compression_memory_and_scoring, .timeout = 300) {
     cr_expect(fabs(qh.nll_full - q.nll_full) < 1e-12, "the reference must not depend on the measured cache");
     cr_expect(qh.bytes_per_token == 0.5 * 30 * 3 * (2 * 64 * 4 + 4), "half of the f32 rows and positions: %g bytes/token",
               qh.bytes_per_token);
+    /* bootstrap intervals over the samples: around the point estimate; exactly 0 for the
+     * full cache against itself */
+    cr_expect(qh.rise_lo <= qh.rise_pct && qh.rise_pct <= qh.rise_hi, "rise %g in [%g, %g]", qh.rise_pct, qh.rise_lo,
+              qh.rise_hi);
+    cr_expect(qh.kl_lo <= qh.kl_mean && qh.kl_mean <= qh.kl_hi && qh.kl_lo > 0, "KL %g in [%g, %g]", qh.kl_mean, qh.kl_lo,
+              qh.kl_hi);
+    cr_expect(q.rise_lo == 0 && q.rise_hi == 0 && q.kl_lo == 0 && q.kl_hi == 0);
+    o.samples = 1;
+    cr_assert_eq(kvc_eval_context(m, h, ref, ids, S * (NC + MC) + 5, &o, &qh, &err), 0, "%s", err.msg);
+    cr_expect(isnan(qh.rise_lo) && isnan(qh.kl_hi), "one sample has no interval");
     kvc_cache_free(h);
     kvc_cache_free(c);
     kvc_cache_free(ref);

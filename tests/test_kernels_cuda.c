@@ -190,6 +190,33 @@ Test(kernels_cuda, topk) {
     topk_case(2049, 1000);   /* just past a chunk */
 }
 
+/* The codebook twins: the same codes and values bit for bit, widths 0-8 mixed. */
+Test(kernels_cuda, codebook) {
+    need_gpu();
+    enum { C = 192, N = 5000 };
+    uint8_t bits[C];
+    int32_t off[C];
+    static float levels[C * 256];
+    int at = 0;
+    for (int c = 0; c < C; c++) {
+        bits[c] = (uint8_t)(c % 9);
+        off[c] = at;
+        float v = -2.0f;
+        for (int j = 0; bits[c] && j < (1 << bits[c]); j++) levels[at++] = v += 4.0f / (1 << bits[c]) * (0.5f + urand(2));
+    }
+    const kvc_codebook cb = {C, bits, levels, off, kvc_codebook_row_bytes(bits, C)};
+    float *y = randn((size_t)N * C, 1.5f), *a = malloc(sizeof(float) * N * C), *b = malloc(sizeof(float) * N * C);
+    uint8_t *ca = malloc((size_t)N * cb.row_bytes), *cc = malloc((size_t)N * cb.row_bytes);
+    kvc_err err = {{0}};
+    kvc_codebook_quantize(&cb, y, N, C, ca);
+    cr_assert_eq(kvc_codebook_quantize_cuda(&cb, y, N, C, cc, &err), 0, "%s", err.msg);
+    cr_assert(!memcmp(ca, cc, (size_t)N * cb.row_bytes), "codes differ");
+    kvc_codebook_dequantize(&cb, ca, N, a, C);
+    cr_assert_eq(kvc_codebook_dequantize_cuda(&cb, ca, N, b, C, &err), 0, "%s", err.msg);
+    cr_assert(!memcmp(a, b, sizeof(float) * N * C), "decoded values differ");
+    free(y), free(a), free(b), free(ca), free(cc);
+}
+
 #else
 Test(kernels_cuda, not_built) { cr_skip_test("CUDA parity skipped: this build has no CUDA backend (nvcc not found)"); }
 #endif

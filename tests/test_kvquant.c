@@ -109,7 +109,7 @@ Test(kvquant, cuda_twins_match_the_cpu_exactly) {
     static uint16_t s1[N * C], s2[N * C], m1[N * C], m2[N * C];
     fill(x, N, C);
     kvc_err err = {{0}};
-    for (int bits = 4; bits <= 8; bits += 4) {
+    for (int bits = 2; bits <= 8; bits *= 2) {
         size_t rb = kvc_kvq_code_bytes(bits, C);
         kvc_kvq_quant_tokens_cpu(x, N, C, G, bits, c1, s1, m1);
         cr_assert_eq(kvc_kvq_quant_tokens_cuda(x, N, C, G, bits, c2, s2, m2, &err), 0, "%s", err.msg);

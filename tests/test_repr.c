@@ -90,6 +90,9 @@ static const spec_case CASES[] = {
     {"int8:keys=token", C_QUANT, 8, 64, 0, 68, 68, 0, 1, "int8:group=64,keys=token"},
     {"int8:group=8,keys=token", C_QUANT, 8, 8, 0, 96, 96, 0, 1, "int8:group=8,keys=token"},
     {"int4:kgroup=1", C_QUANT, 4, 32, 1, 32, 40, 256, 1, "int4:group=32,kgroup=1,keys=channel"},
+    /* int2 group 32 on D 64: 16 code bytes (four a byte) + 2 groups x 4 bytes */
+    {"int2", C_QUANT, 2, 32, 1, 16, 24, 256, 32, "int2:group=32,kgroup=32,keys=channel"},
+    {"int2:keys=token,group=16", C_QUANT, 2, 16, 0, 32, 32, 0, 1, "int2:group=16,keys=token"},
     /* ae32: R 32; f16 64 B, f32 128 B, int8 32 + 4, int4 16 + 4 (group 32), group 8: 16 + 16 */
     {"ae:" AE32 ",reuse=off", C_AE, 0, 0, 0, 64, 64, 0, 1, "ae:" AE32 ",f16,reuse=off"},
     {"ae:" AE32 ",f32,reuse=off", C_AE, 32, 0, 0, 128, 128, 0, 1, "ae:" AE32 ",f32,reuse=off"},
@@ -550,7 +553,8 @@ Test(repr, bad_specs_are_clear_errors) {
     expect_error("int8:group", &env, "not key=value");
     expect_error("int8:group=48", &env, "group=48 does not divide head_dim 64");
     expect_error("int8:group=0", &env, "expected an integer in [1, 64]");
-    expect_error("int4:group=1", &env, "odd");
+    expect_error("int4:group=1", &env, "not a multiple of 2");
+    expect_error("int2:group=2", &env, "not a multiple of 4");
     expect_error("int8:kgroup=0", &env, "[1, 4096]");
     expect_error("int8:kgroup=5000", &env, "[1, 4096]");
     expect_error("int8:kgroup=x", &env, "kgroup=x");
@@ -558,7 +562,8 @@ Test(repr, bad_specs_are_clear_errors) {
     expect_error("int8:keys=token,kgroup=16", &env, "kgroup applies to per-channel keys only");
     kvc_repr_env odd = env;
     odd.shape.head_dim = 63;
-    expect_error("int4", &odd, "odd");
+    expect_error("int4", &odd, "not a multiple of 2");
+    expect_error("int2", &odd, "not a multiple of 4");
     expect_error("ae", &env, "needs a codec file");
     expect_error("ae:/nonexistent/codec.h5", &env, "cannot open codec '/nonexistent/codec.h5'");
 }

@@ -416,6 +416,31 @@ Test(sweep, csv_and_json_agree_and_a_cut_line_is_dropped) {
     rmdir(dir);
 }
 
+/* A results.csv of an older kvcodec (the 28 columns before the intervals) still reads, its
+ * interval cells empty; rows are never appended under it. */
+Test(sweep, older_results_read_but_are_not_appended_to) {
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/kvc_sweep_v1.%d.csv", (int)getpid());
+    FILE *f = fopen(path, "w");
+    cr_assert_not_null(f);
+    for (int c = 0; c < SWEEP_N_COLS_V1; c++) fprintf(f, "%s%s", c ? "," : "", KVC_SWEEP_COLUMNS[c]);
+    fprintf(f, "\n");
+    for (int c = 0; c < SWEEP_N_COLS_V1; c++) fprintf(f, "%s%s", c ? "," : "", c == COL_PROTOCOL ? "context" : "1");
+    fprintf(f, "\n");
+    fclose(f);
+    sweep_table t;
+    kvc_err err = {{0}};
+    cr_assert_eq(kvc_sweep_csv_read(path, &t, &err), 0, "%s", err.msg);
+    cr_assert_eq(t.n, 1);
+    cr_expect_str_eq(t.rows[0].f[COL_SECONDS], "1");
+    cr_expect_str_eq(t.rows[0].f[COL_RISE_LO], "");
+    cr_expect_str_eq(t.rows[0].f[COL_KL_HI], "");
+    cr_expect_eq(kvc_sweep_csv_append(path, &t.rows[0], &err), -1);
+    cr_expect_not_null(strstr(err.msg, "other columns"), "%s", err.msg);
+    kvc_sweep_table_free(&t);
+    unlink(path);
+}
+
 /* ================================================================ the binary ==== */
 
 typedef struct {

@@ -20,7 +20,7 @@ F16_BYTES_PER_TOKEN = 2 * N_LAYERS * N_KV_HEADS * HEAD_DIM * 2
 
 COLUMNS = ("tool,method,repr,keep,budget,latent,protocol,model,corpus,ctx,context_len,continuation,"
            "samples,n_scored,nll,ppl,ppl_full,ppl_rise_pct,kl_mean,kl_p99,top1,kept_frac,removed_frac,"
-           "bytes_per_token,ratio_vs_f16,passkey_acc,tokens_per_s,seconds").split(",")
+           "bytes_per_token,ratio_vs_f16,passkey_acc,tokens_per_s,seconds,rise_lo,rise_hi,kl_lo,kl_hi").split(",")
 
 
 def add_common_args(p, budgets_default):
@@ -95,6 +95,7 @@ class Scores:
 
     def __init__(self):
         self.nll, self.nll_full, self.kl, self.agree = [], [], [], []
+        self.units = []  # scored predictions of each add() call (one sample), for the bootstrap
 
     def add(self, lp, lp_full, targets):
         """Adds T scored predictions: lp and lp_full are (T, V) log-probs of the measured and full
@@ -106,15 +107,38 @@ class Scores:
         kl = (np.exp(lp_full) * (lp_full - lp)).sum(axis=1)
         self.kl.extend(np.maximum(kl, 0.0).tolist())  # rounding can give -1e-17
         self.agree.extend((lp.argmax(axis=1) == lp_full.argmax(axis=1)).tolist())
+        self.units.append(len(t))
+
+    def bootstrap(self, resamples=2000, seed=0x5eedb007):
+        """95% percentile intervals of the perplexity rise (%) and the mean KL over samples, as
+        kvcodec's eval computes them (resampling whole samples with replacement, fixed seed).
+        Returns (rise_lo, rise_hi, kl_lo, kl_hi), or empty strings with fewer than 2 samples."""
+        u = len(self.units)
+        if u < 2:
+            return "", "", "", ""
+        edges = np.cumsum([0] + self.units)
+        d = np.asarray(self.nll) - np.asarray(self.nll_full)
+        kl = np.asarray(self.kl)
+        sd = np.array([d[edges[i]:edges[i + 1]].sum() for i in range(u)])
+        sk = np.array([kl[edges[i]:edges[i + 1]].sum() for i in range(u)])
+        n = np.asarray(self.units, dtype=float)
+        pick = np.random.default_rng(seed).integers(0, u, size=(resamples, u))
+        nn = n[pick].sum(axis=1)
+        rise = 100.0 * (np.exp(sd[pick].sum(axis=1) / nn) - 1.0)
+        klm = sk[pick].sum(axis=1) / nn
+        return (float(np.percentile(rise, 2.5)), float(np.percentile(rise, 97.5)),
+                float(np.percentile(klm, 2.5)), float(np.percentile(klm, 97.5)))
 
     def summary(self):
         """Returns a dict of n_scored, nll, ppl, ppl_full, ppl_rise_pct, kl_mean, kl_p99 (linear
         interpolation between order statistics, as kvcodec's eval does) and top1."""
         nll, nll_full = float(np.mean(self.nll)), float(np.mean(self.nll_full))
         ppl, ppl_full = math.exp(nll), math.exp(nll_full)
+        rise_lo, rise_hi, kl_lo, kl_hi = self.bootstrap()
         return dict(n_scored=len(self.nll), nll=nll, ppl=ppl, ppl_full=ppl_full,
                     ppl_rise_pct=100.0 * (ppl / ppl_full - 1.0), kl_mean=float(np.mean(self.kl)),
-                    kl_p99=float(np.percentile(self.kl, 99)), top1=float(np.mean(self.agree)))
+                    kl_p99=float(np.percentile(self.kl, 99)), top1=float(np.mean(self.agree)),
+                    rise_lo=rise_lo, rise_hi=rise_hi, kl_lo=kl_lo, kl_hi=kl_hi)
 
 
 def base_row(args, tool, n_samples):

@@ -41,6 +41,11 @@ typedef struct {
     void (*free)(kvc_cache *c);
     /* Optional (NULL: the cache never evicts). See kvc_cache_set_budget. */
     int (*set_budget)(kvc_cache *c, int64_t ref_tokens, kvc_err *err);
+    /* Optional: tokens appended since reset, tokens held and evicted summed over every
+     * (layer, kv head) (NULL: held = appended x layers x kv heads, nothing evicted). */
+    void (*stats)(const kvc_cache *c, int64_t *appended, int64_t *held, int64_t *evicted);
+    /* Optional: a canonical one-line description ("repr=... keep=..."; NULL: the name). */
+    const char *(*describe)(const kvc_cache *c);
 } kvc_cache_ops;
 
 struct kvc_cache {

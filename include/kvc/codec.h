@@ -25,15 +25,22 @@ typedef struct kvcl_codec kvcl_codec;
 
 typedef struct {
     int n_layer, n_head_kv, head_dim; /* L, K, D the codec was trained for */
-    int latent;                       /* R */
+    int latent;                       /* R (autoencoders; 0 for a transform codec) */
     char model_name[128];
     char model_fingerprint[17];       /* what kvcodec inspect prints for the model */
-    char storage[16];                 /* how latents are stored: f32, f16, int8, int4 */
+    char storage[16];                 /* how latents are stored: f32, f16, int8, int4; "coded" for a
+                                         transform codec */
+    char kind[16];                    /* "autoencoder" or "transform" */
+    int sinks;                        /* transform codecs: the first tokens of a sequence the
+                                         engine should keep exact (the codec was fitted without
+                                         them); 0 for autoencoders */
+    double mean_bits;                 /* transform codecs: mean bits per coefficient */
 } kvcl_info;
 
-/* Opens a codec checkpoint (made by `kvcodec train`). storage: "f32", "f16", "int8" or
- * "int4" (NULL: "f16"); reuse: 1 to follow the checkpoint's cross-layer reuse plan. NULL
- * with err on a missing or corrupt file or a bad option. */
+/* Opens a codec checkpoint (made by `kvcodec train`, autoencoder or --codec transform; the
+ * kind is read from the file). storage: "f32", "f16", "int8" or "int4" (NULL: "f16") for an
+ * autoencoder's latents, ignored for a transform codec; reuse: 1 to follow an autoencoder's
+ * cross-layer reuse plan. NULL with err on a missing or corrupt file or a bad option. */
 kvcl_codec *kvcl_open(const char *path, const char *storage, int reuse, char *err);
 void kvcl_close(kvcl_codec *c);
 void kvcl_get_info(const kvcl_codec *c, kvcl_info *info);
@@ -57,6 +64,32 @@ int kvcl_encode(const kvcl_codec *c, int layer, int kind, const float *x, int n,
  * reused heads (else may be NULL). */
 int kvcl_decode(const kvcl_codec *c, int layer, int kind, const uint8_t *in, int n, const float *below, float *y,
                 char *err);
+
+/* ---- every codec, with the rows it may predict from -------------------------------------
+ * A transform codec codes a token's rows of all heads of a layer together (kvcl_token_bytes;
+ * kvcl_row_bytes is per head for autoencoders only) and predicts them from rows the decoder
+ * already has: the same tokens' decoded keys and values of layer - 1, and for values this
+ * layer's decoded keys. Encode in layer order, keys before values, passing what kvcl_needs
+ * asks for; the encoder returns what the decoder will rebuild (closed loop). */
+
+enum { KVCL_NEED_BELOW_K = 1, KVCL_NEED_THIS_K = 2, KVCL_NEED_BELOW_V = 4 };
+
+/* Rows (n, K, D) of the same n tokens, decoded, NULL where not needed. */
+typedef struct {
+    const float *below_k, *below_v; /* layer - 1 */
+    const float *this_k;            /* this layer's keys (for values) */
+} kvcl_context;
+
+/* The KVCL_NEED_* rows encode/decode of (layer, kind) read (an autoencoder with reused heads
+ * needs the layer below's rows of the same kind). */
+int kvcl_needs(const kvcl_codec *c, int layer, int kind);
+/* Encodes n tokens x (n, K, D) into out (n, kvcl_token_bytes); decoded (n, K, D) or NULL
+ * receives what kvcl_decode_ctx will rebuild. -1 with err when a needed row is missing. */
+int kvcl_encode_ctx(const kvcl_codec *c, int layer, int kind, const float *x, int n, const kvcl_context *ctx,
+                    uint8_t *out, float *decoded, char *err);
+/* Decodes n tokens from in into y (n, K, D). */
+int kvcl_decode_ctx(const kvcl_codec *c, int layer, int kind, const uint8_t *in, int n, const kvcl_context *ctx,
+                    float *y, char *err);
 
 /* ---- LSH-E: SimHash codes and eviction choices ---------------------------------- */
 

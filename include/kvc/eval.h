@@ -70,6 +70,9 @@ typedef struct {
     double kl_mean, kl_p99;    /* KL(P_full || P_measured) in nats: mean and exact 99th
                                   percentile (linear interpolation between order statistics) */
     double top1;               /* fraction of scored tokens whose arg-max tokens agree */
+    double rise_lo, rise_hi;   /* 95% bootstrap interval of rise_pct over the units (windows or
+                                  samples resampled with replacement; NAN below 2 units) */
+    double kl_lo, kl_hi;       /* the same for kl_mean */
     double bytes_per_token;    /* bytes / tokens appended, averaged over windows or samples */
     double f16_bytes_per_token;/* 2 * L * K * D * 2: an f16 full cache */
     double compression;        /* f16_bytes_per_token / bytes_per_token (> 1: smaller) */

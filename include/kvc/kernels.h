@@ -108,6 +108,28 @@ static inline KVC_HOST_DEVICE float kvc_act_apply(float a, int act, float slope)
 void kvc_dense_rows(const float *x, int64_t n, int in, const float *w, const float *b, int out, int act, float slope,
                     float *y);
 
+/* ---- scalar codebooks (the transform codec's quantizer) --------------------------------- */
+
+/* Component c of a row (of C) is coded on bits[c] in [0, 8] bits as the index of its nearest
+ * level among levels[off[c] .. off[c] + 2^bits[c]) (ascending); 0 bits: not stored, decoded as
+ * 0. A row's indices are packed low bit first, component by component, into row_bytes
+ * bytes. */
+typedef struct {
+    int c;
+    const uint8_t *bits;   /* (C) */
+    const float *levels;   /* every component's levels, ascending within a component */
+    const int32_t *off;    /* (C) */
+    int row_bytes;         /* kvc_codebook_row_bytes(bits, c) */
+} kvc_codebook;
+
+/* ceil(sum bits / 8). */
+int kvc_codebook_row_bytes(const uint8_t *bits, int c);
+/* codes (N, row_bytes) for rows y (N, C; ldy floats apart): nearest level, ties to the lower
+ * one (the midpoint rounds down); NaN codes as 0. */
+void kvc_codebook_quantize(const kvc_codebook *cb, const float *y, int64_t n, int64_t ldy, uint8_t *codes);
+/* y (N, C; ldy apart) = the levels the codes name (0 for components of 0 bits). */
+void kvc_codebook_dequantize(const kvc_codebook *cb, const uint8_t *codes, int64_t n, float *y, int64_t ldy);
+
 /* ---- eviction top-k --------------------------------------------------------------------- */
 
 /* The indices of the kk highest scores among [sinks, n - window), ordered by score, highest

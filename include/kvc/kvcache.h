@@ -18,6 +18,7 @@ extern "C" {
 
 /* Builds a cache from two specs (both "name" or "name:opt,opt=val,..."):
  *   repr: f32 | f16 | int8[:group=G,kgroup=T] | int4[:...] | ae:FILE[,f16|int8|int4][,reuse=on|off]
+ *         | tc:FILE[,sinks=S] (a transform codec: every layer holds the same tokens)
  *   keep: full | streaming | h2o | l2 | random | lsh | observed | snapkv | tova, with budget=N|F
  *         (tokens, or a fraction 0<F<=1 of the reference length set by kvc_cache_set_budget),
  *         sinks=S, window=W, share=head|layer|global, floor=F, the retrieval options
@@ -27,6 +28,10 @@ extern "C" {
  * a codec for another model. */
 kvc_cache *kvc_kvcache_new(const kvc_cache_shape *shape, const char *repr, const char *keep,
                        const char *fingerprint, kvc_err *err);
+/* The transform-coded cache (codec/tc_cache.c) kvc_kvcache_new builds for repr "tc:OPTS":
+ * OPTS = FILE[,sinks=S] names a transform codec (kvc/tc.h). */
+kvc_cache *kvc_tccache_new(const kvc_cache_shape *shape, const char *opts, const char *keep,
+                           const char *fingerprint, kvc_err *err);
 /* Prints every representation and policy with its options (for --help). */
 void kvc_kvcache_list(void *fp /* FILE * */);
 /* The canonical one-line description of a cache ("repr=int8:group=32 keep=lsh:bits=16,...").*/

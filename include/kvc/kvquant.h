@@ -14,7 +14,8 @@
 extern "C" {
 #endif
 
-/* 1 if (bits, group) is supported: bits 4 or 8, group >= 1 (and even channel counts for 4). */
+/* 1 if (bits, group) is supported: bits 2, 4 or 8, group >= 1, channel counts a multiple of the
+ * codes a byte holds (8 / bits). */
 int kvc_kvq_params_ok(int bits, int group, int channels);
 /* Bytes of codes for n values at this width (4-bit codes pack two per byte, rounded up). */
 size_t kvc_kvq_code_bytes(int bits, int64_t n);

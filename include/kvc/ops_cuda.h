@@ -42,6 +42,11 @@ int kvc_attend_cuda(const float *q, int64_t ldq, const int32_t *qpos, int n_q, i
                     float *out, int64_t ldo, float *probs, kvc_err *err);
 int64_t kvc_topk_cuda(const float *score, int64_t n, int64_t sinks, int64_t window, int64_t kk, int64_t *idx,
                       kvc_err *err);
+/* Twins of the codebook quantizer and decoder: the same codes and values bit for bit. */
+int kvc_codebook_quantize_cuda(const kvc_codebook *cb, const float *y, int64_t n, int64_t ldy, uint8_t *codes,
+                               kvc_err *err);
+int kvc_codebook_dequantize_cuda(const kvc_codebook *cb, const uint8_t *codes, int64_t n, float *y, int64_t ldy,
+                                 kvc_err *err);
 /* The same on device pointers (every array already on the device, contiguous), queued on the
  * default stream with no final synchronisation: for a cache kept on the device, and for timing
  * the kernels without transfers. cs is a device copy of a kvc_rope_table's cs. */

@@ -92,14 +92,15 @@ int kvc_sweep_expand(const sweep_grid *g, sweep_point **pts, int *n_pts, kvc_err
 
 /* ====================================================================== results ==== */
 
-#define SWEEP_N_COLS 28
+#define SWEEP_N_COLS 32
+#define SWEEP_N_COLS_V1 28 /* files of kvcodec before the interval columns: read, never appended to */
 /* The CSV columns, in order (bench/peers/peer_common.py writes the same ones). */
 extern const char *const KVC_SWEEP_COLUMNS[SWEEP_N_COLS];
 enum {
     COL_TOOL, COL_METHOD, COL_REPR, COL_KEEP, COL_BUDGET, COL_LATENT, COL_PROTOCOL, COL_MODEL, COL_CORPUS, COL_CTX,
     COL_CONTEXT_LEN, COL_CONTINUATION, COL_SAMPLES, COL_N_SCORED, COL_NLL, COL_PPL, COL_PPL_FULL, COL_PPL_RISE,
     COL_KL_MEAN, COL_KL_P99, COL_TOP1, COL_KEPT, COL_REMOVED, COL_BPT, COL_RATIO, COL_PASSKEY_ACC, COL_TOK_S,
-    COL_SECONDS
+    COL_SECONDS, COL_RISE_LO, COL_RISE_HI, COL_KL_LO, COL_KL_HI
 };
 
 /* One CSV row: every cell a malloc'd string, "" when empty. */

@@ -71,7 +71,7 @@ __global__ void kvq_tokens_kernel(const float *x, int64_t n, int c, int g, int b
     int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (t >= n) return;
     const int ng = c / g;
-    const size_t rb = bits == 8 ? (size_t)c : (size_t)(c + 1) / 2;
+    const size_t rb = (size_t)((c * bits + 7) / 8);
     const float *xr = x + t * c;
     uint8_t *cr = codes + t * rb;
     for (size_t i = 0; i < rb; i++) cr[i] = 0;
@@ -84,32 +84,31 @@ __global__ void kvq_tokens_kernel(const float *x, int64_t n, int c, int g, int b
             int k = j * g + i;
             unsigned q = code_of_dev(xr[k], s, m, bits);
             if (bits == 8) cr[k] = (uint8_t)q;
-            else cr[k / 2] |= (uint8_t)(k % 2 ? q << 4 : q);
+            else cr[k / (8 / bits)] |= (uint8_t)(q << ((k % (8 / bits)) * bits));
         }
     }
 }
 
-/* One thread per pair of channels (a 4-bit code byte holds two channels). */
+/* One thread per code byte: the 8 / bits channels it holds (one for 8 bits), so no two
+ * threads write the same byte. */
 __global__ void kvq_channels_kernel(const float *x, int gt, int c, int bits, uint8_t *codes, uint16_t *scale,
                                     uint16_t *minv) {
+    const int per = bits == 8 ? 1 : 8 / bits;
     int p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (2 * p >= c) return;
-    const size_t rb = bits == 8 ? (size_t)c : (size_t)(c + 1) / 2;
-    float s[2], m[2];
-    for (int k = 0; k < 2 && 2 * p + k < c; k++) {
-        int ch = 2 * p + k;
+    if (p * per >= c) return;
+    const size_t rb = (size_t)((c * bits + 7) / 8);
+    float s[4], m[4];
+    for (int k = 0; k < per && p * per + k < c; k++) {
+        int ch = p * per + k;
         float lo = x[ch], hi = lo;
         for (int t = 1; t < gt; t++) { float v = x[(size_t)t * c + ch]; lo = fminf(lo, v); hi = fmaxf(hi, v); }
         group_params_dev(lo, hi, bits, &scale[ch], &minv[ch], &s[k], &m[k]);
     }
     for (int t = 0; t < gt; t++) {
-        uint8_t *cr = codes + (size_t)t * rb;
-        unsigned q0 = code_of_dev(x[(size_t)t * c + 2 * p], s[0], m[0], bits);
-        unsigned q1 = 2 * p + 1 < c ? code_of_dev(x[(size_t)t * c + 2 * p + 1], s[1], m[1], bits) : 0;
-        if (bits == 8) {
-            cr[2 * p] = (uint8_t)q0;
-            if (2 * p + 1 < c) cr[2 * p + 1] = (uint8_t)q1;
-        } else cr[p] = (uint8_t)(q0 | (q1 << 4));
+        unsigned byte = 0;
+        for (int k = 0; k < per && p * per + k < c; k++)
+            byte |= code_of_dev(x[(size_t)t * c + p * per + k], s[k], m[k], bits) << (k * bits);
+        codes[(size_t)t * rb + p] = (uint8_t)byte;
     }
 }
 
@@ -118,7 +117,7 @@ extern "C" int kvc_kvq_quant_tokens_cuda(const float *x, int64_t n, int c, int g
     float *dx = NULL;
     uint8_t *dc = NULL;
     uint16_t *ds = NULL, *dm = NULL;
-    const size_t rb = bits == 8 ? (size_t)c : (size_t)(c + 1) / 2, ng = (size_t)(c / g);
+    const size_t rb = (size_t)((c * bits + 7) / 8), ng = (size_t)(c / g);
     CUDA_CHECK(cudaMalloc(&dx, (size_t)n * c * sizeof(float)));
     CUDA_CHECK(cudaMalloc(&dc, (size_t)n * rb));
     CUDA_CHECK(cudaMalloc(&ds, (size_t)n * ng * 2));
@@ -141,13 +140,13 @@ extern "C" int kvc_kvq_quant_channels_cuda(const float *x, int gt, int c, int bi
     float *dx = NULL;
     uint8_t *dc = NULL;
     uint16_t *ds = NULL, *dm = NULL;
-    const size_t rb = bits == 8 ? (size_t)c : (size_t)(c + 1) / 2;
+    const size_t rb = (size_t)((c * bits + 7) / 8);
     CUDA_CHECK(cudaMalloc(&dx, (size_t)gt * c * sizeof(float)));
     CUDA_CHECK(cudaMalloc(&dc, (size_t)gt * rb));
     CUDA_CHECK(cudaMalloc(&ds, (size_t)c * 2));
     CUDA_CHECK(cudaMalloc(&dm, (size_t)c * 2));
     CUDA_CHECK(cudaMemcpy(dx, x, (size_t)gt * c * sizeof(float), cudaMemcpyHostToDevice));
-    kvq_channels_kernel<<<(unsigned)((c / 2 + 1 + 127) / 128), 128>>>(dx, gt, c, bits, dc, ds, dm);
+    kvq_channels_kernel<<<(unsigned)(((int64_t)rb + 127) / 128), 128>>>(dx, gt, c, bits, dc, ds, dm);
     LAUNCH_CHECK();
     CUDA_CHECK(cudaMemcpy(codes, dc, (size_t)gt * rb, cudaMemcpyDeviceToHost));
     CUDA_CHECK(cudaMemcpy(scale, ds, (size_t)c * 2, cudaMemcpyDeviceToHost));
