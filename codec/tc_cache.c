@@ -456,6 +456,11 @@ kvc_cache *kvc_tccache_new(const kvc_cache_shape *s, const char *opts, const cha
     if (kvc_tc_check_model(im->tc, fingerprint, s->n_layer, s->n_head_kv, s->head_dim, err)) goto fail;
     im->S = sinks >= 0 ? sinks : im->tc->sinks;
     if (!(im->keep = kvc_keep_new(keep && *keep ? keep : "full", s, err))) goto fail;
+    /* this cache decides once for the model and keeps no side store: refuse what it would ignore */
+    if (im->keep->retrieval.r > 0 || im->keep->budget.share != KVC_SHARE_HEAD || im->keep->needs_keys) {
+        kvc_fail(err, "a transform codec's cache takes no retrieve=, share= or window-of-queries policy (obs=, snapkv, tova)");
+        goto fail;
+    }
     im->rb = calloc((size_t)im->L * 2, sizeof(int));
     im->appended = calloc((size_t)im->L, sizeof(int));
     im->sink = calloc((size_t)im->L * 2, sizeof *im->sink);
