@@ -47,8 +47,18 @@ def ci(lo, hi, fmt):
     return "" if lo != lo else "[" + fmt % lo + ", " + fmt % hi + "]"
 
 
-def context_table(name):
-    r = rows(name)
+# The sections of docs/eviction.md that split one context run: (block, file, which keeps).
+SECTIONS = [
+    ("context-8", "context-8", lambda k: "retrieve=" not in k and "share=" not in k and not k.startswith("lsh")),
+    ("shared-8", "context-8", lambda k: "share=" in k and not k.startswith("lsh")),
+    ("lsh-8", "context-8", lambda k: k.startswith("lsh") and "retrieve=" not in k),
+    ("retrieval-8", "context-8", lambda k: "retrieve=" in k),
+    ("context-66", "context-66", lambda k: True),
+]
+
+
+def context_table(name, keep=lambda k: True):
+    r = [x for x in rows(name) if keep(x["keep"])]
     if not r:
         return "(not measured yet)"
     out = ["| point (`--keep`) | kept | B/token | × smaller than f16 | side store B/token (RAM + disk) | ppl rise % [95% CI] | "
@@ -173,8 +183,8 @@ def replace_block(doc, name, body):
 def main():
     with open(DOC) as f:
         doc = f.read()
-    for name in ("context-8", "context-66", "retrieval-8", "shared-8", "lsh-8"):
-        doc = replace_block(doc, name, context_table(name))
+    for block, name, keep in SECTIONS:
+        doc = replace_block(doc, block, context_table(name, keep))
     t, pk = prompts_table("passkey-*", "passkey")
     doc = replace_block(doc, "passkey", t)
     t, fa = prompts_table("facts-*", "facts")
