@@ -9,6 +9,7 @@
 #include "kvc/kvcache.h"
 #include "kvc/ops.h"
 #include "kvc/kernels.h"
+#include "kvc/sidestore.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -66,6 +67,8 @@ typedef struct {
     float *probs;          /* (n_q, G, cap) softmax weights for policies that want them */
     float *qg;             /* (n_q, G, D) the group's queries */
     int64_t qcap;
+    int32_t *pos2;         /* (cap) retrieval: held positions, then the retrieved ones */
+    float *rprobs;         /* (G, cap) retrieval: one query's weights over held + retrieved */
 } hscratch;
 
 typedef struct {
@@ -84,6 +87,7 @@ typedef struct {
     int64_t appended, evicted;
     int64_t ref;           /* < 0: hold every token; else fraction budgets are of ref tokens */
     int64_t budget;        /* resolved budget in tokens (when ref >= 1 and the policy evicts) */
+    kvc_side *side;        /* evicted tokens for retrieval (keep option retrieve=R), or NULL */
     char desc[1400];
 } kv_impl;
 
@@ -174,7 +178,7 @@ static int kv_append(kvc_cache *c, int layer, const float *k, const float *v, co
         if (kr) {
             /* the new keys were just stored contiguously as exact rows: rotate from there */
             kvc_rope_rows(&im->rope, s->raw[KK] + (size_t)(first - s->n_enc[KK]) * D, D, pos, n, kr, D);
-            kvc_keep_view view = {layer, h, s->n, s->pos, s->state};
+            kvc_keep_view view = {layer, h, s->n, s->pos, s->state, NULL};
             im->keep->ops->on_append(im->keep, &view, first, kr);
         }
     }
@@ -263,6 +267,9 @@ static int scratch_reserve(kv_impl *im, hscratch *scr, int64_t T, int n_q, int R
             grow((void **)&scr->mask, (size_t)cap, 1) ||
             grow((void **)&scr->score, (size_t)cap, sizeof(float)) || grow((void **)&scr->bp, (size_t)cap, sizeof(void *)))
             return -1;
+        if (im->side && (grow((void **)&scr->pos2, (size_t)cap, sizeof(int32_t)) ||
+                         grow((void **)&scr->rprobs, (size_t)cap * im->G, sizeof(float))))
+            return -1;
         scr->cap = cap;
     }
     if (R > 0 && scr->zcap < scr->cap * R) {
@@ -283,16 +290,111 @@ static int scratch_reserve(kv_impl *im, hscratch *scr, int64_t T, int n_q, int R
 
 /* ------------------------------------------------------------------- attend ------ */
 
+/* Hands one layer's queries (and the weights in each head's scr->probs, when the policy asks)
+ * to the policy, head by head. */
+static void policy_sees(kv_impl *im, int layer, const float *q, const int32_t *qpos, int n_q) {
+    const int K = im->K, G = im->G, D = im->D, H = im->H;
+    if (!im->keep->ops->on_attend) return;
+    for (int h = 0; h < K; h++) {
+        hstore *s = &im->hs[(size_t)layer * K + h];
+        hscratch *scr = &im->sc[h];
+        for (int t = 0; t < n_q; t++)
+            memcpy(scr->qg + (size_t)t * G * D, q + ((size_t)t * H + (size_t)h * G) * D, (size_t)G * D * sizeof(float));
+        kvc_keep_view view = {layer, h, s->n, s->pos, s->state, NULL};
+        im->keep->ops->on_attend(im->keep, &view, scr->qg, qpos, n_q, im->keep->needs_probs ? scr->probs : NULL);
+    }
+}
+
+static const kvc_cache_ops KV_OPS;
+
+/* kvc_kvcache_observe after the keys are read (phase 1 of kv_attend): attention runs only when
+ * the policy needs its weights, into scratch that is thrown away. */
+static int observe_only(kv_impl *im, int layer, const float *q, const int32_t *qpos, int n_q, kvc_err *err) {
+    const int K = im->K, D = im->D, H = im->H;
+    if (im->keep->needs_probs) {
+        float *tmp = kvc_malloc_array((size_t)n_q * H * D, sizeof(float));
+        if (!tmp) return kvc_fail(err, "out of memory observing queries");
+        kvc_attn_kv kv[K];
+        float *probs[K];
+        for (int h = 0; h < K; h++) {
+            const hstore *s = &im->hs[(size_t)layer * K + h];
+            const hscratch *scr = &im->sc[h];
+            const int R = im->latent[(size_t)layer * K + h];
+            const int64_t ne = R ? s->n_enc[KV] : 0;
+            kv[h] = (kvc_attn_kv){.t = s->n, .k = scr->kr, .ldk = D, .pos = s->pos, .ne = ne, .z = scr->z, .r = R,
+                                  .v = R ? s->raw[KV] : scr->vr, .ldv = D};
+            if (ne > 0) im->repr->ops->linear_decoder(im->repr, layer, h, &kv[h].w, &kv[h].b);
+            probs[h] = scr->probs;
+        }
+        int rc = kvc_backend_cpu()->attend_layer(q, qpos, n_q, H, K, D, kv, tmp, probs, err);
+        free(tmp);
+        if (rc) return -1;
+    }
+    policy_sees(im, layer, q, qpos, n_q);
+    return 0;
+}
+
+/* Attention with retrieval: query by query, each kv head's held rows plus the tokens the
+ * side store returns for that query (written after the held rows: keys in scr->kr, values in
+ * the memo's buffer, which both have room for rmax more rows). The policy's weights (when it
+ * asks) cover the held tokens only. Values are read decoded (no latent path with retrieval). */
+static int attend_retrieving(kvc_cache *c, int layer, const float *q, const int32_t *qpos, int n_q, float *out,
+                             kvc_err *err) {
+    kv_impl *im = c->impl;
+    const int K = im->K, G = im->G, D = im->D, H = im->H;
+    int got[K];
+    float *vw[K];
+    kvc_attn_kv kv[K];
+    float *probs[K];
+    for (int h = 0; h < K; h++) {
+        const hstore *s = &im->hs[(size_t)layer * K + h];
+        hscratch *scr = &im->sc[h];
+        memcpy(scr->pos2, s->pos, (size_t)s->n * sizeof(int32_t));
+        vw[h] = im->mm[h * 2 + KV].rows[im->mm[h * 2 + KV].cur]; /* == scr->vr, writable past row n */
+        probs[h] = im->keep->needs_probs ? scr->rprobs : NULL;
+    }
+    kvc_err e1 = {{0}};
+    for (int t = 0; t < n_q; t++) {
+        int bad = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : bad) if (K > 1)
+        for (int h = 0; h < K; h++) {
+            const hstore *s = &im->hs[(size_t)layer * K + h];
+            hscratch *scr = &im->sc[h];
+            got[h] = kvc_side_retrieve(im->side, layer, h, q + ((size_t)t * H + (size_t)h * G) * D, qpos[t], &im->rope,
+                                       scr->kr + (size_t)s->n * D, vw[h] + (size_t)s->n * D, scr->pos2 + s->n, &e1);
+            bad |= got[h] < 0;
+        }
+        if (bad) return kvc_fail(err, "%s", e1.msg);
+        for (int h = 0; h < K; h++) {
+            const hstore *s = &im->hs[(size_t)layer * K + h];
+            const hscratch *scr = &im->sc[h];
+            kv[h] = (kvc_attn_kv){.t = s->n + got[h], .k = scr->kr, .ldk = D, .pos = scr->pos2, .v = vw[h], .ldv = D};
+        }
+        if (kvc_cache_backend(c)->attend_layer(q + (size_t)t * H * D, qpos + t, 1, H, K, D, kv, out + (size_t)t * H * D,
+                                               probs, err))
+            return -1;
+        for (int h = 0; probs[0] && h < K; h++) {
+            const hstore *s = &im->hs[(size_t)layer * K + h];
+            hscratch *scr = &im->sc[h];
+            for (int g = 0; g < G; g++)
+                memcpy(scr->probs + ((size_t)t * G + g) * s->n, scr->rprobs + (size_t)g * kv[h].t,
+                       (size_t)s->n * sizeof(float));
+        }
+    }
+    return 0;
+}
+
 static int kv_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpos, int n_q, float *out,
                      kvc_err *err) {
     kv_impl *im = c->impl;
-    const int K = im->K, G = im->G, D = im->D, H = im->H;
+    const int K = im->K, D = im->D, H = im->H;
     int fail = 0;
     /* 1. per kv head: keys (decoded, rotated) and values (decoded, or latents) */
+    const int rmax = im->side ? im->keep->retrieval.r : 0;
     for (int h = 0; h < K; h++) {
         hstore *s = &im->hs[(size_t)layer * K + h];
         int R = im->latent[(size_t)layer * K + h];
-        if (scratch_reserve(im, &im->sc[h], s->n, n_q, R)) return kvc_fail(err, "out of memory in attention");
+        if (scratch_reserve(im, &im->sc[h], s->n + rmax, n_q, R)) return kvc_fail(err, "out of memory in attention");
     }
 #pragma omp parallel for schedule(dynamic, 1) reduction(| : fail) if (K > 1)
     for (int h = 0; h < K; h++) {
@@ -315,6 +417,14 @@ static int kv_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpo
         }
     }
     if (fail) return kvc_fail(err, "attention: out of memory, or the backend failed rotating keys");
+    if (!out) return observe_only(im, layer, q, qpos, n_q, err);
+    int retrieving = 0;
+    for (int h = 0; rmax && h < K; h++) retrieving |= kvc_side_count(im->side, layer, h) > 0;
+    if (retrieving) {
+        if (attend_retrieving(c, layer, q, qpos, n_q, out, err)) return -1;
+        policy_sees(im, layer, q, qpos, n_q);
+        return 0;
+    }
     /* 2. every (query, query head): the backend's attention, exact rows and latents alike */
     kvc_attn_kv kv[K];
     float *probs[K];
@@ -331,16 +441,20 @@ static int kv_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpo
     }
     if (kvc_cache_backend(c)->attend_layer(q, qpos, n_q, H, K, D, kv, out, probs, err)) return -1;
     /* 3. the policy sees the step's queries (and weights) */
-    if (im->keep->ops->on_attend) {
-        for (int h = 0; h < K; h++) {
-            hstore *s = &im->hs[(size_t)layer * K + h];
-            hscratch *scr = &im->sc[h];
-            for (int t = 0; t < n_q; t++)
-                memcpy(scr->qg + (size_t)t * G * D, q + ((size_t)t * H + (size_t)h * G) * D, (size_t)G * D * sizeof(float));
-            kvc_keep_view view = {layer, h, s->n, s->pos, s->state};
-            im->keep->ops->on_attend(im->keep, &view, scr->qg, qpos, n_q, im->keep->needs_probs ? scr->probs : NULL);
-        }
-    }
+    policy_sees(im, layer, q, qpos, n_q);
+    return 0;
+}
+
+int kvc_kvcache_observe(kvc_cache *c, int layer, const float *q, const int32_t *pos, int n_q, kvc_err *err) {
+    if (c->ops != &KV_OPS || n_q <= 0) return 0;
+    if (layer < 0 || layer >= c->shape.n_layer || !q || !pos) return kvc_fail(err, "kvc_kvcache_observe: bad arguments");
+    kv_impl *im = c->impl;
+    if (!im->keep->ops->on_attend) return 0; /* nothing to see: no keys decoded either */
+    if (im->keep->needs_probs) return kv_attend(c, layer, q, pos, n_q, NULL, err);
+    for (int h = 0; h < im->K; h++) /* queries alone: no keys to read */
+        if (scratch_reserve(im, &im->sc[h], im->hs[(size_t)layer * im->K + h].n, n_q, 0))
+            return kvc_fail(err, "out of memory observing queries");
+    policy_sees(im, layer, q, pos, n_q);
     return 0;
 }
 
@@ -417,11 +531,107 @@ static int hs_flush(kv_impl *im, hstore *s, int l, int h) {
     return 0;
 }
 
+/* Scores the tokens of (l, h) into score; the view carries the keys after RoPE when the policy
+ * asks for them (decoded and rotated as attention reads them). 0 or -1 with err. */
+static int score_head(kvc_cache *c, int l, int h, float *score, kvc_err *err) {
+    kv_impl *im = c->impl;
+    hstore *s = &im->hs[(size_t)l * im->K + h];
+    hscratch *scr = &im->sc[h];
+    kvc_keep_view view = {l, h, s->n, s->pos, s->state, NULL};
+    if (im->keep->needs_keys) {
+        const float *kp = memo_rows(im, l, h, KK, scr);
+        if (!kp) return kvc_fail(err, "out of memory reading keys for the policy");
+        if (kvc_cache_backend(c)->rope_rows(&im->rope, kp, im->D, s->pos, s->n, scr->kr, im->D, err)) return -1;
+        view.krot = scr->kr;
+    }
+    im->keep->ops->score(im->keep, &view, score);
+    return 0;
+}
+
+/* Hands the tokens marked in mask of (l, h) to the side store: their rows decoded (before
+ * RoPE) and their keys rotated for the index. 0 or -1 with err. */
+static int side_capture(kv_impl *im, int l, int h, const uint8_t *mask, kvc_err *err) {
+    hstore *s = &im->hs[(size_t)l * im->K + h];
+    const int D = im->D;
+    int64_t m = 0;
+    for (int64_t i = 0; i < s->n; i++) m += mask[i];
+    if (m == 0) return 0;
+    float *kall = kvc_malloc_array((size_t)s->n * D, sizeof(float)), *vall = kvc_malloc_array((size_t)s->n * D, sizeof(float));
+    float *kr = kvc_malloc_array((size_t)m * D, sizeof(float));
+    int32_t *pos = kvc_malloc_array((size_t)m, sizeof(int32_t));
+    int rc = 0;
+    if (!kall || !vall || !kr || !pos) {
+        rc = kvc_fail(err, "out of memory moving evicted tokens to the side store");
+    } else {
+        head_rows(im, l, h, KK, kall, &im->sc[h]);
+        head_rows(im, l, h, KV, vall, &im->sc[h]);
+        int64_t w = 0;
+        for (int64_t i = 0; i < s->n; i++) {
+            if (!mask[i]) continue;
+            if (w != i) {
+                memcpy(kall + (size_t)w * D, kall + (size_t)i * D, (size_t)D * sizeof(float));
+                memcpy(vall + (size_t)w * D, vall + (size_t)i * D, (size_t)D * sizeof(float));
+            }
+            pos[w++] = s->pos[i];
+        }
+        kvc_rope_rows(&im->rope, kall, D, pos, m, kr, D);
+        rc = kvc_side_add(im->side, l, h, kall, kr, vall, pos, (int)m, err);
+    }
+    free(kall), free(vall), free(kr), free(pos);
+    return rc;
+}
+
+/* end_step with one budget shared by the kv heads of a layer (share=layer) or by every head
+ * (share=global): all heads of a group are scored, kvc_kvcache_select_shared picks what goes,
+ * then every head compacts and encodes. (No reuse chains: refused at creation.) */
+static int end_step_shared(kvc_cache *c, kvc_err *err) {
+    kv_impl *im = c->impl;
+    const kvc_keep_budget *b = &im->keep->budget;
+    const int nh = im->L * im->K, per = b->share == KVC_SHARE_LAYER ? im->K : nh;
+    int64_t total = 0;
+    for (int i = 0; i < nh; i++) total += im->hs[i].n;
+    float *sc = kvc_malloc_array((size_t)(total > 0 ? total : 1), sizeof(float));
+    uint8_t *mk = kvc_calloc_array((size_t)(total > 0 ? total : 1), 1);
+    const float **sp = kvc_malloc_array((size_t)nh, sizeof *sp);
+    uint8_t **mp = kvc_malloc_array((size_t)nh, sizeof *mp);
+    int64_t *nn = kvc_malloc_array((size_t)nh, sizeof *nn);
+    int rc = 0;
+    if (!sc || !mk || !sp || !mp || !nn) rc = kvc_fail(err, "out of memory choosing tokens to evict");
+    const int64_t floor_keep = (int64_t)ceil(b->floor * (double)im->budget);
+    for (int64_t i = 0, off = 0; !rc && i < nh; i++) {
+        sp[i] = sc + off, mp[i] = mk + off, nn[i] = im->hs[i].n;
+        off += im->hs[i].n;
+    }
+    for (int g0 = 0; !rc && g0 < nh; g0 += per) {
+        int64_t held = 0;
+        for (int i = g0; i < g0 + per; i++) held += nn[i];
+        if (held <= im->budget * per) continue;
+        for (int i = g0; !rc && i < g0 + per; i++)
+            if (scratch_reserve(im, &im->sc[i % im->K], nn[i], 1, 0)) rc = kvc_fail(err, "out of memory");
+            else rc = score_head(c, i / im->K, i % im->K, (float *)sp[i], err);
+        if (!rc && kvc_kvcache_select_shared(sp + g0, nn + g0, per, im->budget * per, b->sinks, b->window, floor_keep,
+                                             mp + g0) < 0)
+            rc = kvc_fail(err, "out of memory choosing tokens to evict");
+    }
+    for (int i = 0; !rc && i < nh; i++) {
+        hstore *s = &im->hs[i];
+        const int l = i / im->K, h = i % im->K;
+        if (scratch_reserve(im, &im->sc[h], s->n, 1, 0)) rc = kvc_fail(err, "out of memory");
+        if (!rc && im->side) rc = side_capture(im, l, h, mp[i], err);
+        if (rc) break;
+        hs_compact(im, s, mp[i]);
+        if (hs_flush(im, s, l, h)) rc = kvc_fail(err, "out of memory encoding the KV cache");
+    }
+    free(sc), free(mk), free(sp), free(mp), free(nn);
+    return rc;
+}
+
 static int kv_end_step(kvc_cache *c, kvc_err *err) {
     kv_impl *im = c->impl;
     const int K = im->K;
     const kvc_keep_budget *b = &im->keep->budget;
     const int evict = im->keep->evicts && im->ref >= 1;
+    if (evict && b->share != KVC_SHARE_HEAD) return end_step_shared(c, err);
     for (int l = 0; l < im->L; l++) {
         for (int h = 0; h < K; h++) {
             hstore *s = &im->hs[(size_t)l * K + h];
@@ -434,12 +644,12 @@ static int kv_end_step(kvc_cache *c, kvc_err *err) {
                 } else {
                     memset(scr->mask, 0, (size_t)s->n);
                     if (s->n > im->budget) {
-                        kvc_keep_view view = {l, h, s->n, s->pos, s->state};
-                        im->keep->ops->score(im->keep, &view, scr->score);
+                        if (score_head(c, l, h, scr->score, err)) return -1;
                         kvc_kvcache_select(scr->score, s->n, im->budget, b->sinks, b->window, scr->mask);
                     }
                     scr->mask_n = s->n;
                 }
+                if (im->side && side_capture(im, l, h, scr->mask, err)) return -1;
                 hs_compact(im, s, scr->mask);
             }
             if (hs_flush(im, s, l, h)) return kvc_fail(err, "out of memory encoding the KV cache");
@@ -453,7 +663,9 @@ static int kv_end_step(kvc_cache *c, kvc_err *err) {
 static size_t kv_bytes(const kvc_cache *c) {
     const kv_impl *im = c->impl;
     const size_t sb = im->keep->state_bytes, D = (size_t)im->D;
-    size_t total = 0;
+    size_t total = im->keep->ops->extra_bytes ? im->keep->ops->extra_bytes(im->keep) : 0;
+    /* heads holding different numbers of tokens: each head's count is data */
+    if (im->keep->evicts && im->keep->budget.share != KVC_SHARE_HEAD) total += (size_t)im->L * im->K * sizeof(int32_t);
     for (int l = 0; l < im->L; l++)
         for (int h = 0; h < im->K; h++) {
             const hstore *s = &im->hs[(size_t)l * im->K + h];
@@ -491,6 +703,7 @@ static void kv_reset(kvc_cache *c) {
     }
     for (int i = 0; i < im->K * 2; i++) im->mm[i].layer = -1;
     im->appended = im->evicted = 0;
+    if (im->side) kvc_side_reset(im->side);
     if (im->keep->ops->reset) im->keep->ops->reset(im->keep);
 }
 
@@ -513,11 +726,12 @@ static void kv_free(kvc_cache *c) {
         for (int h = 0; im->sc && h < im->K; h++) {
             hscratch *scr = &im->sc[h];
             free(scr->kr), free(scr->z), free(scr->tmp), free(scr->tmp2), free(scr->mask), free(scr->score);
-            free(scr->bp), free(scr->probs), free(scr->qg);
+            free(scr->bp), free(scr->probs), free(scr->qg), free(scr->pos2), free(scr->rprobs);
         }
         for (int i = 0; im->mm && i < im->K * 2; i++) free(im->mm[i].rows[0]), free(im->mm[i].rows[1]);
         free(im->hs), free(im->sc), free(im->mm), free(im->rb), free(im->bb), free(im->reused), free(im->latent);
         kvc_rope_table_free(&im->rope);
+        kvc_side_free(im->side);
         kvc_repr_free(im->repr);
         kvc_keep_free(im->keep);
         free(im);
@@ -559,6 +773,22 @@ static const kvc_cache_ops KV_OPS = {
 };
 
 /* ----------------------------------------------------------------- creation ------ */
+
+/* Checks and builds what shared budgets and retrieval need: neither works with heads whose
+ * tokens follow the layer below (a reuse plan), and retrieval makes its side store. */
+static int new_extensions(kv_impl *im, const kvc_cache_shape *shape, kvc_err *err) {
+    const kvc_keep *k = im->keep;
+    int followers = 0;
+    for (int i = 0; i < im->L * im->K; i++) followers |= im->hs[i].follower;
+    if (k->evicts && k->budget.share != KVC_SHARE_HEAD && followers)
+        return kvc_fail(err, "share=layer|global needs a representation without cross-layer reuse (%s): use reuse=off",
+                        im->repr->spec);
+    if (k->retrieval.r < 1) return 0;
+    if (followers)
+        return kvc_fail(err, "retrieve= needs a representation without cross-layer reuse (%s): use reuse=off", im->repr->spec);
+    im->side = kvc_side_new(shape->n_layer, shape->n_head_kv, im->G, shape->head_dim, &k->retrieval, err);
+    return im->side ? 0 : -1;
+}
 
 kvc_cache *kvc_kvcache_new(const kvc_cache_shape *shape, const char *repr, const char *keep, const char *fingerprint,
                        kvc_err *err) {
@@ -629,12 +859,14 @@ kvc_cache *kvc_kvcache_new(const kvc_cache_shape *shape, const char *repr, const
                 if (im->reused[i]) im->hs[(size_t)l * im->K + h].follower = 1;
             }
         }
-    /* values in latent space when the decoder is linear and no layer above needs them decoded */
+    if (new_extensions(im, s, err)) goto fail;
+    /* values in latent space when the decoder is linear and no layer above needs them decoded
+     * (and no retrieval adds decoded rows after them) */
     for (int l = 0; l < im->L; l++)
         for (int h = 0; h < im->K; h++) {
             int R = ro->latent_dim && ro->decode_latent && ro->linear_decoder ? ro->latent_dim(im->repr, l, h) : 0;
             if (im->reused[IDX3(im, l, h, KV)] || (l + 1 < im->L && im->reused[IDX3(im, l + 1, h, KV)]) ||
-                im->brows[KV] != 1)
+                im->brows[KV] != 1 || im->side)
                 R = 0;
             im->latent[(size_t)l * im->K + h] = R > 0 ? R : 0;
         }
@@ -650,8 +882,17 @@ kvc_cache *kvc_kvcache_new(const kvc_cache_shape *shape, const char *repr, const
         char bud[48];
         if (b->budget_tokens > 0) snprintf(bud, sizeof bud, "%lld", (long long)b->budget_tokens);
         else snprintf(bud, sizeof bud, "%g", b->budget_frac);
-        snprintf(im->desc, sizeof im->desc, "repr=%s keep=%s:budget=%s,sinks=%d,window=%d%s%s", im->repr->spec,
-                 im->keep->ops->name, bud, b->sinks, b->window, kd[0] ? "," : "", kd);
+        char ext[400] = "";
+        const kvc_keep_retrieval *rt = &im->keep->retrieval;
+        int at = 0;
+        if (b->share != KVC_SHARE_HEAD)
+            at += snprintf(ext + at, sizeof ext - at, ",share=%s,floor=%g", b->share == KVC_SHARE_LAYER ? "layer" : "global",
+                           b->floor);
+        if (rt->r > 0 && at >= 0 && (size_t)at < sizeof ext)
+            snprintf(ext + at, sizeof ext - at, ",retrieve=%d,rbits=%d,rstore=int%d,rerank=%d,rprobe=%s%s%s", rt->r, rt->bits,
+                     rt->qbits, rt->rerank, rt->probe_each ? "each" : "mean", rt->spill[0] ? ",spill=" : "", rt->spill);
+        snprintf(im->desc, sizeof im->desc, "repr=%s keep=%s:budget=%s,sinks=%d,window=%d%s%s%s", im->repr->spec,
+                 im->keep->ops->name, bud, b->sinks, b->window, kd[0] ? "," : "", kd, ext);
     } else {
         snprintf(im->desc, sizeof im->desc, "repr=%s keep=%s", im->repr->spec, im->keep->ops->name);
     }
@@ -682,4 +923,10 @@ void kvc_kvcache_get_stats(const kvc_cache *c, kvcache_stats *st) {
     st->appended = im->appended;
     st->evicted = im->evicted;
     for (size_t i = 0; i < (size_t)im->L * im->K; i++) st->held += im->hs[i].n;
+    if (im->side) {
+        st->side_tokens = kvc_side_tokens(im->side);
+        st->side_ram_bytes = kvc_side_ram_bytes(im->side);
+        st->side_disk_bytes = kvc_side_disk_bytes(im->side);
+        st->retrieved = kvc_side_retrieved(im->side);
+    }
 }

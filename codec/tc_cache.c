@@ -128,7 +128,7 @@ static int tc_append(kvc_cache *c, int layer, const float *k, const float *v, co
         const int64_t T = im->n_old + n;
         for (int h = 0; h < K; h++) {
             kvc_rope_rows(&im->rope, k + (size_t)h * D, E, pos, n, kr, D);
-            kvc_keep_view view = {layer, h, T, im->pos, im->state[layer * K + h]};
+            kvc_keep_view view = {layer, h, T, im->pos, im->state[layer * K + h], NULL};
             im->keep->ops->on_append(im->keep, &view, im->n_old, kr);
         }
         free(kr);
@@ -209,7 +209,7 @@ static int tc_attend(kvc_cache *c, int layer, const float *q, const int32_t *qpo
         for (int h = 0; h < K; h++) {
             for (int t = 0; t < n_q; t++)
                 memcpy(im->qg + (size_t)t * G * D, q + ((size_t)t * H + (size_t)h * G) * D, (size_t)G * D * sizeof(float));
-            kvc_keep_view view = {layer, h, T, im->pos, im->state[layer * K + h]};
+            kvc_keep_view view = {layer, h, T, im->pos, im->state[layer * K + h], NULL};
             im->keep->ops->on_attend(im->keep, &view, im->qg, qpos, n_q, probs[h]);
         }
     }
@@ -294,7 +294,7 @@ static int tc_end_step(kvc_cache *c, kvc_err *err) {
         for (int64_t i = 0; i < n; i++) im->total[i] = 0;
         for (int l = 0; l < im->L; l++)
             for (int h = 0; h < im->K; h++) {
-                kvc_keep_view view = {l, h, n, im->pos, im->state[l * im->K + h]};
+                kvc_keep_view view = {l, h, n, im->pos, im->state[l * im->K + h], NULL};
                 im->keep->ops->score(im->keep, &view, im->score);
                 for (int64_t i = 0; i < n; i++) im->total[i] += im->score[i];
             }
@@ -456,6 +456,11 @@ kvc_cache *kvc_tccache_new(const kvc_cache_shape *s, const char *opts, const cha
     if (kvc_tc_check_model(im->tc, fingerprint, s->n_layer, s->n_head_kv, s->head_dim, err)) goto fail;
     im->S = sinks >= 0 ? sinks : im->tc->sinks;
     if (!(im->keep = kvc_keep_new(keep && *keep ? keep : "full", s, err))) goto fail;
+    /* this cache decides once for the model and keeps no side store: refuse what it would ignore */
+    if (im->keep->retrieval.r > 0 || im->keep->budget.share != KVC_SHARE_HEAD || im->keep->needs_keys) {
+        kvc_fail(err, "a transform codec's cache takes no retrieve=, share= or window-of-queries policy (obs=, snapkv, tova)");
+        goto fail;
+    }
     im->rb = calloc((size_t)im->L * 2, sizeof(int));
     im->appended = calloc((size_t)im->L, sizeof(int));
     im->sink = calloc((size_t)im->L * 2, sizeof *im->sink);

@@ -14,7 +14,7 @@ HEADER = {
     "common.h": "base", "kernels.h": "kernels", "ops.h": "kernels", "quant.h": "kernels", "kvquant.h": "kernels",
     "lsh.h": "kernels", "backend.h": "kernels", "ops_cuda.h": "kernels",
     "gguf.h": "model", "tokenizer.h": "model", "model.h": "model", "cache.h": "model", "sampler.h": "model",
-    "kvcache.h": "codec", "checkpoint.h": "codec", "tc.h": "codec", "aenet.h": "codec", "reuse.h": "codec", "codec.h": "codec",
+    "kvcache.h": "codec", "checkpoint.h": "codec", "tc.h": "codec", "aenet.h": "codec", "reuse.h": "codec", "codec.h": "codec", "sidestore.h": "codec",
     "dataset.h": "data",
     "ae.h": "train", "ae_cuda.h": "train", "reuse_fit.h": "train", "trainer.h": "train",
     "eval.h": "eval", "sweep.h": "eval",

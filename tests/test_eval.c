@@ -226,6 +226,20 @@ Test(eval, cli_bad_input, .timeout = 300) {
         {"--measures stream,foo", "unknown measure 'foo'", 2},
         {"--measures passkey --passkey-depths 0,1.5", "invalid --passkey-depths", 2},
         {"--chunk 0", "--chunk must be at least 1", 2},
+        /* shared-prefill runs (several points, facts) */
+        {"--keep 'h2o:budget=0.25;h2o:budget=0.02' --measures context --tokens 1200",
+         "point 2 (h2o:budget=0.02), context of 512 tokens: budget 0.02 of 512 tokens = 10 is smaller than sinks 4 + window 10", 1},
+        {"--keep 'streaming:budget=0.25,retrieve=5000' --measures facts", "retrieve=5000", 1},
+        {"--keep 'streaming:budget=0.25,retrieve=0,rerank=4' --measures facts", "need retrieve=R", 1},
+        {"--keep 'streaming:budget=0.25,retrieve=8,spill=/nonexistent/kvc' --measures facts",
+         "cannot create a spill file in '/nonexistent/kvc'", 1},
+        {"--keep 'full;h2o:budget=0.5' --measures stream", "drop it from --measures", 2},
+        {"--keep 'full;;h2o:budget=0.5' --measures context", "an empty item", 2},
+        {"--repr 'f16;int8' --keep 'full;h2o:budget=0.5;l2:budget=0.5' --measures context", "--repr has 2 items", 2},
+        {"--measures facts --facts 9", "--facts must be in 1..8", 2},
+        {"--keep h2o:budget=0.5 --measures context --csv /tmp/x.csv", "--csv and --per-sample need a shared prefill", 2},
+        {"--prefill both", "--prefill must be cache or shared", 2},
+        {"--keep 'full;h2o:budget=0.5' --measures context --csv /nonexistent/dir/x.csv", "cannot write '/nonexistent/dir/x.csv", 1},
     };
     char err[4096];
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -235,4 +249,146 @@ Test(eval, cli_bad_input, .timeout = 300) {
                   cases[i].needle, err);
         cr_expect(strncmp(err, "kvcodec eval:", 13) == 0, "eval %s: %s", cases[i].args, err);
     }
+}
+
+/* The shared prefill (kvc_eval_multi): every cache hears the reference's prefill, so with f32
+ * rows its figures equal kvc_eval_context's run through the cache itself (the prefill is exact
+ * either way and the compression sees the same weights: the same logits, sums within 1e-13);
+ * the full cache gives KL 0; intervals bracket the point estimate. */
+Test(eval, shared_prefill_matches_the_context_protocol, .timeout = 300) {
+    enum { N = 96, M = 16, S = 3 };
+    int32_t *ids;
+    kvc_model *m = load(&ids, S * (N + M));
+    kvc_err err = {{0}};
+    kvc_cache_shape sh = kvc_model_cache_shape(m, N + M);
+    const char *keeps[3] = {"full", "h2o:budget=0.25,norm=mean", "lsh:budget=0.25,norm=mean,est=softmax"};
+    kvc_cache *c[3], *ref = full_cache(m, N + M);
+    for (int i = 0; i < 3; i++) cr_assert_not_null(c[i] = kvc_kvcache_new(&sh, "f32", keeps[i], NULL, &err), "%s", err.msg);
+    kvc_multi_opts o = {.chunk = 32, .context_len = N, .continuation = M, .samples = S};
+    kvc_multi_point pts[3];
+    cr_assert_eq(kvc_eval_multi(m, c, 3, ref, ids, S * (N + M), KVC_MULTI_CONTEXT, &o, pts, &err), 0, "%s", err.msg);
+    cr_expect(pts[0].context.kl_mean == 0.0 && pts[0].context.rise_pct == 0.0, "full: KL %g", pts[0].context.kl_mean);
+    for (int i = 1; i < 3; i++) {
+        kvc_measure_opts mo = {.chunk = 32, .context_len = N, .continuation = M, .samples = S};
+        kvc_quality q;
+        kvc_cache *alone = kvc_kvcache_new(&sh, "f32", keeps[i], NULL, &err), *r2 = full_cache(m, N + M);
+        cr_assert_eq(kvc_eval_context(m, alone, r2, ids, S * (N + M), &mo, &q, &err), 0, "%s", err.msg);
+        const kvc_quality *p = &pts[i].context;
+        cr_expect_eq(p->n_scored, q.n_scored);
+        /* the same logits; the sums associate per sample here, per row there: the last bits */
+        cr_expect(fabs(p->nll - q.nll) <= 1e-13 * q.nll && fabs(p->nll_full - q.nll_full) <= 1e-13 * q.nll_full,
+                  "%s: nll %.17g vs %.17g", keeps[i], p->nll, q.nll);
+        cr_expect(fabs(p->kl_mean - q.kl_mean) <= 1e-12 * q.kl_mean, "%s: KL %.17g vs %.17g", keeps[i], p->kl_mean, q.kl_mean);
+        cr_expect_eq(p->top1, q.top1);
+        cr_expect_eq(p->bytes_per_token, q.bytes_per_token, "%s: bytes/token", keeps[i]);
+        cr_expect(p->kl_mean > 0 && pts[i].kl_ci[0] <= p->kl_mean && p->kl_mean <= pts[i].kl_ci[1],
+                  "%s: KL %g outside [%g, %g]", keeps[i], p->kl_mean, pts[i].kl_ci[0], pts[i].kl_ci[1]);
+        double sum = 0;
+        for (int s = 0; s < S; s++) sum += pts[i].s_kl[s];
+        cr_expect(fabs(sum / p->n_scored - p->kl_mean) < 1e-12, "per-sample sums add up");
+        kvc_cache_free(alone), kvc_cache_free(r2);
+    }
+    for (int i = 0; i < 3; i++) kvc_multi_point_free(&pts[i]), kvc_cache_free(c[i]);
+    kvc_cache_free(ref);
+    free(ids);
+    kvc_model_free(m);
+}
+
+/* Bootstrap: samples that all agree give an interval of one point; spread ones bracket it. */
+Test(eval, bootstrap_intervals_over_samples) {
+    double nll[4] = {2, 2, 2, 2}, nf[4] = {1, 1, 1, 1}, kl[4] = {0.5, 0.5, 0.5, 0.5}, r[2], k[2];
+    int sc[4] = {10, 10, 10, 10};
+    kvc_multi_bootstrap(nll, nf, kl, sc, 4, r, k);
+    const double rise = 100.0 * (exp(0.1) - 1.0);
+    cr_expect(fabs(r[0] - rise) < 1e-9 && fabs(r[1] - rise) < 1e-9, "[%g, %g] vs %g", r[0], r[1], rise);
+    cr_expect(fabs(k[0] - 0.05) < 1e-12 && fabs(k[1] - 0.05) < 1e-12);
+    double kl2[4] = {0.1, 0.9, 0.3, 0.7};
+    kvc_multi_bootstrap(nll, nf, kl2, sc, 4, r, k);
+    cr_expect(k[0] < 0.05 && k[1] > 0.05 && k[0] >= 0.01 && k[1] <= 0.09, "[%g, %g]", k[0], k[1]);
+    kvc_multi_bootstrap(nll, nf, kl2, sc, 1, r, k);
+    cr_expect(isnan(r[0]) && isnan(k[1]), "one sample: no interval");
+}
+
+/* Several facts: every door appears once with its own code, at spread-out places, the asked
+ * door's code is the answer and its fact is where needle_at says; too short a length or too
+ * many facts are refused. */
+Test(eval, facts_prompt_holds_every_fact_once, .timeout = 120) {
+    REQUIRE_MODEL(path);
+    kvc_err err = {{0}};
+    kvc_model *m = kvc_model_load(path, &err);
+    cr_assert_not_null(m, "%s", err.msg);
+    uint64_t rng = 3;
+    for (int trial = 0; trial < 4; trial++) {
+        kvc_passkey_prompt p;
+        char ans[8];
+        cr_assert_eq(kvc_facts_build(m->tok, 600, 5, &rng, &p, ans, &err), 0, "%s", err.msg);
+        cr_expect(p.n <= 600 && p.n > 500, "%d tokens", p.n);
+        size_t len;
+        char *text = kvc_tokenizer_decode(m->tok, p.ids, p.n_context, &len);
+        char *q = kvc_tokenizer_decode(m->tok, p.ids + p.n_context, p.n - p.n_context, &len);
+        int facts = 0;
+        for (const char *at = text; (at = strstr(at, " door is ")); at++) facts++;
+        cr_expect_eq(facts, 5, "%s", text);
+        char door[64];
+        cr_assert_eq(sscanf(q, "\n\nWhat is the code of the %63s", door), 1, "question: %s", q);
+        char fact[128];
+        snprintf(fact, sizeof fact, "The code of the %s door is %s.", door, ans);
+        cr_expect(strstr(text, fact) != NULL, "the asked fact '%s' is missing", fact);
+        char *at_needle = kvc_tokenizer_decode(m->tok, p.ids + p.needle_at, 8, &len);
+        cr_expect(strstr(at_needle, door) != NULL, "needle_at points at '%s', not the %s door", at_needle, door);
+        free(text), free(q), free(at_needle);
+        kvc_passkey_prompt_free(&p);
+    }
+    kvc_passkey_prompt p;
+    char ans[8];
+    cr_expect_eq(kvc_facts_build(m->tok, 60, 5, &rng, &p, ans, &err), -1);
+    cr_expect(strstr(err.msg, "cannot hold the intro, 5 facts and the question"), "%s", err.msg);
+    cr_expect_eq(kvc_facts_build(m->tok, 600, 9, &rng, &p, ans, &err), -1);
+    cr_expect(strstr(err.msg, "9 facts per prompt (1..8)"), "%s", err.msg);
+    kvc_model_free(m);
+}
+
+/* The shared run's CSV: one row per point with its figures, intervals, side-store bytes and
+ * per-length accuracy; per-sample sums in the second file; written whole or not at all. */
+Test(eval, multi_csv_rows_and_samples) {
+    kvc_multi_point p[2];
+    memset(p, 0, sizeof p);
+    double nll[2] = {3.0, 3.5}, nf[2] = {2.9, 3.4}, kl[2] = {0.4, 0.6};
+    int sc[2] = {63, 63}, ag[2] = {60, 58};
+    for (int i = 0; i < 2; i++) {
+        p[i].n_samples = 2, p[i].s_nll = nll, p[i].s_nll_full = nf, p[i].s_kl = kl, p[i].s_scored = sc, p[i].s_agree = ag;
+        p[i].context = (kvc_quality){.n_units = 2, .n_scored = 126, .ppl = 25.0, .ppl_full = 24.0, .rise_pct = 4.1667,
+                                     .kl_mean = 0.0079, .kl_p99 = 0.1, .top1 = 0.94, .kept_frac = 0.25,
+                                     .bytes_per_token = 5850, .compression = 3.94};
+        p[i].rise_ci[0] = 1, p[i].rise_ci[1] = 7, p[i].kl_ci[0] = 0.006, p[i].kl_ci[1] = 0.01;
+        p[i].side_ram_bpt = i ? 5969 : 0, p[i].retrieved_per_query = i ? 16 : 0;
+    }
+    kvc_passkey_cell cells[2] = {{.length = 1024, .trials = 5, .correct = 4, .correct_full = 5},
+                                 {.length = 2048, .trials = 5, .correct = 1, .correct_full = 3}};
+    p[1].passkey = (kvc_passkey_result){.cells = cells, .n_cells = 2, .trials = 10, .correct = 5, .correct_full = 8};
+    const char *repr[2] = {"f16", "f16"}, *keep[2] = {"streaming:budget=0.25", "streaming:budget=0.25,retrieve=16"};
+    char desc[2][64] = {"a", "b"}, path[64], spath[64];
+    snprintf(path, sizeof path, "/tmp/kvc_multi.%d.csv", getpid());
+    snprintf(spath, sizeof spath, "/tmp/kvc_multi_s.%d.csv", getpid());
+    kvc_multi_opts o = {.chunk = 32, .context_len = 512, .continuation = 64, .samples = 2};
+    kvc_err err = {{0}};
+    cr_assert_eq(kvc_multi_write_csv(path, spath, "m", "t", &o, KVC_MULTI_CONTEXT | KVC_MULTI_PASSKEY, repr, keep,
+                                     &desc[0][0], 64, p, 2, &err), 0, "%s", err.msg);
+    char *text;
+    size_t len;
+    cr_assert_eq(kvc_read_file(path, &text, &len, &err), 0);
+    int lines = 0;
+    for (size_t i = 0; i < len; i++) lines += text[i] == '\n';
+    cr_expect_eq(lines, 3, "%s", text);
+    cr_expect(strstr(text, "\"streaming:budget=0.25,retrieve=16\",\"b\",32,512,64,2,126,25,24,4.1667,1,7,0.0079,0.006,0.01"),
+              "%s", text);
+    cr_expect(strstr(text, ",5969,0,16,5,10,8,1024:4/5;2048:1/5,1024:5/5;2048:3/5,"), "%s", text);
+    free(text);
+    cr_assert_eq(kvc_read_file(spath, &text, &len, &err), 0);
+    cr_expect(strstr(text, "2,\"f16\",\"streaming:budget=0.25,retrieve=16\",1,63,3.5,3.4,0.6,58"), "%s", text);
+    free(text);
+    unlink(path), unlink(spath);
+    cr_expect_eq(kvc_multi_write_csv("/nonexistent/dir/x.csv", NULL, "m", "t", &o, KVC_MULTI_CONTEXT, repr, keep,
+                                     &desc[0][0], 64, p, 2, &err), -1);
+    cr_expect(strstr(err.msg, "cannot write '/nonexistent/dir/x.csv.tmp"), "%s", err.msg);
 }

@@ -165,7 +165,9 @@ static void sim_step(sim_head *s, const float *kn, const float *q, int n) {
     if (!k->evicts || s->v.n <= s->budget) return;
     float *sc = malloc(s->v.n * sizeof *sc);
     uint8_t *ev = malloc(s->v.n);
+    s->v.krot = k->needs_keys ? s->key : NULL;
     k->ops->score(k, &s->v, sc);
+    s->v.krot = NULL;
     for (int64_t t = 0; t < s->v.n; t++) cr_assert(isfinite(sc[t]), "%s: score %lld is %g", k->ops->name, (long long)t, sc[t]);
     kvc_kvcache_select(sc, s->v.n, s->budget, k->budget.sinks, k->budget.window, ev);
     int64_t o = 0;
@@ -194,6 +196,13 @@ static const char *const WALK_SPECS[] = {
     "lsh:budget=20,probe=key,score=sum",
     "lsh:budget=30,bits=64,score=ema,ema=0.3,sinks=1,window=3",
     "lsh:budget=18,bits=13,probe=query,score=sum",
+    "h2o:budget=24,norm=mean,gqa=max",
+    "h2o:budget=0.25,obs=8,pool=3,pooling=avg",
+    "observed:budget=20",
+    "snapkv:budget=40,window=16,obs=16",
+    "tova:budget=17",
+    "lsh:budget=0.3,norm=mean,est=softmax,gqa=min,bits=32",
+    "lsh:budget=22,obs=6,pool=5,gqa=each",
     NULL,
 };
 
@@ -264,7 +273,7 @@ Test(keep, full_never_evicts_and_refuses_a_budget) {
 Test(keep, streaming_evicts_the_oldest_unprotected) {
     kvc_keep *k = keep_ok("streaming:budget=6,sinks=2,window=2");
     int32_t pos[8] = {0, 1, 2, 5, 6, 9, 10, 11}; /* gaps from earlier evictions */
-    kvc_keep_view v = {0, 1, 8, pos, NULL};
+    kvc_keep_view v = {0, 1, 8, pos, NULL, NULL};
     float sc[8];
     uint8_t ev[8];
     choose(k, &v, 6, sc, ev);
@@ -284,7 +293,7 @@ Test(keep, h2o_evicts_the_least_accumulated_attention) {
     int32_t pos[6] = {0, 1, 2, 3, 4, 5};
     float state[6] = {0}, q[2 * G * D] = {0}, keys[6 * D] = {0}, sc[6];
     uint8_t ev[6];
-    kvc_keep_view v = {1, 2, 6, pos, (uint8_t *)state};
+    kvc_keep_view v = {1, 2, 6, pos, (uint8_t *)state, NULL};
     if (k->ops->on_append) k->ops->on_append(k, &v, 0, keys);
     for (int rep = 1; rep <= 2; rep++) { /* the second step adds the same weights again */
         k->ops->on_attend(k, &v, q, NULL, 2, P);
@@ -308,7 +317,7 @@ Test(keep, l2_evicts_the_largest_key_norms) {
         for (int d = 0; d < D; d++) keys[t * D + d] = gauss(), s += (double)keys[t * D + d] * keys[t * D + d];
         for (int d = 0; d < D; d++) keys[t * D + d] = (float)(keys[t * D + d] * norms[t] / sqrt(s));
     }
-    kvc_keep_view v = {0, 0, 3, pos, (uint8_t *)state};
+    kvc_keep_view v = {0, 0, 3, pos, (uint8_t *)state, NULL};
     k->ops->on_append(k, &v, 0, keys); /* in two appends: [0, 3) then [3, 5) */
     v.n = 5;
     k->ops->on_append(k, &v, 3, keys + 3 * D);
@@ -326,7 +335,7 @@ Test(keep, random_is_reproducible_by_seed_and_fresh_every_step) {
     enum { N = 200 };
     int32_t pos[N];
     for (int i = 0; i < N; i++) pos[i] = 3 * i;
-    kvc_keep_view v = {1, 1, N, pos, NULL};
+    kvc_keep_view v = {1, 1, N, pos, NULL, NULL};
     static float sa[3][N], sb[N], scc[N];
     for (int step = 0; step < 3; step++) {
         a->ops->score(a, &v, sa[step]);
@@ -393,7 +402,7 @@ Test(keep, lsh_current_query_probe_evicts_the_most_differing_code) {
     group_mean(q + G * D, m); /* so the mean distance to the step's probes is the distance to m */
     for (int i = 0; i < N * D; i++) keys[i] = gauss();
     for (int d = 0; d < D; d++) keys[2 * D + d] = -m[d], keys[3 * D + d] = 2 * m[d] + 0.01f * keys[3 * D + d];
-    kvc_keep_view v = {1, 0, N, pos, state};
+    kvc_keep_view v = {1, 0, N, pos, state, NULL};
     k->ops->on_append(k, &v, 0, keys);
     k->ops->on_attend(k, &v, q, NULL, 2, NULL);
     choose(k, &v, 4, sc, ev);
@@ -435,7 +444,7 @@ Test(keep, lsh_accumulates_sums_and_emas_over_query_and_key_steps) {
     /* query probe: each of the step's two queries is one step */
     kvc_keep *ks = keep_ok("lsh:budget=4,score=sum,sinks=1,window=1"), *ke = keep_ok("lsh:budget=4,score=ema,ema=0.25,sinks=1,window=1");
     uint8_t st_s[N * 6] = {0}, st_e[N * 6] = {0};
-    kvc_keep_view vs = {0, 1, N, pos, st_s}, ve = {0, 1, N, pos, st_e};
+    kvc_keep_view vs = {0, 1, N, pos, st_s, NULL}, ve = {0, 1, N, pos, st_e, NULL};
     ks->ops->on_append(ks, &vs, 0, keys), ke->ops->on_append(ke, &ve, 0, keys);
     ks->ops->on_attend(ks, &vs, q, NULL, 2, NULL), ke->ops->on_attend(ke, &ve, q, NULL, 2, NULL);
     ks->ops->score(ks, &vs, sc);
@@ -452,7 +461,7 @@ Test(keep, lsh_accumulates_sums_and_emas_over_query_and_key_steps) {
     /* key probe: each appended key is one step over the older tokens; a current probe is the newest key */
     kvc_keep *kk = keep_ok("lsh:budget=4,probe=key,score=sum,sinks=1,window=1"), *kc = keep_ok("lsh:budget=4,probe=key,sinks=1,window=1,score=current");
     uint8_t st_k[N * 6] = {0}, st_c[N * 2] = {0};
-    kvc_keep_view vk = {1, 2, 3, pos, st_k}, vc = {1, 2, N, pos, st_c};
+    kvc_keep_view vk = {1, 2, 3, pos, st_k, NULL}, vc = {1, 2, N, pos, st_c, NULL};
     kk->ops->on_append(kk, &vk, 0, keys); /* [0, 3), then [3, 5) */
     vk.n = N;
     kk->ops->on_append(kk, &vk, 3, keys + 3 * D);
@@ -470,7 +479,7 @@ Test(keep, lsh_accumulates_sums_and_emas_over_query_and_key_steps) {
     /* key EMA: a token's first value is its distance to the next key, not 0 to itself */
     kvc_keep *kx = keep_ok("lsh:budget=4,probe=key,score=ema,ema=0.5,sinks=1,window=1");
     uint8_t st_x[N * 6] = {0};
-    kvc_keep_view vx = {0, 0, N, pos, st_x};
+    kvc_keep_view vx = {0, 0, N, pos, st_x, NULL};
     kx->ops->on_append(kx, &vx, 0, keys);
     kx->ops->score(kx, &vx, sc);
     for (int t = 0; t < N; t++) {
@@ -496,7 +505,31 @@ Test(keep, bad_specs_are_refused_with_a_message) {
         {"lsh:budget=10,score=ema,ema=1", "ema=1", "between 0 and 1"},
         {"lsh:budget=20,ema=0.3", "ema=", "score=ema"},
         {"lsh:budget=10,foo=1", "unknown option 'foo'", "bits"},
-        {"h2o:budget=10,foo=1", "no option 'foo'", "h2o"},
+        {"h2o:budget=10,foo=1", "unknown option 'foo'", "h2o"},
+        {"h2o:budget=20,norm=max", "norm=max", "sum or mean"},
+        {"h2o:budget=20,gqa=min", "gqa=min", "sum or max"},
+        {"h2o:budget=20,obs=-1", "obs=-1", "[0, 4096]"},
+        {"snapkv:budget=100,pool=4", "pool=4", "odd"},
+        {"h2o:budget=20,pooling=median", "pooling=median", "max or avg"},
+        {"lsh:budget=20,probe=key,norm=mean", "probe=key", "norm=mean"},
+        {"lsh:budget=20,score=current,norm=mean", "norm=mean", "score=sum"},
+        {"lsh:budget=20,obs=8,score=ema", "obs=", "window alone"},
+        {"lsh:budget=20,est=exact", "est=exact", "hamming, softmax or hits"},
+        {"lsh:budget=20,hit=0.3", "hit= needs est=hits", "lsh"},
+        {"lsh:budget=20,est=hits,hit=0.5x", "hit=0.5x", "(0, 1)"},
+        {"lsh:budget=20,gqa=max", "gqa=max", "mean, each or min"},
+        {"h2o:budget=20,share=row", "share=row", "head, layer or global"},
+        {"h2o:budget=20,share=layer,floor=1.5", "floor=1.5", "[0, 1]"},
+        {"h2o:budget=20,floor=0.2", "floor=", "share=layer"},
+        {"streaming:budget=20,retrieve=1025", "retrieve=1025", "[0, 1024]"},
+        {"streaming:budget=20,retrieve=-1", "retrieve=-1", "[0, 1024]"},
+        {"streaming:budget=20,retrieve=8,rbits=7", "rbits=7", "[8, 64]"},
+        {"streaming:budget=20,retrieve=8,rstore=int3", "rstore=int3", "int4 or int8"},
+        {"streaming:budget=20,retrieve=8,rerank=0", "rerank=0", "[1, 64]"},
+        {"streaming:budget=20,retrieve=8,rprobe=max", "rprobe=max", "mean or each"},
+        {"streaming:budget=20,rbits=16", "need retrieve=R", "rbits"},
+        {"full:retrieve=8", "takes no retrieve", "full"},
+        {"snapkv:budget=60", "smaller than sinks 0 + window 64", "snapkv"},
         {"streaming:budget=5,sinks=4,window=4", "smaller than sinks 4 + window 4", "budget 5"},
         {"l2:budget=13", "smaller than sinks 4 + window 10", "l2"},
         {"lsh:bits=16", "needs a budget", "lsh"},
@@ -652,7 +685,7 @@ Test(keep, lsh_center_hashes_keys_minus_their_running_mean) {
     for (int round = 0; round < 2; round++) {
         memset(mu, 0, sizeof mu);
         for (int t = 0; t < N; t++) {
-            kvc_keep_view v = {0, 1, t + 1, pos, state};
+            kvc_keep_view v = {0, 1, t + 1, pos, state, NULL};
             k->ops->on_append(k, &v, t, keys + t * D); /* one token per step */
             for (int d = 0; d < D; d++) {
                 mu[d] += (keys[t * D + d] - mu[d]) / (float)(t + 1);
@@ -678,7 +711,7 @@ Test(keep, lsh_gqa_each_probes_every_query_head) {
     int32_t pos[N] = {0, 1, 2, 3, 4};
     for (int i = 0; i < 2 * G * D; i++) q[i] = gauss();
     for (int i = 0; i < N * D; i++) keys[i] = gauss();
-    kvc_keep_view v = {0, 0, N, pos, state};
+    kvc_keep_view v = {0, 0, N, pos, state, NULL};
     k->ops->on_append(k, &v, 0, keys);
     k->ops->on_attend(k, &v, q, NULL, 2, NULL);
     k->ops->score(k, &v, sc);
@@ -689,4 +722,289 @@ Test(keep, lsh_gqa_each_probes_every_query_head) {
         cr_expect_eq(sc[t], (float)sum / (2 * G), "token %d", t);
     }
     kvc_keep_free(k);
+}
+
+/* ======================================== normalised, windowed and pooled scores ==== */
+
+#include "codec/keep_util.h"
+
+Test(keep_util, qruns_count_the_queries_at_or_after_a_position) {
+    kvc_qruns r = {0};
+    const int32_t a[5] = {0, 1, 2, 3, 4}, b[2] = {10, 11}, c[2] = {3, 4}, d[1] = {5};
+    cr_assert_eq(kvc_qruns_add(&r, a, 5) | kvc_qruns_add(&r, b, 2) | kvc_qruns_add(&r, c, 2) | kvc_qruns_add(&r, d, 1), 0);
+    cr_expect_eq(r.n, 3, "runs [0,4], [10,11], [5,5]: %d", r.n);
+    const int32_t at[5] = {0, 5, 6, 11, 12};
+    const int64_t want[5] = {8, 3, 2, 1, 0};
+    for (int i = 0; i < 5; i++) cr_expect_eq(kvc_qruns_count(&r, at[i]), want[i], "count(%d)", at[i]);
+    kvc_qruns_free(&r);
+}
+
+Test(keep_util, pooling_takes_the_max_or_the_zero_padded_mean) {
+    float x[5] = {1, 5, 2, 0, 3}, y[5] = {1, 5, 2, 0, 3}, tmp[5];
+    kvc_pool_scores(x, 5, 3, 1, tmp);
+    kvc_pool_scores(y, 5, 3, 0, tmp);
+    const float mx[5] = {5, 5, 5, 3, 3}, av[5] = {6.0f / 3, 8.0f / 3, 7.0f / 3, 5.0f / 3, 3.0f / 3};
+    for (int i = 0; i < 5; i++) {
+        cr_expect_eq(x[i], mx[i], "max %d: %g", i, x[i]);
+        cr_expect(fabsf(y[i] - av[i]) < 1e-6f, "avg %d: %g, want %g", i, y[i], av[i]);
+    }
+}
+
+/* Two steps of two queries over 6 tokens at positions 0..5: weights where a query cannot see
+ * a token are 0; a token's mean is its summed weight over the queries (x G heads) that could
+ * see it, and gqa=max takes the largest head's own mean. */
+Test(keep, h2o_norm_mean_divides_by_the_queries_that_saw_each_token) {
+    enum { N = 6 };
+    const int32_t qp1[2] = {2, 3}, qp2[2] = {4, 5}, pos[N] = {0, 1, 2, 3, 4, 5};
+    static float P1[2 * G * N], P2[2 * G * N];
+    for (int q = 0; q < 2; q++)
+        for (int g = 0; g < G; g++)
+            for (int t = 0; t < N; t++) {
+                P1[(q * G + g) * N + t] = t <= qp1[q] ? (float)urand() : 0.0f;
+                P2[(q * G + g) * N + t] = t <= qp2[q] ? (float)urand() : 0.0f;
+            }
+    const double cnt[N] = {4, 4, 4, 3, 2, 1}; /* query positions in {2,3,4,5} at or after t */
+    const char *specs[2] = {"h2o:budget=4,sinks=0,window=0,norm=mean", "h2o:budget=4,sinks=0,window=0,norm=mean,gqa=max"};
+    for (int sp = 0; sp < 2; sp++) {
+        kvc_keep *k = keep_ok(specs[sp]);
+        cr_assert_eq(k->state_bytes, (sp ? G : 1) * sizeof(float));
+        float state[N * G] = {0}, q[2 * G * D] = {0}, sc[N];
+        kvc_keep_view v = {1, 2, N, pos, (uint8_t *)state, NULL};
+        k->ops->on_attend(k, &v, q, qp1, 2, P1);
+        k->ops->on_attend(k, &v, q, qp2, 2, P2);
+        k->ops->score(k, &v, sc);
+        for (int t = 0; t < N; t++) {
+            double acc[G] = {0}, want = 0;
+            for (int q2 = 0; q2 < 2; q2++)
+                for (int g = 0; g < G; g++) acc[g] += P1[(q2 * G + g) * N + t] + P2[(q2 * G + g) * N + t];
+            for (int g = 0; g < G; g++) want = sp ? fmax(want, acc[g]) : want + acc[g];
+            want /= cnt[t] * (sp ? 1 : G);
+            cr_expect(fabs(sc[t] + want) <= 1e-6 * want + 1e-9, "%s token %d: score %g, want %g", specs[sp], t, sc[t], -want);
+        }
+        kvc_keep_free(k);
+    }
+}
+
+/* obs=2: three single-query steps; the last two queries are scored against the held keys at
+ * eviction (softmax over the tokens each can see), summed over queries and heads, then
+ * max-pooled over 3 neighbours. */
+Test(keep, h2o_window_scores_the_last_queries_against_the_keys) {
+    enum { N = 7 };
+    kvc_keep *k = keep_ok("h2o:budget=4,sinks=0,window=0,obs=2,pool=3,pooling=max");
+    cr_assert(k->needs_keys && !k->needs_probs && k->state_bytes == 0);
+    static float keys[N * D], q[3][G * D];
+    const int32_t pos[N] = {0, 1, 2, 3, 4, 5, 6}, qp[3] = {4, 5, 6};
+    for (int i = 0; i < N * D; i++) keys[i] = gauss();
+    for (int j = 0; j < 3; j++)
+        for (int i = 0; i < G * D; i++) q[j][i] = gauss();
+    kvc_keep_view v = {0, 1, N, pos, NULL, NULL};
+    for (int j = 0; j < 3; j++) k->ops->on_attend(k, &v, q[j], &qp[j], 1, NULL);
+    cr_expect_eq(k->ops->extra_bytes(k), 2 * (G * D * sizeof(float) + sizeof(int32_t)), "two queries held");
+    double w[N] = {0};
+    for (int j = 1; j < 3; j++)
+        for (int g = 0; g < G; g++) {
+            double l[N], mx = -1e300, z = 0;
+            for (int t = 0; t <= qp[j]; t++) {
+                l[t] = 0;
+                for (int d = 0; d < D; d++) l[t] += (double)q[j][g * D + d] * keys[t * D + d];
+                l[t] /= 8.0, mx = fmax(mx, l[t]);
+            }
+            for (int t = 0; t <= qp[j]; t++) z += exp(l[t] - mx);
+            for (int t = 0; t <= qp[j]; t++) w[t] += exp(l[t] - mx) / z;
+        }
+    float sc[N];
+    v.krot = keys;
+    k->ops->score(k, &v, sc);
+    for (int t = 0; t < N; t++) {
+        double want = 0;
+        for (int u = t - 1; u <= t + 1; u++)
+            if (u >= 0 && u < N) want = fmax(want, w[u]);
+        cr_expect(fabs(sc[t] + want) < 1e-5 * want + 1e-7, "token %d: score %g, want %g", t, sc[t], -want);
+    }
+    kvc_keep_free(k);
+}
+
+/* The group-mean probe code, its norm, and the key codes of a small case (projection seed 1). */
+static void lsh_case(const float *q, const float *keys, int n, int bits, uint64_t *pc, uint64_t *kc) {
+    float m[D];
+    group_mean(q, m);
+    *pc = code_of(m, bits);
+    for (int t = 0; t < n; t++) kc[t] = code_of(keys + t * D, bits);
+}
+
+/* norm=mean (causal): a query adds its distance only to tokens it can see, and a token's
+ * score is its mean over the queries that could see it; gqa=min takes the least distance to
+ * the G heads' own codes. */
+Test(keep, lsh_norm_mean_and_gqa_min_accumulate_causally) {
+    enum { N = 5 };
+    static float q[2][G * D], keys[N * D];
+    const int32_t pos[N] = {0, 1, 2, 3, 4}, qp[2] = {2, 4};
+    for (int j = 0; j < 2; j++)
+        for (int i = 0; i < G * D; i++) q[j][i] = gauss();
+    for (int i = 0; i < N * D; i++) keys[i] = gauss();
+    group_mean(q[0], keys + D); /* token 1 lies on the first probe: a sure hit */
+    uint64_t p[2], kc[N];
+    lsh_case(q[0], keys, N, 16, &p[0], kc);
+    lsh_case(q[1], keys, N, 16, &p[1], kc);
+    kvc_keep *a = keep_ok("lsh:budget=4,sinks=0,window=0,norm=mean"), *b = keep_ok("lsh:budget=4,sinks=0,window=0,gqa=min");
+    uint8_t sa[N * 6] = {0}, sb[N * 6] = {0};
+    kvc_keep_view va = {0, 1, N, pos, sa, NULL}, vb = {0, 1, N, pos, sb, NULL};
+    a->ops->on_append(a, &va, 0, keys), b->ops->on_append(b, &vb, 0, keys);
+    for (int j = 0; j < 2; j++) a->ops->on_attend(a, &va, q[j], &qp[j], 1, NULL), b->ops->on_attend(b, &vb, q[j], &qp[j], 1, NULL);
+    float sca[N], scb[N];
+    a->ops->score(a, &va, sca), b->ops->score(b, &vb, scb);
+    for (int t = 0; t < N; t++) {
+        double sum = 0, least_sum = 0;
+        int cnt = 0;
+        for (int j = 0; j < 2; j++) {
+            if (pos[t] > qp[j]) continue;
+            sum += __builtin_popcountll(kc[t] ^ p[j]), cnt++;
+            int least = 64;
+            for (int g = 0; g < G; g++) {
+                int dg = __builtin_popcountll(kc[t] ^ code_of(q[j] + g * D, 16));
+                least = dg < least ? dg : least;
+            }
+            least_sum += least;
+        }
+        cr_expect(fabs(sca[t] - sum / cnt) < 1e-6, "norm=mean token %d: %g, want %g", t, sca[t], sum / cnt);
+        cr_expect_eq(scb[t], (float)least_sum, "gqa=min token %d: %g, want %g", t, scb[t], least_sum);
+    }
+    /* est=hits: the fraction of the probes that could see the token landing within 0.4 * 16
+     * bits of its code (minus it: the fewest hits go first) */
+    kvc_keep *c = keep_ok("lsh:budget=4,sinks=0,window=0,norm=mean,est=hits,hit=0.4");
+    uint8_t st[N * 6] = {0};
+    kvc_keep_view vc = {0, 1, N, pos, st, NULL};
+    c->ops->on_append(c, &vc, 0, keys);
+    for (int j = 0; j < 2; j++) c->ops->on_attend(c, &vc, q[j], &qp[j], 1, NULL);
+    c->ops->score(c, &vc, sca);
+    int any = 0;
+    for (int t = 0; t < N; t++) {
+        int hits = 0, cnt = 0;
+        for (int j = 0; j < 2; j++)
+            if (pos[t] <= qp[j]) hits += __builtin_popcountll(kc[t] ^ p[j]) <= 6, cnt++;
+        any |= hits > 0;
+        cr_expect(fabs(sca[t] + (double)hits / cnt) < 1e-6, "hits token %d: %g, want %g", t, sca[t], -(double)hits / cnt);
+    }
+    cr_expect(any, "no token was hit: the case tests nothing");
+    kvc_keep_free(a), kvc_keep_free(b), kvc_keep_free(c);
+}
+
+/* est=softmax: the estimated logit |k| |q| cos(pi d / b) / sqrt(D) (|k| kept as f16), softmax
+ * over the tokens the query sees, accumulated; the score is minus that weight. */
+Test(keep, lsh_softmax_estimate_accumulates_estimated_weights) {
+    enum { N = 6 };
+    kvc_keep *k = keep_ok("lsh:budget=4,sinks=0,window=0,bits=32,est=softmax");
+    cr_assert_eq(k->state_bytes, 4 + 4 + 2, "code, accumulator, f16 key norm");
+    static float q[G * D], keys[N * D];
+    const int32_t pos[N] = {0, 1, 2, 3, 4, 5}, qp = 4; /* token 5 is not visible */
+    for (int i = 0; i < G * D; i++) q[i] = gauss();
+    for (int t = 0; t < N; t++)
+        for (int i = 0; i < D; i++) keys[t * D + i] = gauss() * (0.5f + t);
+    uint64_t p, kc[N];
+    lsh_case(q, keys, N, 32, &p, kc);
+    float m[D];
+    group_mean(q, m);
+    double qn = 0, l[N], mx = -1e300, z = 0;
+    for (int i = 0; i < D; i++) qn += (double)m[i] * m[i];
+    qn = sqrt(qn);
+    for (int t = 0; t <= qp; t++) {
+        double kn = 0;
+        for (int i = 0; i < D; i++) kn += (double)keys[t * D + i] * keys[t * D + i];
+        kn = kvc_f16_to_f32(kvc_f32_to_f16((float)sqrt(kn)));
+        l[t] = kn * qn * cos(3.14159265358979 / 32 * __builtin_popcountll(kc[t] ^ p)) / 8.0;
+        mx = fmax(mx, l[t]);
+    }
+    for (int t = 0; t <= qp; t++) z += exp(l[t] - mx);
+    uint8_t st[N * 10] = {0};
+    kvc_keep_view v = {1, 0, N, pos, st, NULL};
+    k->ops->on_append(k, &v, 0, keys);
+    k->ops->on_attend(k, &v, q, &qp, 1, NULL);
+    float sc[N];
+    k->ops->score(k, &v, sc);
+    for (int t = 0; t < N; t++) {
+        double want = t <= qp ? exp(l[t] - mx) / z : 0.0;
+        cr_expect(fabs(sc[t] + want) < 2e-5 * want + 1e-7, "token %d: score %g, want %g", t, sc[t], -want);
+    }
+    kvc_keep_free(k);
+}
+
+/* obs=2: only the last two probes count, each on the tokens it can see. */
+Test(keep, lsh_window_scores_the_last_probes) {
+    enum { N = 5 };
+    kvc_keep *k = keep_ok("lsh:budget=4,sinks=0,window=0,obs=2");
+    cr_assert_eq(k->state_bytes, 2, "a 16-bit code alone");
+    static float q[3][G * D], keys[N * D];
+    const int32_t pos[N] = {0, 1, 2, 3, 4}, qp[3] = {2, 3, 4};
+    for (int j = 0; j < 3; j++)
+        for (int i = 0; i < G * D; i++) q[j][i] = gauss();
+    for (int i = 0; i < N * D; i++) keys[i] = gauss();
+    uint64_t p[3], kc[N];
+    for (int j = 0; j < 3; j++) lsh_case(q[j], keys, N, 16, &p[j], kc);
+    uint8_t st[N * 2] = {0};
+    kvc_keep_view v = {0, 0, N, pos, st, NULL};
+    k->ops->on_append(k, &v, 0, keys);
+    for (int j = 0; j < 3; j++) k->ops->on_attend(k, &v, q[j], &qp[j], 1, NULL);
+    float sc[N];
+    k->ops->score(k, &v, sc);
+    for (int t = 0; t < N; t++) {
+        double sum = 0;
+        int cnt = 0;
+        for (int j = 1; j < 3; j++)
+            if (pos[t] <= qp[j]) sum += __builtin_popcountll(kc[t] ^ p[j]), cnt++;
+        cr_expect(fabs(sc[t] - sum / cnt) < 1e-6, "token %d: %g, want %g", t, sc[t], sum / cnt);
+    }
+    kvc_keep_free(k);
+}
+
+/* ========================================================= a budget shared by heads ==== */
+
+/* Reference: greedily evict the best-ranked candidate (higher score, then lower index, then
+ * lower head) of a head that may still give one up (protection and floor). */
+static int64_t shared_ref(const float *const *sc, const int64_t *n, int nh, int64_t keep, int sinks, int window,
+                          int64_t min_keep, uint8_t *const *ev) {
+    int64_t total = 0, got = 0;
+    int64_t held[16];
+    for (int h = 0; h < nh; h++) memset(ev[h], 0, (size_t)n[h]), total += n[h], held[h] = n[h];
+    while (total - got > keep) {
+        int bh = -1;
+        int64_t bi = -1;
+        for (int h = 0; h < nh; h++) {
+            const int64_t lo = sinks < n[h] ? sinks : n[h], hi = n[h] - window > lo ? n[h] - window : lo;
+            if (held[h] <= min_keep) continue;
+            for (int64_t i = lo; i < hi; i++) {
+                if (ev[h][i]) continue;
+                if (bh < 0 || sc[h][i] > sc[bh][bi] || (sc[h][i] == sc[bh][bi] && (i < bi || (i == bi && h < bh))))
+                    bh = h, bi = i;
+            }
+        }
+        if (bh < 0) break;
+        ev[bh][bi] = 1, held[bh]--, got++;
+    }
+    return got;
+}
+
+Test(select, a_shared_budget_goes_to_the_best_scores_across_heads) {
+    enum { SNH = 5, SMAXN = 60 };
+    static float sc[SNH][SMAXN];
+    static uint8_t ev[SNH][SMAXN], rf[SNH][SMAXN];
+    for (int trial = 0; trial < 2000; trial++) {
+        int nh = 1 + (int)(urand() * SNH);
+        int64_t n[SNH], total = 0;
+        const float *sp[SNH];
+        uint8_t *ep[SNH], *rp[SNH];
+        int levels = trial % 2 ? 4 : 1000;
+        for (int h = 0; h < nh; h++) {
+            n[h] = (int64_t)(urand() * SMAXN);
+            total += n[h];
+            for (int64_t i = 0; i < n[h]; i++) sc[h][i] = (float)(int)(urand() * levels);
+            sp[h] = sc[h], ep[h] = ev[h], rp[h] = rf[h];
+        }
+        int sinks = (int)(urand() * 4), window = (int)(urand() * 6);
+        int64_t keep = (int64_t)(urand() * (total + 1)), min_keep = trial % 3 ? (int64_t)(urand() * 12) : 0;
+        int64_t got = kvc_kvcache_select_shared(sp, n, nh, keep, sinks, window, min_keep, ep);
+        int64_t want = shared_ref(sp, n, nh, keep, sinks, window, min_keep, rp);
+        cr_assert_eq(got, want, "trial %d: %lld marked, reference %lld", trial, (long long)got, (long long)want);
+        for (int h = 0; h < nh; h++)
+            cr_assert(!memcmp(ev[h], rf[h], (size_t)n[h]), "trial %d head %d: other tokens chosen", trial, h);
+    }
 }

@@ -412,3 +412,213 @@ Test(kvcache, reused_heads_follow_the_layer_below_under_eviction) {
     free(k), free(v), free(q), free(o);
     kvc_cache_free(c);
 }
+
+/* ============================================= budgets shared across heads (AdaKV) ==== */
+
+/* One budget for a layer's heads or for the whole cache: the total held is exactly the sum of
+ * the per-head budgets after every step, each head keeps its sinks and window (and the floor),
+ * heads end up holding different counts, and bytes() counts each head's count. */
+Test(kvcache, shared_budgets_hold_the_total_and_count_per_head_sizes) {
+    kvc_cache_shape s = small_shape(1024);
+    const int K = s.n_head_kv, H = s.n_head, D = s.head_dim, L = s.n_layer;
+    const char *specs[4] = {"h2o:budget=0.25,sinks=3,window=5,norm=mean,share=layer",
+                            "h2o:budget=0.25,sinks=3,window=5,share=global",
+                            "lsh:budget=0.25,sinks=3,window=5,norm=mean,share=global,floor=0.9",
+                            "streaming:budget=0.25,sinks=3,window=5,share=global"};
+    for (int sp = 0; sp < 4; sp++) {
+        kvc_err err = {{0}};
+        kvc_cache *kc = kvc_kvcache_new(&s, "f16", specs[sp], NULL, &err);
+        cr_assert_not_null(kc, "%s: %s", specs[sp], err.msg);
+        cr_assert_eq(kvc_cache_set_budget(kc, 128, &err), 0, "%s", err.msg);
+        kvc_keep *kp = kvc_keep_new(specs[sp], &s, &err);
+        const size_t sb = kp->state_bytes;
+        kvc_keep_free(kp);
+        float k[5 * 2 * 8], v[5 * 2 * 8], q[5 * 4 * 8], o[5 * 4 * 8];
+        int32_t pos[5];
+        int seen = 0, uneven = 0;
+        for (int st = 0; st < 40; st++) {
+            for (int t = 0; t < 5; t++) pos[t] = seen + t;
+            for (int l = 0; l < L; l++) {
+                for (int i = 0; i < 5 * K * D; i++) k[i] = frand() * (1.0f + (float)(l * K + i % K)), v[i] = frand();
+                for (int i = 0; i < 5 * H * D; i++) q[i] = frand() * (1.0f + (float)l);
+                cr_assert_eq(kvc_cache_append(kc, l, k, v, pos, 5, &err), 0, "%s", err.msg);
+                cr_assert_eq(kvc_cache_attend(kc, l, q, pos, 5, o, &err), 0, "%s", err.msg);
+            }
+            seen += 5;
+            cr_assert_eq(kvc_cache_end_step(kc, &err), 0, "%s", err.msg);
+            kvcache_stats stt;
+            kvc_kvcache_get_stats(kc, &stt);
+            const int64_t want = seen > 32 ? 32 : seen;
+            cr_assert_eq(stt.held, want * L * K, "%s: step %d holds %lld, want %lld", specs[sp], st, (long long)stt.held,
+                         (long long)want * L * K);
+            for (int l = 0; l < L; l++) uneven |= kvc_cache_n_tokens(kc, l) != want;
+            /* f16 rows and a position per token, the policy's state, a count per head */
+            size_t bytes = (size_t)stt.held * (4 * D + 4 + sb) + (size_t)L * K * 4;
+            if (!strncmp(specs[sp], "lsh", 3)) { /* probe runs: one run of query positions per head */
+                cr_expect_geq(kvc_cache_bytes(kc), bytes, "%s", specs[sp]);
+            } else if (!strstr(specs[sp], "norm=mean")) {
+                cr_expect_eq(kvc_cache_bytes(kc), bytes, "%s: bytes %zu, want %zu", specs[sp], kvc_cache_bytes(kc), bytes);
+            }
+        }
+        if (!strstr(specs[sp], "streaming")) cr_expect(uneven, "%s: every layer held the same count", specs[sp]);
+        cr_expect(!strstr(specs[sp], "streaming") || !uneven, "streaming ranks positions alike in every head");
+        if (strstr(specs[sp], "floor=0.9")) { /* each head keeps >= ceil(0.9 * 32) = 29 */
+            for (int l = 0; l < L; l++) cr_expect_geq(kvc_cache_n_tokens(kc, l), 29);
+        }
+        kvc_cache_free(kc);
+    }
+}
+
+/* Shared budgets and retrieval need every head to own its tokens: a reuse plan is refused. */
+Test(kvcache, shared_budgets_and_retrieval_refuse_reuse_chains) {
+    kvc_cache_shape s = {30, 9, 3, 64, 100000.0f, 512};
+    char ck[512];
+    snprintf(ck, sizeof ck, "ae:%s/checkpoints/smollm2-135m-ae32.h5,int8", KVC_SOURCE_DIR);
+    const char *keeps[2] = {"h2o:budget=24,share=layer", "streaming:budget=24,retrieve=8"};
+    for (int i = 0; i < 2; i++) {
+        kvc_err err = {{0}};
+        kvc_cache *c = kvc_kvcache_new(&s, ck, keeps[i], "55d17dc8d1d9a03e", &err);
+        cr_expect_null(c, "%s accepted with a reuse plan", keeps[i]);
+        cr_expect(strstr(err.msg, "without cross-layer reuse") && strstr(err.msg, "reuse=off"), "%s: %s", keeps[i], err.msg);
+        kvc_cache_free(c);
+    }
+}
+
+/* A cache that only hears the queries (kvc_kvcache_observe, as in a shared prefill) makes the
+ * same choices as one that attends: same kept tokens, same attention afterwards, bit for bit. */
+Test(kvcache, observing_queries_matches_attending) {
+    kvc_cache_shape s = small_shape(256);
+    const int K = s.n_head_kv, H = s.n_head, D = s.head_dim, L = s.n_layer;
+    const char *keeps[3] = {"h2o:budget=0.25,norm=mean", "lsh:budget=0.25", "snapkv:budget=0.5,obs=8,window=8"};
+    for (int sp = 0; sp < 3; sp++) {
+        kvc_err err = {{0}};
+        kvc_cache *a = kvc_kvcache_new(&s, "f32", keeps[sp], NULL, &err), *b = kvc_kvcache_new(&s, "f32", keeps[sp], NULL, &err);
+        cr_assert(a && b, "%s", err.msg);
+        static float k[8 * 2 * 8], v[8 * 2 * 8], q[8 * 4 * 8], oa[8 * 4 * 8], ob[8 * 4 * 8];
+        int32_t pos[8];
+        for (int st = 0; st < 8; st++) {
+            for (int t = 0; t < 8; t++) pos[t] = st * 8 + t;
+            for (int l = 0; l < L; l++) {
+                for (int i = 0; i < 8 * K * D; i++) k[i] = frand(), v[i] = frand();
+                for (int i = 0; i < 8 * H * D; i++) q[i] = 2.0f * frand();
+                cr_assert_eq(kvc_cache_append(a, l, k, v, pos, 8, &err) | kvc_cache_append(b, l, k, v, pos, 8, &err), 0);
+                cr_assert_eq(kvc_cache_attend(a, l, q, pos, 8, oa, &err), 0, "%s", err.msg);
+                cr_assert_eq(kvc_kvcache_observe(b, l, q, pos, 8, &err), 0, "%s", err.msg);
+            }
+            cr_assert_eq(kvc_cache_end_step(a, &err) | kvc_cache_end_step(b, &err), 0);
+        }
+        cr_assert_eq(kvc_cache_set_budget(a, 64, &err) | kvc_cache_set_budget(b, 64, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_cache_end_step(a, &err) | kvc_cache_end_step(b, &err), 0, "%s", err.msg);
+        int32_t qp = 70;
+        for (int i = 0; i < H * D; i++) q[i] = 2.0f * frand();
+        for (int l = 0; l < L; l++) {
+            cr_assert_eq(kvc_cache_n_tokens(a, l), kvc_cache_n_tokens(b, l));
+            cr_assert_eq(kvc_cache_attend(a, l, q, &qp, 1, oa, &err) | kvc_cache_attend(b, l, q, &qp, 1, ob, &err), 0);
+            cr_expect_arr_eq(oa, ob, sizeof(float) * H * D, "%s layer %d: other tokens kept", keeps[sp], l);
+        }
+        kvc_cache_free(a), kvc_cache_free(b);
+    }
+}
+
+/* ======================================================= retrieval of evicted tokens ==== */
+
+#define RD 32 /* the side store quantises values in groups of 32 channels */
+
+/* Streaming keeps positions 0..3 and 44..63 of 64; the query points at evicted token 30's key
+ * (after RoPE), so retrieval (rerank: the true logit decides among the nearest codes) brings
+ * token 30 back: attention then matches a full cache holding the kept tokens plus token 30
+ * within int8's error, while without retrieval it does not. RAM and spill stores give the same
+ * output bit for bit, and their bytes are counted by hand. */
+Test(kvcache, retrieval_brings_back_the_evicted_token_a_query_points_at) {
+    kvc_cache_shape s = {2, 4, 2, RD, 10000.0f, 128};
+    const int K = 2, H = 4, G = 2, L = 2, n = 64;
+    static float k[2][64 * 2 * RD], v[2][64 * 2 * RD], q[4 * RD], o[4][4 * RD];
+    for (int l = 0; l < L; l++)
+        for (int i = 0; i < n * K * RD; i++) k[l][i] = frand(), v[l][i] = frand();
+    int32_t pos[64];
+    for (int t = 0; t < n; t++) pos[t] = t;
+    const char *keeps[4] = {"streaming:budget=24,sinks=4,window=0,retrieve=1,rerank=8,rstore=int8",
+                            "streaming:budget=24,sinks=4,window=0,retrieve=1,rerank=8,rstore=int8,spill=/tmp",
+                            "streaming:budget=24,sinks=4,window=0", NULL};
+    kvc_cache *c[3];
+    kvc_err err = {{0}};
+    for (int i = 0; i < 3; i++) {
+        c[i] = kvc_kvcache_new(&s, "f32", keeps[i], NULL, &err);
+        cr_assert_not_null(c[i], "%s: %s", keeps[i], err.msg);
+        cr_assert_eq(kvc_cache_set_budget(c[i], 100, &err), 0);
+        for (int l = 0; l < L; l++) cr_assert_eq(kvc_cache_append(c[i], l, k[l], v[l], pos, n, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_cache_end_step(c[i], &err), 0, "%s: %s", keeps[i], err.msg);
+    }
+    /* the reference: kept tokens and token 30, exact */
+    kvc_cache *ref = kvc_cache_full_new(&s, &err);
+    for (int l = 0; l < L; l++)
+        for (int t = 0; t < n; t++) {
+            if (t >= 4 && t < 44 && t != 30) continue;
+            cr_assert_eq(kvc_cache_append(ref, l, k[l] + (size_t)t * K * RD, v[l] + (size_t)t * K * RD, &pos[t], 1, &err), 0);
+        }
+    kvc_rope_table rt;
+    cr_assert_eq(kvc_rope_table_init(&rt, RD, 10000.0f) | kvc_rope_table_reserve(&rt, 128), 0);
+    int32_t qp = 64;
+    for (int l = 0; l < L; l++) {
+        for (int h = 0; h < K; h++) { /* each head's queries point at its own token-30 key */
+            float kr[RD];
+            kvc_rope_rows(&rt, k[l] + ((size_t)30 * K + h) * RD, RD, &pos[30], 1, kr, RD);
+            for (int g = 0; g < G; g++)
+                for (int d = 0; d < RD; d++) q[(h * G + g) * RD + d] = 4.0f * kr[d] + 0.05f * frand();
+        }
+        for (int i = 0; i < 3; i++) cr_assert_eq(kvc_cache_attend(c[i], l, q, &qp, 1, o[i], &err), 0, "%s", err.msg);
+        cr_assert_eq(kvc_cache_attend(ref, l, q, &qp, 1, o[3], &err), 0);
+        float with = 0, without = 0;
+        for (int i = 0; i < H * RD; i++) {
+            with = fmaxf(with, fabsf(o[0][i] - o[3][i]));
+            without = fmaxf(without, fabsf(o[2][i] - o[3][i]));
+        }
+        cr_expect(with < 0.03f, "layer %d: with retrieval max |diff| %g (int8 budget 0.03)", l, with);
+        cr_expect(without > 0.1f, "layer %d: without retrieval max |diff| only %g: the test cannot tell", l, without);
+        cr_expect_arr_eq(o[0], o[1], sizeof(float) * H * RD, "layer %d: spilled rows read back differently", l);
+    }
+    kvcache_stats sa, sb, sc;
+    kvc_kvcache_get_stats(c[0], &sa), kvc_kvcache_get_stats(c[1], &sb), kvc_kvcache_get_stats(c[2], &sc);
+    cr_expect_eq(sa.side_tokens, 40 * L * K);
+    cr_expect_eq(sa.retrieved, L * K, "one token per (layer, kv head) for the one query");
+    /* per token: 32-bit code + position; row: 32 int8 key codes + 32 value codes + f16 scale
+     * and minimum of one value group; per block of up to 32 tokens: its first index and f16
+     * scale and minimum per channel (blocks of 32 and 8 tokens) */
+    const size_t row = 32 + 32 + 4, blocks = 2 * (8 + RD * 2 * 2);
+    cr_expect_eq(sa.side_ram_bytes, (size_t)L * K * (40 * (8 + row) + blocks), "RAM side bytes %zu", sa.side_ram_bytes);
+    cr_expect_eq(sa.side_disk_bytes, 0);
+    cr_expect_eq(sb.side_disk_bytes, (size_t)L * K * 40 * row, "disk side bytes %zu", sb.side_disk_bytes);
+    cr_expect_eq(sb.side_ram_bytes, (size_t)L * K * (40 * 8 + blocks + 16), "spilled RAM side bytes %zu", sb.side_ram_bytes);
+    cr_expect_eq(sc.side_tokens, 0);
+    cr_expect_eq(sa.bytes, sc.bytes, "the side store is not in bytes()");
+    kvc_rope_table_free(&rt);
+    for (int i = 0; i < 3; i++) kvc_cache_free(c[i]);
+    kvc_cache_free(ref);
+}
+
+#include <signal.h>
+#include <sys/resource.h>
+
+/* A side store that cannot be written: a spill directory that does not exist fails at creation,
+ * and a file that cannot grow (here a 4 KiB file-size limit) fails the step that evicts, each
+ * with one line that names the spill file. */
+Test(kvcache, a_side_store_that_cannot_be_written_is_an_error) {
+    kvc_cache_shape s = {2, 4, 2, RD, 10000.0f, 256};
+    kvc_err err = {{0}};
+    cr_expect_null(kvc_kvcache_new(&s, "f16", "streaming:budget=24,retrieve=4,spill=/nonexistent/kvc", NULL, &err));
+    cr_expect(strstr(err.msg, "cannot create a spill file in '/nonexistent/kvc'") && !strchr(err.msg, '\n'), "%s", err.msg);
+    signal(SIGXFSZ, SIG_IGN); /* each test runs in its own process */
+    struct rlimit rl = {4096, 4096};
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &rl), 0);
+    kvc_cache *c = kvc_kvcache_new(&s, "f16", "streaming:budget=24,retrieve=4,spill=/tmp", NULL, &err);
+    cr_assert_not_null(c, "%s", err.msg);
+    cr_assert_eq(kvc_cache_set_budget(c, 100, &err), 0);
+    static float k[200 * 2 * RD], v[200 * 2 * RD];
+    int32_t pos[200];
+    for (int t = 0; t < 200; t++) pos[t] = t;
+    for (int i = 0; i < 200 * 2 * RD; i++) k[i] = frand(), v[i] = frand();
+    for (int l = 0; l < 2; l++) cr_assert_eq(kvc_cache_append(c, l, k, v, pos, 200, &err), 0);
+    cr_expect_eq(kvc_cache_end_step(c, &err), -1, "176 evicted tokens x 4 heads do not fit in 4 KiB");
+    cr_expect(strstr(err.msg, "cannot write its spill file in '/tmp'"), "%s", err.msg);
+    kvc_cache_free(c);
+}

@@ -515,6 +515,13 @@ Test(tc, bad_inputs_are_refused_with_one_line) {
     cr_expect_null(kvc_kvcache_new(&s, spec, "full", NULL, &err));
     cr_expect_not_null(strstr(err.msg, "unknown option"), "%s", err.msg);
     for (const char *m = err.msg; *m; m++) cr_expect_neq(*m, '\n', "one line");
+    /* keep options this cache cannot honour are refused, not ignored */
+    snprintf(spec, sizeof spec, "tc:%s", c2);
+    static const char *const refused[] = {"streaming:budget=50,retrieve=4", "h2o:budget=50,share=layer", "snapkv:budget=80"};
+    for (int i = 0; i < 3; i++) {
+        cr_expect_null(kvc_kvcache_new(&s, spec, refused[i], NULL, &err), "%s", refused[i]);
+        cr_expect_not_null(strstr(err.msg, "takes no retrieve="), "%s: %s", refused[i], err.msg);
+    }
     unlink(cap), unlink(c2);
 }
 

@@ -164,6 +164,82 @@ int kvc_eval_passkey(const kvc_model *m, kvc_cache *c, kvc_cache *ref, const kvc
                  kvc_err *err);
 void kvc_passkey_result_free(kvc_passkey_result *res);
 
+/* ---- several facts, one asked (eval/facts.c) ---- */
+
+#define KVC_FACTS_MAX 8
+/* Builds a prompt of at most `length` tokens in which n_facts doors (1..8 distinct colours)
+ * get 5-digit codes at depths spread over the filler (one per equal stratum), then asks for
+ * one door's code; colours, codes, depths and the door asked are drawn from *rng. answer (8
+ * bytes) receives the code asked for; p->needle_at is where its fact starts. -1 with err when
+ * length cannot hold the intro, the facts and the question. */
+int kvc_facts_build(const kvc_tokenizer *t, int length, int n_facts, uint64_t *rng, kvc_passkey_prompt *p, char *answer,
+                    kvc_err *err);
+
+/* ---- several caches on one shared prefill (eval/multi.c) ---- */
+
+/* Settings of kvc_eval_multi (0 fields take the defaults in brackets). */
+typedef struct {
+    int chunk;          /* prefill tokens per forward call [32] */
+    int context_len, continuation, samples; /* context protocol [512, 64, 8] */
+    const int *lengths; /* (n_lengths) passkey / facts prompt lengths [1024, 2048] */
+    int n_lengths;
+    const double *depths; /* (n_depths) passkey depths [0 .. 1 by 0.25] */
+    int n_depths;
+    int trials;         /* prompts per passkey cell, and per facts length [3] */
+    uint64_t seed;      /* passkey keys; facts draw from seed + 1 [1] */
+    int n_facts;        /* facts per facts prompt [4] */
+    int gen_tokens;     /* greedy tokens answered [8] */
+    int progress;
+} kvc_multi_opts;
+
+/* What one cache of a shared run measured. */
+typedef struct {
+    kvc_quality context;          /* as kvc_eval_context reports it */
+    int n_samples;                /* context samples; the per-sample sums below have this many */
+    double *s_nll, *s_nll_full, *s_kl; /* (n_samples) summed over each sample's scored tokens */
+    int *s_scored, *s_agree;      /* (n_samples) */
+    double rise_ci[2], kl_ci[2];  /* 95% bootstrap intervals over samples (NAN with < 2) */
+    double side_ram_bpt, side_disk_bpt; /* side store bytes per appended token right after the
+                                     compression (RAM / spill file), averaged */
+    double retrieved_per_query;   /* tokens retrieved per (query, layer, kv head) */
+    kvc_passkey_result passkey;   /* cells by length x depth */
+    kvc_passkey_result facts;     /* cells by length (depth = -1) */
+    double side_ram_bpt_pk, side_disk_bpt_pk; /* the same after passkey / facts compressions */
+} kvc_multi_point;
+
+enum { KVC_MULTI_CONTEXT = 1, KVC_MULTI_PASSKEY = 2, KVC_MULTI_FACTS = 4 };
+
+/* Measures n_c caches on the same text and prompts with one shared prefill: the reference
+ * (full-precision) cache runs the prefill, and every measured cache receives the same keys,
+ * values and queries (kvc_kvcache_observe) and holds every token; then each cache is
+ * compressed once to its budget and runs the continuation (context: scored against the
+ * reference's logits) or the question and a greedy answer (passkey, facts) on its own. The
+ * prefill is therefore exact for every cache (kvpress's protocol); a cache with f32 rows and no
+ * eviction matches kvc_eval_context bit for bit. pts (n_c) is filled (free with
+ * kvc_multi_point_free). what: KVC_MULTI_* bits. 0 or -1 with err. */
+int kvc_eval_multi(const kvc_model *m, kvc_cache *const *c, int n_c, kvc_cache *ref, const int32_t *tokens, int64_t n,
+                   int what, const kvc_multi_opts *o, kvc_multi_point *pts, kvc_err *err);
+void kvc_multi_point_free(kvc_multi_point *p);
+/* 95% bootstrap intervals (2000 resamples of the samples, seeded) of the perplexity rise (%)
+ * and the mean KL from per-sample sums; NAN when n < 2. */
+void kvc_multi_bootstrap(const double *nll, const double *nll_full, const double *kl, const int *scored, int n,
+                         double rise_ci[2], double kl_ci[2]);
+
+/* One shared run from specs: builds a compressed cache per (repr[i], keep[i]) point and the
+ * reference, checks every budget against the protocols first (a budget that leaves no room
+ * after sinks and window fails here), runs kvc_eval_multi, and copies each cache's canonical
+ * description into desc[i] (desc_size bytes each). backend: NULL for the CPU. 0 or -1 with err. */
+int kvc_eval_multi_run(const kvc_model *m, const int32_t *ids, int64_t n, const char *const *repr,
+                       const char *const *keep, int n_points, int what, const kvc_multi_opts *o,
+                       const kvc_backend *backend, kvc_multi_point *pts, char *desc, size_t desc_size, kvc_err *err);
+/* Writes one CSV row per point (the figures, bootstrap intervals, side-store bytes, passkey and
+ * facts accuracy with per-length counts) to path; with samples_path, also one row per (point,
+ * context sample) of per-sample sums. Each file: temporary file, fsync, rename. 0 or -1 with
+ * err. */
+int kvc_multi_write_csv(const char *path, const char *samples_path, const char *model, const char *text,
+                        const kvc_multi_opts *o, int what, const char *const *repr, const char *const *keep,
+                        const char *desc, size_t desc_size, const kvc_multi_point *pts, int n_points, kvc_err *err);
+
 /* Memory of a cache as the protocols read it: bytes per appended token and the kept and
  * removed fractions (kvc_kvcache_get_stats for a compressed cache; for the full cache bytes and
  * n_tokens, nothing removed). Returns the tokens appended (0: nothing to measure). */

@@ -19,9 +19,10 @@ extern "C" {
 /* Builds a cache from two specs (both "name" or "name:opt,opt=val,..."):
  *   repr: f32 | f16 | int8[:group=G,kgroup=T] | int4[:...] | ae:FILE[,f16|int8|int4][,reuse=on|off]
  *         | tc:FILE[,sinks=S] (a transform codec: every layer holds the same tokens)
- *   keep: full | streaming | h2o | l2 | random | lsh, with budget=N|F (tokens, or a fraction
- *         0<F<=1 of the reference length set by kvc_cache_set_budget), sinks=S, window=W and the
- *         policy's own options.
+ *   keep: full | streaming | h2o | l2 | random | lsh | observed | snapkv | tova, with budget=N|F
+ *         (tokens, or a fraction 0<F<=1 of the reference length set by kvc_cache_set_budget),
+ *         sinks=S, window=W, share=head|layer|global, floor=F, the retrieval options
+ *         (kvc_keep_retrieval) and the policy's own options.
  * fingerprint: the model's (kvc_model.fingerprint), checked against a codec checkpoint; may be
  * NULL when the representation needs none. NULL with err on an unknown name, a bad option or
  * a codec for another model. */
@@ -43,8 +44,20 @@ typedef struct {
     int64_t held;      /* sum over (layer, kv head) of tokens held */
     int64_t evicted;   /* sum over (layer, kv head) of tokens evicted since reset */
     size_t bytes;      /* kvc_cache_bytes() */
+    /* The retrieval side store (keep option retrieve=R), counted apart from bytes: */
+    int64_t side_tokens;    /* sum over (layer, kv head) of evicted tokens it holds */
+    size_t side_ram_bytes;  /* its index (codes, positions, key block scales) and, unless
+                               spilled, its rows */
+    size_t side_disk_bytes; /* rows written to its spill file (spill=DIR), else 0 */
+    int64_t retrieved;      /* (query, layer, kv head) retrievals since reset, summed tokens */
 } kvcache_stats;
 void kvc_kvcache_get_stats(const kvc_cache *c, kvcache_stats *st);
+
+/* The policy sees one layer's queries (and, when it asks, their softmax weights over the held
+ * tokens) without an attention output being needed: what a cache hears when another cache
+ * computes the layer (eval's shared prefill). Attention is computed only for a policy that
+ * needs the weights. 0 or -1 with err. A no-op on caches that are not compressed caches. */
+int kvc_kvcache_observe(kvc_cache *c, int layer, const float *q, const int32_t *pos, int n_q, kvc_err *err);
 
 /* ================================================================ representations ==== */
 
@@ -116,7 +129,14 @@ typedef struct {
     int64_t n;            /* tokens held, new ones included */
     const int32_t *pos;   /* (n) true positions */
     uint8_t *state;       /* (n, state_bytes) */
+    const float *krot;    /* score only, for a policy with needs_keys: (n, D) the held keys
+                             after RoPE, as the cache reads them; else NULL */
 } kvc_keep_view;
+
+/* How one budget is spread (share=): the same number of tokens in every (layer, kv head);
+ * one budget per layer shared by its kv heads; or one budget for the whole cache, given to
+ * the tokens with the lowest eviction scores wherever they are (AdaKV / KV-Compress). */
+enum { KVC_SHARE_HEAD = 0, KVC_SHARE_LAYER = 1, KVC_SHARE_GLOBAL = 2 };
 
 /* Budget and protection shared by every policy (parsed by the cache). */
 typedef struct {
@@ -124,7 +144,26 @@ typedef struct {
     double budget_frac;    /* 0 < F <= 1 when given as a fraction, else 0 */
     int sinks;             /* first tokens never evicted (default 4) */
     int window;            /* most recent tokens never evicted (default 10; streaming: 0) */
+    int share;             /* KVC_SHARE_* (share=head|layer|global, default head) */
+    double floor;          /* share != head: each head keeps at least this fraction of the
+                              per-head budget (floor=F, 0..1, default 0) */
 } kvc_keep_budget;
+
+/* Retrieval of evicted tokens (keep options retrieve=R,rbits=B,rstore=4|8,rerank=C,
+ * rprobe=mean|each,spill=DIR): evicted K/V go to a side store (int4 or int8: keys per channel
+ * in blocks of 32 tokens, values per token in groups of 32), indexed by SimHash codes of their
+ * keys after RoPE; each query's code fetches the R nearest into that query's attention. */
+typedef struct {
+    int r;              /* tokens retrieved per (query, layer, kv head); 0: no side store */
+    int bits;           /* index code bits, 8..64 (default 32) */
+    int qbits;          /* stored precision, 4 or 8 (default 4) */
+    int rerank;         /* >= 1: the r*rerank nearest codes are re-ranked by their true logit
+                           (keys decoded from the store), the best r kept (default 1: none) */
+    int probe_each;     /* 1: a token's distance is its least to the G query heads' codes;
+                           0 (default): the distance to the code of their mean */
+    char spill[256];    /* "" (default): rows in RAM; else a directory where an unlinked
+                           temporary file holds the rows (the index stays in RAM) */
+} kvc_keep_retrieval;
 
 typedef struct {
     const char *name;  /* as written in a spec: "lsh" */
@@ -152,6 +191,12 @@ typedef struct {
     /* May be NULL. The cache was emptied (kvc_cache_reset): forget per-head state kept outside
      * the tokens (probes, running means). */
     void (*reset)(kvc_keep *k);
+    /* May be NULL (0). Bytes of state the policy holds outside the tokens that grows with use
+     * (a window of recent queries or probe codes), counted by bytes(). */
+    size_t (*extra_bytes)(const kvc_keep *k);
+    /* May be NULL. Options applied before the user's: a preset of another policy's code
+     * ("snapkv" is H2O's code with "obs=64,pool=5,..."); sinks= and window= may appear. */
+    const char *defaults;
 } kvc_keep_ops;
 
 struct kvc_keep {
@@ -160,6 +205,8 @@ struct kvc_keep {
     kvc_keep_budget budget;
     int evicts;        /* 0 for the full policy: budget options are refused */
     int needs_probs;   /* on_attend wants attention weights */
+    int needs_keys;    /* score wants the held keys after RoPE (kvc_keep_view.krot) */
+    kvc_keep_retrieval retrieval; /* retrieve=0 unless asked */
     size_t state_bytes;
     uint64_t seed;     /* seed=... (default 1) for policies that draw random numbers */
     void *impl;
@@ -169,6 +216,15 @@ struct kvc_keep {
  * first `sinks` or the last `window` (ties: the oldest goes first). Returns how many were
  * marked: fewer than n - keep only when protection leaves too few candidates. */
 int64_t kvc_kvcache_select(const float *score, int64_t n, int64_t keep, int sinks, int window, uint8_t *evict);
+
+/* One budget shared by n_heads heads (share=layer|global): marks in evict[h][0..n[h]) the
+ * tokens to evict so that keep tokens stay in all, never one of a head's first `sinks` or last
+ * `window`, and each head keeping at least min_keep tokens (or all it holds); among the
+ * rest the highest scores go first across heads (ties: the lower position in its head, then
+ * the lower head). Returns how many were marked: fewer than sum(n) - keep only when
+ * protection and floors leave too few candidates; -1 when out of memory. */
+int64_t kvc_kvcache_select_shared(const float *const *score, const int64_t *n, int n_heads, int64_t keep, int sinks,
+                                  int window, int64_t min_keep, uint8_t *const *evict);
 
 /* ===================================================================== registry ==== */
 
