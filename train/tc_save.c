@@ -101,6 +101,7 @@ int kvc_train_tc(const kvc_tc_train_opts *o, kvc_err *err) {
     if (o->out && o->n_data > 0)
         for (int i = 0; i < o->n_data; i++)
             if (!strcmp(o->out, o->data[i])) return kvc_fail(err, "--out would overwrite the capture '%s'", o->out);
+    const double t0 = kvc_now();
     kvc_tc_train_opts o1 = *o;
     o1.keep_rd = o->calibrate && !strcmp(o->calibrate, "kl"); /* the calibration weighs these curves */
     kvc_tc *tc = kvc_tc_fit(&o1, err);
@@ -110,6 +111,7 @@ int kvc_train_tc(const kvc_tc_train_opts *o, kvc_err *err) {
         kvc_tc *cal = kvc_tc_calibrate(o, tc, err);
         kvc_tc_free(tc);
         if (!(tc = cal)) return -1;
+        tc->train_seconds = kvc_now() - t0; /* the first fit, the probes and the refit */
     }
     rc = kvc_tc_save(o->out, tc, err);
     kvc_tc_free(tc);
